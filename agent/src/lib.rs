@@ -1,0 +1,13 @@
+//! The fedmesh agent: everything behind the `fedmesh` binary.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line, one module per group of subcommands.
+//! - [`telemetry`]: logging setup.
+//!
+//! Pure logic lives in the library crates (`fedmesh-certs`, `fedmesh-documents`,
+//! `fedmesh-mesh-config`); this crate is the thin async shell around them: sockets, files,
+//! processes and the Kubernetes API.
+
+pub mod cli;
+pub mod telemetry;

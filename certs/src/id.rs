@@ -1,0 +1,244 @@
+//! Trust domains and SPIFFE IDs.
+//!
+//! A collaboration `c` is the trust domain `c.fedmesh`; a node `n` of organisation `o` in it is
+//! `spiffe://c.fedmesh/org/o/node/n`, with DNS name `n.o.c.fedmesh`. Every name is a lowercase
+//! DNS label: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
+
+use std::{fmt, str::FromStr};
+
+use crate::{Error, Result};
+
+/// The suffix every fedmesh trust domain ends with.
+pub const TRUST_DOMAIN_SUFFIX: &str = "fedmesh";
+
+/// Checks that `value` is a lowercase DNS label; `kind` names it in the error.
+pub fn validate_label(kind: &'static str, value: &str) -> Result<()> {
+    let fail = |reason: String| Error::InvalidLabel {
+        kind,
+        value: value.to_owned(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(fail("must not be empty".into()));
+    }
+    if value.len() > 63 {
+        return Err(fail(format!(
+            "is {} characters long; at most 63 are allowed",
+            value.len()
+        )));
+    }
+    if let Some(c) = value.chars().find(char::is_ascii_uppercase) {
+        return Err(fail(format!("must be lowercase, found {c:?}")));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(fail(format!(
+            "contains illegal character {c:?} (allowed: a-z, 0-9, '-')"
+        )));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err(fail("must not start or end with '-'".into()));
+    }
+    Ok(())
+}
+
+/// A collaboration's trust domain, `<collab>.fedmesh`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrustDomain {
+    collab: String,
+}
+
+impl TrustDomain {
+    /// The trust domain of collaboration `collab` (a lowercase DNS label).
+    pub fn new(collab: &str) -> Result<Self> {
+        validate_label("collaboration", collab)?;
+        Ok(Self {
+            collab: collab.to_owned(),
+        })
+    }
+
+    /// The collaboration id.
+    pub fn collab(&self) -> &str {
+        &self.collab
+    }
+
+    /// `spiffe://<collab>.fedmesh`.
+    pub fn uri(&self) -> String {
+        format!("spiffe://{self}")
+    }
+
+    /// The SPIFFE ID of node `node` of organisation `org` in this trust domain.
+    pub fn node(&self, org: &str, node: &str) -> Result<SpiffeId> {
+        SpiffeId::new(&self.collab, org, node)
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{TRUST_DOMAIN_SUFFIX}", self.collab)
+    }
+}
+
+/// A node identity: `spiffe://<collab>.fedmesh/org/<org>/node/<node>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    collab: String,
+    org: String,
+    node: String,
+}
+
+impl SpiffeId {
+    /// Builds and validates an identity from its three labels.
+    pub fn new(collab: &str, org: &str, node: &str) -> Result<Self> {
+        validate_label("collaboration", collab)?;
+        validate_label("organisation", org)?;
+        validate_label("node", node)?;
+        Ok(Self {
+            collab: collab.to_owned(),
+            org: org.to_owned(),
+            node: node.to_owned(),
+        })
+    }
+
+    /// Parses a SPIFFE URI.
+    pub fn parse(uri: &str) -> Result<Self> {
+        let fail = |reason: &str| Error::InvalidSpiffeId {
+            value: uri.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| fail("must start with spiffe://"))?;
+        let (domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| fail("has no path; expected /org/<org>/node/<node>"))?;
+        let collab = domain
+            .strip_suffix(".fedmesh")
+            .ok_or_else(|| fail("trust domain must be <collab>.fedmesh"))?;
+        let parts: Vec<&str> = path.split('/').collect();
+        let [org_kw, org, node_kw, node] = parts[..] else {
+            return Err(fail("path must be /org/<org>/node/<node>"));
+        };
+        if org_kw != "org" || node_kw != "node" {
+            return Err(fail("path must be /org/<org>/node/<node>"));
+        }
+        Self::new(collab, org, node)
+    }
+
+    /// Parses the node DNS name `<node>.<org>.<collab>.fedmesh`.
+    pub fn from_dns_name(name: &str) -> Result<Self> {
+        let fail = || Error::InvalidSpiffeId {
+            value: name.to_owned(),
+            reason: "expected a node name <node>.<org>.<collab>.fedmesh".to_owned(),
+        };
+        let labels: Vec<&str> = name.trim_end_matches('.').split('.').collect();
+        match labels[..] {
+            [node, org, collab, TRUST_DOMAIN_SUFFIX] => Self::new(collab, org, node),
+            _ => Err(fail()),
+        }
+    }
+
+    /// The collaboration id.
+    pub fn collab(&self) -> &str {
+        &self.collab
+    }
+
+    /// The organisation.
+    pub fn org(&self) -> &str {
+        &self.org
+    }
+
+    /// The node within the organisation.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The trust domain this identity lives in.
+    pub fn trust_domain(&self) -> TrustDomain {
+        TrustDomain {
+            collab: self.collab.clone(),
+        }
+    }
+
+    /// `<node>.<org>.<collab>.fedmesh`, the DNS SAN and TLS server name of the node.
+    pub fn dns_name(&self) -> String {
+        format!(
+            "{}.{}.{}.{TRUST_DOMAIN_SUFFIX}",
+            self.node, self.org, self.collab
+        )
+    }
+
+    /// `<org>/<node>`, the short form operators type.
+    pub fn short(&self) -> String {
+        format!("{}/{}", self.org, self.node)
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}.{TRUST_DOMAIN_SUFFIX}/org/{}/node/{}",
+            self.collab, self.org, self.node
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_uri_and_dns_name() {
+        let id = SpiffeId::new("collab-x", "org-a", "n1").unwrap();
+        assert_eq!(
+            id.to_string(),
+            "spiffe://collab-x.fedmesh/org/org-a/node/n1"
+        );
+        assert_eq!(id.dns_name(), "n1.org-a.collab-x.fedmesh");
+        assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
+        assert_eq!(SpiffeId::from_dns_name(&id.dns_name()).unwrap(), id);
+        assert_eq!(id.short(), "org-a/n1");
+    }
+
+    #[test]
+    fn labels_are_strict() {
+        let err = |v: &str| validate_label("node", v).unwrap_err().to_string();
+        assert_eq!(
+            err("Node"),
+            r#"invalid node name "Node": must be lowercase, found 'N'"#
+        );
+        assert_eq!(
+            err("a_b"),
+            r#"invalid node name "a_b": contains illegal character '_' (allowed: a-z, 0-9, '-')"#
+        );
+        assert!(err("-a").contains("must not start or end with '-'"));
+        assert!(err("").contains("must not be empty"));
+        assert!(err(&"a".repeat(64)).contains("at most 63"));
+        assert!(validate_label("node", "a-1").is_ok());
+    }
+
+    #[test]
+    fn parse_rejects_foreign_shapes() {
+        for bad in [
+            "https://c.fedmesh/org/o/node/n",
+            "spiffe://c.example/org/o/node/n",
+            "spiffe://c.fedmesh/ns/o/sa/n",
+            "spiffe://c.fedmesh/org/o/node/n/extra",
+            "spiffe://c.fedmesh",
+            "spiffe://C.fedmesh/org/o/node/n",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

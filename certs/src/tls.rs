@@ -1,0 +1,337 @@
+//! rustls configs for mutual TLS inside one collaboration.
+//!
+//! Both ends present their node certificate and accept only peers whose chain ends at the
+//! collaboration CA and whose URI SAN is a SPIFFE ID of its trust domain. A client additionally
+//! checks that the server is the node it dialled: the TLS server name is the node's DNS name
+//! (`<node>.<org>.<collab>.fedmesh`) and must match the SPIFFE ID in the certificate.
+//!
+//! Only TLS 1.3 and the *ring* provider are used.
+
+use std::{sync::Arc, time::SystemTime};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject,
+};
+
+use crate::{
+    CertInfo, Error, NodeKey, Result, SpiffeId, TrustDomain,
+    verify::{self, Usage},
+};
+
+/// The crypto provider fedmesh uses everywhere: *ring*.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A collaboration's trust anchor: its CA certificate.
+#[derive(Clone, Debug)]
+pub struct TrustBundle {
+    ca: CertificateDer<'static>,
+    trust_domain: TrustDomain,
+}
+
+impl TrustBundle {
+    /// Reads a CA certificate (PEM) and checks it is a fedmesh collaboration CA.
+    pub fn from_pem(ca_pem: &str) -> Result<Self> {
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| Error::Pem {
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+        Self::from_der(ca)
+    }
+
+    /// Wraps a DER CA certificate.
+    pub fn from_der(ca: CertificateDer<'static>) -> Result<Self> {
+        let trust_domain = verify::ca_trust_domain(&ca)?;
+        Ok(Self { ca, trust_domain })
+    }
+
+    /// The trust domain the CA anchors.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The CA certificate.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    /// Verifies a node certificate chain at `now`.
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+        usage: Usage,
+    ) -> Result<CertInfo> {
+        verify::verify_chain(chain, &self.ca, now, usage)
+    }
+}
+
+/// A node's certificate and private key: what it presents in handshakes.
+pub struct NodeIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+    info: CertInfo,
+}
+
+impl NodeIdentity {
+    /// Loads a certificate (PEM, leaf first) and its private key (PKCS#8 PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Pem {
+                what: "certificate",
+                reason: e.to_string(),
+            })?;
+        let key = NodeKey::from_pem(key_pem)?;
+        Self::new(chain, &key)
+    }
+
+    /// Pairs a certificate chain with the key it certifies.
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: &NodeKey) -> Result<Self> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Error::Chain("empty certificate chain".into()))?;
+        let info = CertInfo::parse(leaf)?;
+        if verify::public_key_of(leaf)? != key.public_point() {
+            return Err(Error::InvalidKey(
+                "the private key does not match the certificate".into(),
+            ));
+        }
+        Ok(Self {
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.private_der()),
+            info,
+        })
+    }
+
+    /// The identity's SPIFFE ID.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.info.spiffe_id
+    }
+
+    /// What the certificate says.
+    pub fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("spiffe_id", &self.info.spiffe_id.to_string())
+            .field("serial", &self.info.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server config: presents `identity`, requires a client certificate of `bundle`'s trust
+/// domain. `alpn` is set as given (e.g. `fedmesh/1`).
+pub fn server_config(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), &provider));
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key_der())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A client config: presents `identity`, accepts only servers of `bundle`'s trust domain whose
+/// SPIFFE ID matches the server name dialled (the node's DNS name).
+pub fn client_config(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), &provider));
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain.clone(), identity.key_der())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The TLS server name to dial a node by.
+pub fn server_name(id: &SpiffeId) -> ServerName<'static> {
+    // A SPIFFE ID's DNS name is made of validated labels, so it is always a valid DNS name.
+    ServerName::try_from(id.dns_name()).unwrap_or_else(|_| unreachable!("validated labels"))
+}
+
+/// Verifies peers against one collaboration CA and its SPIFFE trust domain, both directions.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    bundle: TrustBundle,
+    algs: WebPkiSupportedAlgorithms,
+    root_hints: Vec<DistinguishedName>,
+}
+
+impl SpiffeVerifier {
+    fn new(bundle: TrustBundle, provider: &CryptoProvider) -> Self {
+        let root_hints = x509_parser::parse_x509_certificate(bundle.ca_der())
+            .map(|(_, c)| vec![DistinguishedName::from(c.subject().as_raw().to_vec())])
+            .unwrap_or_default();
+        Self {
+            bundle,
+            algs: provider.signature_verification_algorithms,
+            root_hints,
+        }
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<CertInfo, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
+        self.bundle.verify(&chain, now, usage).map_err(to_rustls)
+    }
+}
+
+/// Keeps our typed reason inside the rustls error, so logs and tests see exactly why.
+fn to_rustls(e: Error) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, Usage::Client)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let info = self.verify(end_entity, intermediates, now, Usage::Server)?;
+        let expected = match server_name {
+            ServerName::DnsName(name) => {
+                SpiffeId::from_dns_name(name.as_ref()).map_err(to_rustls)?
+            }
+            other => {
+                return Err(to_rustls(Error::InvalidSpiffeId {
+                    value: format!("{other:?}"),
+                    reason: "dial a node by its DNS name <node>.<org>.<collab>.fedmesh".into(),
+                }));
+            }
+        };
+        if info.spiffe_id != expected {
+            return Err(to_rustls(Error::UnexpectedPeer {
+                expected: expected.to_string(),
+                found: info.spiffe_id.to_string(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Finds fedmesh's own typed reason inside a rustls error, if there is one.
+pub fn certificate_error(err: &rustls::Error) -> Option<&Error> {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<Error>()
+        }
+        _ => None,
+    }
+}
+
+/// A rustls error in words, with fedmesh's own reason when it carries one (rustls prints
+/// custom certificate errors with `Debug`).
+pub fn describe(err: &rustls::Error) -> String {
+    match certificate_error(err) {
+        Some(e) => format!("invalid peer certificate: {e}"),
+        None => err.to_string(),
+    }
+}

@@ -1,0 +1,254 @@
+//! Signing and verifying documents as JWS (RFC 7515, compact form, ES256).
+//!
+//! The payload is the document's canonical JSON (object keys sorted, no whitespace), so the
+//! same document always yields the same bytes. Two kinds of signer exist:
+//!
+//! - the **owner**: header `kid` = RFC 7638 thumbprint of the owner's P-256 key, verified
+//!   against the key in the (pinned) collaboration document;
+//! - a **node**: header `x5c` = its certificate chain, verified to the collaboration CA at the
+//!   time the document says it was signed, and bound to the node the document speaks for.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use fedmesh_certs::{CertInfo, NodeKey, TrustBundle, verify::Usage};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{Document, Error, PublicJwk, Result};
+
+/// Largest signed document accepted anywhere (64 KiB).
+pub const MAX_JWS_BYTES: usize = 64 * 1024;
+/// How far in the future a signer's clock may be.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+const TYP: &str = "fedmesh+jws";
+
+/// Canonical JSON: object keys sorted at every level, no insignificant whitespace.
+pub fn canonical<T: Serialize>(value: &T) -> Vec<u8> {
+    fn sort(v: Value) -> Value {
+        match v {
+            Value::Object(map) => {
+                let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k, sort(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sort).collect()),
+            other => other,
+        }
+    }
+    // Serializing our own types to a Value cannot fail: they have string keys only.
+    let value = serde_json::to_value(value).unwrap_or(Value::Null);
+    serde_json::to_vec(&sort(value)).unwrap_or_default()
+}
+
+/// The collaboration owner's signing key (ECDSA P-256).
+pub struct OwnerKey {
+    key: NodeKey,
+}
+
+impl OwnerKey {
+    /// A fresh owner key.
+    pub fn generate() -> Result<Self> {
+        Ok(Self {
+            key: NodeKey::generate()?,
+        })
+    }
+
+    /// Loads an owner key from PKCS#8 PEM.
+    pub fn from_pem(pem: &str) -> Result<Self> {
+        Ok(Self {
+            key: NodeKey::from_pem(pem)?,
+        })
+    }
+
+    /// The private key, PKCS#8 PEM (write it `0600`).
+    pub fn private_pem(&self) -> String {
+        self.key.private_pem()
+    }
+
+    /// The public key as a JWK.
+    pub fn public_jwk(&self) -> PublicJwk {
+        jwk_from_point(&self.key.public_point())
+    }
+}
+
+impl std::fmt::Debug for OwnerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnerKey({})", thumbprint(&self.public_jwk()))
+    }
+}
+
+fn jwk_from_point(point: &[u8]) -> PublicJwk {
+    let (x, y) = if point.len() == 65 && point[0] == 4 {
+        (&point[1..33], &point[33..])
+    } else {
+        (&[][..], &[][..])
+    };
+    PublicJwk {
+        kty: "EC".into(),
+        crv: "P-256".into(),
+        x: URL_SAFE_NO_PAD.encode(x),
+        y: URL_SAFE_NO_PAD.encode(y),
+    }
+}
+
+/// RFC 7638 thumbprint (SHA-256, base64url) of an EC JWK: the owner's key id and pin.
+pub fn thumbprint(jwk: &PublicJwk) -> String {
+    let members = format!(
+        r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#,
+        jwk.crv, jwk.kty, jwk.x, jwk.y
+    );
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        members.as_bytes(),
+    ))
+}
+
+/// A node's signing identity: its certificate chain and private key.
+pub struct NodeSigner {
+    chain: Vec<CertificateDer<'static>>,
+    key: NodeKey,
+}
+
+impl NodeSigner {
+    /// Pairs a node certificate chain (leaf first) with its key.
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: NodeKey) -> Self {
+        Self { chain, key }
+    }
+}
+
+/// Who signs a document.
+pub enum Signer<'a> {
+    /// The collaboration owner.
+    Owner(&'a OwnerKey),
+    /// A member node.
+    Node(&'a NodeSigner),
+}
+
+/// Signs `doc` as a compact JWS.
+pub fn sign(doc: &Document, signer: &Signer<'_>) -> Result<String> {
+    let mut header = Header::new(Algorithm::ES256);
+    header.typ = Some(TYP.into());
+    let key = match signer {
+        Signer::Owner(owner) => {
+            header.kid = Some(thumbprint(&owner.public_jwk()));
+            EncodingKey::from_ec_der(&owner.key.private_der())
+        }
+        Signer::Node(node) => {
+            header.x5c = Some(
+                node.chain
+                    .iter()
+                    .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+                    .collect(),
+            );
+            EncodingKey::from_ec_der(&node.key.private_der())
+        }
+    };
+    // Hand jsonwebtoken the canonical bytes verbatim, so they are exactly what gets signed.
+    let canonical =
+        String::from_utf8(canonical(doc)).map_err(|e| Error::Malformed(e.to_string()))?;
+    let payload = serde_json::value::RawValue::from_string(canonical)
+        .map_err(|e| Error::Malformed(e.to_string()))?;
+    jsonwebtoken::encode(&header, &payload, &key).map_err(|e| Error::Signature(e.to_string()))
+}
+
+/// Who signed a verified document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignedBy {
+    /// The owner key with this thumbprint.
+    Owner(String),
+    /// A node certificate.
+    Node(CertInfo),
+}
+
+/// Reads a JWS without verifying it: for routing and error messages only.
+pub fn peek(jws: &str) -> Result<(Header, Document)> {
+    if jws.len() > MAX_JWS_BYTES {
+        return Err(Error::TooLarge {
+            size: jws.len(),
+            max: MAX_JWS_BYTES,
+        });
+    }
+    let data = jsonwebtoken::dangerous::insecure_decode::<Document>(jws)
+        .map_err(|e| Error::Malformed(e.to_string()))?;
+    Ok((data.header, data.claims))
+}
+
+fn validation() -> Validation {
+    let mut v = Validation::new(Algorithm::ES256);
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v
+}
+
+/// Verifies an owner-signed document against the owner's key.
+pub fn verify_owner(jws: &str, owner: &PublicJwk) -> Result<Document> {
+    let (header, _) = peek(jws)?;
+    let expected = thumbprint(owner);
+    match header.kid.as_deref() {
+        Some(kid) if kid == expected => {}
+        Some(kid) => {
+            return Err(Error::Signature(format!(
+                "signed by key {kid}, not the owner key {expected}"
+            )));
+        }
+        None => return Err(Error::Signature("not signed by the owner (no kid)".into())),
+    }
+    let key = DecodingKey::from_ec_components(&owner.x, &owner.y)
+        .map_err(|e| Error::Signature(e.to_string()))?;
+    let data = jsonwebtoken::decode::<Document>(jws, &key, &validation())
+        .map_err(|e| Error::Signature(format!("owner signature does not verify: {e}")))?;
+    Ok(data.claims)
+}
+
+/// Verifies a node-signed document: the `x5c` chain must lead to the collaboration CA at the
+/// time the document claims, which may not be in the future of `now`.
+pub fn verify_node(
+    jws: &str,
+    bundle: &TrustBundle,
+    now: SystemTime,
+) -> Result<(Document, CertInfo)> {
+    let (header, doc) = peek(jws)?;
+    let chain: Vec<CertificateDer<'static>> = header
+        .x5c_der()
+        .map_err(|e| Error::Signature(format!("x5c is malformed: {e}")))?
+        .ok_or_else(|| Error::Signature("not signed by a node (no x5c)".into()))?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let signed_at = UNIX_EPOCH + Duration::from_secs(signed_at(&doc));
+    if signed_at > now + MAX_CLOCK_SKEW {
+        return Err(Error::Signature(format!(
+            "document claims to be signed {}s in the future",
+            signed_at.duration_since(now).unwrap_or_default().as_secs()
+        )));
+    }
+    let info = bundle.verify(&chain, signed_at, Usage::Client)?;
+    let leaf = fedmesh_certs::verify::public_key_of(&chain[0])?;
+    let key = DecodingKey::from_ec_der(&leaf);
+    let data = jsonwebtoken::decode::<Document>(jws, &key, &validation())
+        .map_err(|e| Error::Signature(format!("node signature does not verify: {e}")))?;
+    Ok((data.claims, info))
+}
+
+/// The time a document says it was signed.
+pub fn signed_at(doc: &Document) -> u64 {
+    match doc {
+        Document::Collaboration(c) => c.issued_at,
+        Document::Advertisement(a) => a.issued_at,
+        Document::LinkRequest(r) => r.requested_at,
+        Document::Approval(a) => a.approved_at,
+        Document::Decision(d) => d.at,
+        Document::Revocation(r) => r.issued_at,
+        Document::JoinGrant(g) => g.not_after,
+    }
+}
+
+/// Unix seconds of `t`.
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}

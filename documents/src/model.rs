@@ -1,0 +1,635 @@
+//! The documents a collaboration is made of, as plain data.
+//!
+//! Times are Unix seconds. Every document names its collaboration, and is signed as a whole
+//! (see [`crate::jws`]); nothing here is trusted until [`crate::Ledger`] has verified it.
+
+use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use fedmesh_certs::id::validate_label;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Most ports one link may carry.
+pub const MAX_PORTS_PER_LINK: usize = 32;
+/// Default cap on a link's lifetime.
+pub const DEFAULT_MAX_LINK_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// A node of the collaboration: `<org>/<node>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeRef {
+    /// The organisation.
+    pub org: String,
+    /// The node within the organisation.
+    pub node: String,
+}
+
+impl NodeRef {
+    /// Builds a node reference, checking both labels.
+    pub fn new(org: &str, node: &str) -> Result<Self> {
+        validate_label("organisation", org)?;
+        validate_label("node", node)?;
+        Ok(Self {
+            org: org.to_owned(),
+            node: node.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.org, self.node)
+    }
+}
+
+impl FromStr for NodeRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (org, node) = s.split_once('/').ok_or_else(|| Error::Invalid {
+            what: "node",
+            reason: format!("{s:?} is not <org>/<node>"),
+        })?;
+        Self::new(org, node)
+    }
+}
+
+impl TryFrom<String> for NodeRef {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<NodeRef> for String {
+    fn from(n: NodeRef) -> Self {
+        n.to_string()
+    }
+}
+
+impl From<&fedmesh_certs::SpiffeId> for NodeRef {
+    fn from(id: &fedmesh_certs::SpiffeId) -> Self {
+        Self {
+            org: id.org().to_owned(),
+            node: id.node().to_owned(),
+        }
+    }
+}
+
+/// One TCP port of a link, with an optional label (`mpc`, `flower`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// The port the algorithm listens on, 1..=65535.
+    pub port: u16,
+    /// What it is for; a lowercase DNS label of at most 15 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl PortSpec {
+    /// The name Istio and Kubernetes use for this port: `tcp-<label>` or `tcp-<port>`.
+    pub fn name(&self) -> String {
+        match &self.label {
+            Some(l) => format!("tcp-{l}"),
+            None => format!("tcp-{}", self.port),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.port == 0 {
+            return Err(Error::Invalid {
+                what: "port",
+                reason: "port 0 is not a port; use 1..=65535".into(),
+            });
+        }
+        if let Some(label) = &self.label {
+            validate_label("port label", label)?;
+            if label.len() > 15 {
+                return Err(Error::Invalid {
+                    what: "port label",
+                    reason: format!("{label:?} is longer than 15 characters"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = Error;
+
+    /// Parses `11365` or `11365:mpc`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (port, label) = match s.split_once(':') {
+            Some((p, l)) => (p, Some(l.to_owned())),
+            None => (s, None),
+        };
+        let port: u32 = port.parse().map_err(|_| Error::Invalid {
+            what: "port",
+            reason: format!("{port:?} is not a number"),
+        })?;
+        let port = u16::try_from(port).map_err(|_| Error::Invalid {
+            what: "port",
+            reason: format!("{port} is out of range 1..=65535"),
+        })?;
+        let spec = Self { port, label };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// The task a link serves (vantage6 task ids), so peers can be looked up per task.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskRef {
+    /// The task id.
+    pub task_id: u64,
+    /// The parent task, for subtasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<u64>,
+}
+
+/// What a link allows: `from` may open TCP connections to `to` on `ports` until `not_after`.
+///
+/// The id is derived from everything else ([`LinkTerms::derive_id`]), so an approval names
+/// exactly the terms it approves.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LinkTerms {
+    /// `l-` and 16 hex digits of the terms' hash.
+    pub id: String,
+    /// The collaboration.
+    pub collab: String,
+    /// The node that dials.
+    pub from: NodeRef,
+    /// The node that accepts.
+    pub to: NodeRef,
+    /// The ports `from` may reach at `to`.
+    pub ports: Vec<PortSpec>,
+    /// Unix time after which the link is no longer in force.
+    pub not_after: u64,
+    /// The task the link serves, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskRef>,
+}
+
+impl LinkTerms {
+    /// New terms with their derived id. Ports are sorted, so the same request gets the same id.
+    pub fn new(
+        collab: &str,
+        from: NodeRef,
+        to: NodeRef,
+        mut ports: Vec<PortSpec>,
+        not_after: u64,
+        task: Option<TaskRef>,
+    ) -> Result<Self> {
+        ports.sort();
+        let mut terms = Self {
+            id: String::new(),
+            collab: collab.to_owned(),
+            from,
+            to,
+            ports,
+            not_after,
+            task,
+        };
+        terms.validate_shape()?;
+        terms.id = terms.derive_id();
+        Ok(terms)
+    }
+
+    /// The id these terms must carry: a hash over their canonical JSON without the id.
+    pub fn derive_id(&self) -> String {
+        let mut unnamed = self.clone();
+        unnamed.id = String::new();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &crate::jws::canonical(&unnamed));
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("l-{hex}")
+    }
+
+    /// Whether `node` is one of the two ends.
+    pub fn concerns(&self, node: &NodeRef) -> bool {
+        self.from == *node || self.to == *node
+    }
+
+    /// Checks what can be checked without the collaboration: ports, labels, self-links, id.
+    pub fn validate_shape(&self) -> Result<()> {
+        if self.from == self.to {
+            return Err(Error::Invalid {
+                what: "link",
+                reason: format!("a link from {} to itself is not a peer link", self.from),
+            });
+        }
+        if self.ports.is_empty() {
+            return Err(Error::Invalid {
+                what: "link",
+                reason: "a link needs at least one port".into(),
+            });
+        }
+        if self.ports.len() > MAX_PORTS_PER_LINK {
+            return Err(Error::Invalid {
+                what: "link",
+                reason: format!("{} ports; at most {MAX_PORTS_PER_LINK}", self.ports.len()),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for p in &self.ports {
+            p.validate()?;
+            if !seen.insert(p.port) {
+                return Err(Error::Invalid {
+                    what: "link",
+                    reason: format!("port {} is listed twice", p.port),
+                });
+            }
+        }
+        if !self.id.is_empty() && self.id != self.derive_id() {
+            return Err(Error::Invalid {
+                what: "link",
+                reason: format!(
+                    "id {} does not match its terms (expected {})",
+                    self.id,
+                    self.derive_id()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An organisation's node admitted to the collaboration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Member {
+    /// The organisation.
+    pub org: String,
+    /// The node.
+    pub node: String,
+    /// The organisation's numeric id in vantage6, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_id: Option<u64>,
+}
+
+impl Member {
+    /// The member as a node reference.
+    pub fn node_ref(&self) -> NodeRef {
+        NodeRef {
+            org: self.org.clone(),
+            node: self.node.clone(),
+        }
+    }
+}
+
+/// Defaults the owner sets for the whole collaboration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollabPolicy {
+    /// Longest a link may be approved for, in seconds.
+    pub max_link_ttl_secs: u64,
+    /// Whether a link is in force only once the receiving node consented.
+    pub require_consent: bool,
+}
+
+impl Default for CollabPolicy {
+    fn default() -> Self {
+        Self {
+            max_link_ttl_secs: DEFAULT_MAX_LINK_TTL_SECS,
+            require_consent: false,
+        }
+    }
+}
+
+/// An EC P-256 public key as a JWK (RFC 7517), the form owners' keys travel in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicJwk {
+    /// Always `EC`.
+    pub kty: String,
+    /// Always `P-256`.
+    pub crv: String,
+    /// X coordinate, base64url.
+    pub x: String,
+    /// Y coordinate, base64url.
+    pub y: String,
+}
+
+/// The collaboration itself: its CA, its owner's key, its members and policy.
+/// Signed by the owner; a newer `version` replaces an older one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collaboration {
+    /// The collaboration id (a DNS label); its trust domain is `<id>.fedmesh`.
+    pub id: String,
+    /// Increases with every change.
+    pub version: u64,
+    /// Who owns it (shown as the approver of links).
+    pub owner_name: String,
+    /// The owner's signing key.
+    pub owner_key: PublicJwk,
+    /// The collaboration CA certificate, PEM.
+    pub ca_pem: String,
+    /// The admitted nodes.
+    pub members: Vec<Member>,
+    /// Defaults.
+    pub policy: CollabPolicy,
+    /// When this version was signed.
+    pub issued_at: u64,
+}
+
+impl Collaboration {
+    /// The member for `node`, if admitted.
+    pub fn member(&self, node: &NodeRef) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.org == node.org && m.node == node.node)
+    }
+}
+
+/// One port a node exposes to its peers, as the node announces it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Exposure {
+    /// The port.
+    pub port: u16,
+    /// Its label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// Where a node can be reached, signed by the node itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertisement {
+    /// The collaboration.
+    pub collab: String,
+    /// The node advertising.
+    pub node: NodeRef,
+    /// The UDP `host:port` of its QUIC relay, if it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// The `host:port` of its Istio ingress gateway, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Ports its algorithms expose.
+    #[serde(default)]
+    pub exposes: Vec<Exposure>,
+    /// When it was signed; a newer advertisement replaces an older one.
+    pub issued_at: u64,
+}
+
+/// A request for a link, by a member node or the owner. Not in force by itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRequest {
+    /// The terms asked for.
+    pub terms: LinkTerms,
+    /// Who asked (`org/node` or the owner's name).
+    pub requested_by: String,
+    /// When.
+    pub requested_at: u64,
+}
+
+/// The owner's signature on a link's terms: the link is in force until it expires or is revoked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The terms approved, in full.
+    pub terms: LinkTerms,
+    /// The owner's name.
+    pub approved_by: String,
+    /// When.
+    pub approved_at: u64,
+}
+
+/// The receiving node's consent or veto.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// The node accepts the link.
+    Consent,
+    /// The node refuses the link; it is not in force however it was approved.
+    Veto,
+}
+
+/// A receiving node's decision on a link, signed by that node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The collaboration.
+    pub collab: String,
+    /// The link decided on.
+    pub link_id: String,
+    /// The deciding node (must be the link's `to`).
+    pub by: NodeRef,
+    /// Consent or veto.
+    pub verdict: Verdict,
+    /// Why, in the sysadmin's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When; the latest decision counts.
+    pub at: u64,
+}
+
+/// The owner's numbered list of what is revoked. A higher number replaces a lower one; lists are
+/// cumulative, so the latest is the whole truth.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The collaboration.
+    pub collab: String,
+    /// Strictly increasing.
+    pub number: u64,
+    /// Revoked link ids.
+    #[serde(default)]
+    pub links: Vec<String>,
+    /// Revoked certificate serials (hex).
+    #[serde(default)]
+    pub serials: Vec<String>,
+    /// Revoked nodes: no link to or from them is in force.
+    #[serde(default)]
+    pub nodes: Vec<NodeRef>,
+    /// When.
+    pub issued_at: u64,
+}
+
+/// The owner's grant of a one-time join token for one node (the hub stores only its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGrant {
+    /// The collaboration.
+    pub collab: String,
+    /// The node that may enroll with it.
+    pub node: NodeRef,
+    /// Hex SHA-256 of the token's secret.
+    pub secret_sha256: String,
+    /// Unix time after which it is void.
+    pub not_after: u64,
+}
+
+/// Any signed document, tagged with its kind inside the signed payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
+pub enum Document {
+    /// [`Collaboration`].
+    Collaboration(Collaboration),
+    /// [`Advertisement`].
+    Advertisement(Advertisement),
+    /// [`LinkRequest`].
+    LinkRequest(LinkRequest),
+    /// [`Approval`].
+    Approval(Approval),
+    /// [`Decision`].
+    Decision(Decision),
+    /// [`Revocation`].
+    Revocation(Revocation),
+    /// [`JoinGrant`].
+    JoinGrant(JoinGrant),
+}
+
+/// The kinds of [`Document`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocKind {
+    /// [`Collaboration`].
+    Collaboration,
+    /// [`Advertisement`].
+    Advertisement,
+    /// [`LinkRequest`].
+    LinkRequest,
+    /// [`Approval`].
+    Approval,
+    /// [`Decision`].
+    Decision,
+    /// [`Revocation`].
+    Revocation,
+    /// [`JoinGrant`].
+    JoinGrant,
+}
+
+impl fmt::Display for DocKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Collaboration => "collaboration",
+            Self::Advertisement => "advertisement",
+            Self::LinkRequest => "link request",
+            Self::Approval => "approval",
+            Self::Decision => "decision",
+            Self::Revocation => "revocation",
+            Self::JoinGrant => "join grant",
+        };
+        f.write_str(s)
+    }
+}
+
+impl Document {
+    /// The document's kind.
+    pub fn kind(&self) -> DocKind {
+        match self {
+            Self::Collaboration(_) => DocKind::Collaboration,
+            Self::Advertisement(_) => DocKind::Advertisement,
+            Self::LinkRequest(_) => DocKind::LinkRequest,
+            Self::Approval(_) => DocKind::Approval,
+            Self::Decision(_) => DocKind::Decision,
+            Self::Revocation(_) => DocKind::Revocation,
+            Self::JoinGrant(_) => DocKind::JoinGrant,
+        }
+    }
+
+    /// The collaboration it belongs to.
+    pub fn collab(&self) -> &str {
+        match self {
+            Self::Collaboration(c) => &c.id,
+            Self::Advertisement(a) => &a.collab,
+            Self::LinkRequest(r) => &r.terms.collab,
+            Self::Approval(a) => &a.terms.collab,
+            Self::Decision(d) => &d.collab,
+            Self::Revocation(r) => &r.collab,
+            Self::JoinGrant(g) => &g.collab,
+        }
+    }
+
+    /// What it is about, as the hub indexes it: a link id, a node, a number, the collaboration.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::Collaboration(c) => c.id.clone(),
+            Self::Advertisement(a) => a.node.to_string(),
+            Self::LinkRequest(r) => r.terms.id.clone(),
+            Self::Approval(a) => a.terms.id.clone(),
+            Self::Decision(d) => d.link_id.clone(),
+            Self::Revocation(r) => r.number.to_string(),
+            Self::JoinGrant(g) => g.node.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeRef {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn port_specs_parse_and_refuse() {
+        assert_eq!(
+            "11365:mpc".parse::<PortSpec>().unwrap(),
+            PortSpec {
+                port: 11365,
+                label: Some("mpc".into())
+            }
+        );
+        assert_eq!("8080".parse::<PortSpec>().unwrap().name(), "tcp-8080");
+        assert!(
+            "0".parse::<PortSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("port 0")
+        );
+        assert!(
+            "65536"
+                .parse::<PortSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
+        assert!(
+            "x".parse::<PortSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("not a number")
+        );
+        assert!("1:MPC".parse::<PortSpec>().is_err());
+    }
+
+    #[test]
+    fn link_ids_are_derived_from_terms() {
+        let ports = vec!["2:b".parse().unwrap(), "1:a".parse().unwrap()];
+        let t = LinkTerms::new("c", n("a/n1"), n("b/n1"), ports, 100, None).unwrap();
+        assert_eq!(t.ports[0].port, 1, "ports are sorted");
+        assert!(t.id.starts_with("l-") && t.id.len() == 18, "{}", t.id);
+        let mut altered = t.clone();
+        altered.ports[0].port = 3;
+        assert!(
+            altered
+                .validate_shape()
+                .unwrap_err()
+                .to_string()
+                .contains("does not match")
+        );
+    }
+
+    #[test]
+    fn self_links_and_duplicate_ports_are_refused() {
+        let p = || vec!["1".parse().unwrap()];
+        let err = LinkTerms::new("c", n("a/n1"), n("a/n1"), p(), 1, None).unwrap_err();
+        assert!(err.to_string().contains("to itself"), "{err}");
+        let dup = vec!["1".parse().unwrap(), "1:x".parse().unwrap()];
+        let err = LinkTerms::new("c", n("a/n1"), n("b/n1"), dup, 1, None).unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn documents_are_tagged_by_kind() {
+        let d = Document::Revocation(Revocation {
+            collab: "c".into(),
+            number: 2,
+            ..Revocation::default()
+        });
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["kind"], "revocation");
+        assert_eq!(d.subject(), "2");
+    }
+}

@@ -1,0 +1,7 @@
+//! Workspace integration tests, one binary (hickory's layout): real sockets, real TLS and real
+//! processes on loopback.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod cli_certs;
+mod tls;
