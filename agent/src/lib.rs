@@ -10,4 +10,12 @@
 //! processes and the Kubernetes API.
 
 pub mod cli;
+pub mod dns;
+pub mod enroll;
+pub mod hub;
+pub mod mesh;
+pub mod metrics;
+pub mod node;
+pub mod owner;
+pub mod relay;
 pub mod telemetry;

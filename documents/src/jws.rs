@@ -14,7 +14,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_certs::{CertInfo, NodeKey, TrustBundle, verify::Usage};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rustls_pki_types::CertificateDer;
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::{Document, Error, PublicJwk, Result};
@@ -129,6 +129,11 @@ pub enum Signer<'a> {
 
 /// Signs `doc` as a compact JWS.
 pub fn sign(doc: &Document, signer: &Signer<'_>) -> Result<String> {
+    sign_claims(doc, signer)
+}
+
+/// Signs any serializable claims (canonical JSON) as a compact JWS.
+pub fn sign_claims<T: Serialize>(claims: &T, signer: &Signer<'_>) -> Result<String> {
     let mut header = Header::new(Algorithm::ES256);
     header.typ = Some(TYP.into());
     let key = match signer {
@@ -148,7 +153,7 @@ pub fn sign(doc: &Document, signer: &Signer<'_>) -> Result<String> {
     };
     // Hand jsonwebtoken the canonical bytes verbatim, so they are exactly what gets signed.
     let canonical =
-        String::from_utf8(canonical(doc)).map_err(|e| Error::Malformed(e.to_string()))?;
+        String::from_utf8(canonical(claims)).map_err(|e| Error::Malformed(e.to_string()))?;
     let payload = serde_json::value::RawValue::from_string(canonical)
         .map_err(|e| Error::Malformed(e.to_string()))?;
     jsonwebtoken::encode(&header, &payload, &key).map_err(|e| Error::Signature(e.to_string()))
@@ -187,7 +192,19 @@ fn validation() -> Validation {
 
 /// Verifies an owner-signed document against the owner's key.
 pub fn verify_owner(jws: &str, owner: &PublicJwk) -> Result<Document> {
-    let (header, _) = peek(jws)?;
+    peek(jws)?;
+    verify_owner_claims(jws, owner)
+}
+
+/// Verifies any owner-signed claims against the owner's key.
+pub fn verify_owner_claims<T: DeserializeOwned>(jws: &str, owner: &PublicJwk) -> Result<T> {
+    if jws.len() > MAX_JWS_BYTES {
+        return Err(Error::TooLarge {
+            size: jws.len(),
+            max: MAX_JWS_BYTES,
+        });
+    }
+    let header = jsonwebtoken::decode_header(jws).map_err(|e| Error::Malformed(e.to_string()))?;
     let expected = thumbprint(owner);
     match header.kid.as_deref() {
         Some(kid) if kid == expected => {}
@@ -200,7 +217,7 @@ pub fn verify_owner(jws: &str, owner: &PublicJwk) -> Result<Document> {
     }
     let key = DecodingKey::from_ec_components(&owner.x, &owner.y)
         .map_err(|e| Error::Signature(e.to_string()))?;
-    let data = jsonwebtoken::decode::<Document>(jws, &key, &validation())
+    let data = jsonwebtoken::decode::<T>(jws, &key, &validation())
         .map_err(|e| Error::Signature(format!("owner signature does not verify: {e}")))?;
     Ok(data.claims)
 }

@@ -47,9 +47,27 @@ impl Envelope {
     }
 }
 
+/// The class of a rejection, for callers that map it to a status (the hub: HTTP codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// The document cannot be parsed.
+    Malformed,
+    /// The signature is missing, wrong, or the signer may not say this.
+    Forbidden,
+    /// Well signed, but not valid under the collaboration's rules.
+    Invalid,
+    /// Older than what is already verified (a replay).
+    Stale,
+    /// Refers to something not known (no collaboration yet, an unknown link).
+    Unknown,
+}
+
 /// A document that was not accepted, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
+    /// The class of the reason.
+    pub code: RejectCode,
     /// The envelope's sequence number, when it came in one.
     pub seq: Option<u64>,
     /// What the document claimed to be.
@@ -150,6 +168,13 @@ pub struct EffectiveLink {
     pub approved_at: u64,
 }
 
+/// An internal refusal: its class and its reason.
+type Refusal = (RejectCode, String);
+
+fn refuse<T>(code: RejectCode, reason: impl Into<String>) -> Result<T, Refusal> {
+    Err((code, reason.into()))
+}
+
 /// Everything verified so far about one collaboration.
 #[derive(Clone, Debug)]
 pub struct Ledger {
@@ -228,7 +253,8 @@ impl Ledger {
     /// Verifies one envelope and records it. On error nothing changes.
     pub fn ingest(&mut self, env: &Envelope, now: SystemTime) -> Result<Ingested, Rejection> {
         self.cursor = self.cursor.max(env.seq);
-        let reject = |reason: String| Rejection {
+        let reject = |(code, reason): Refusal| Rejection {
+            code,
             seq: Some(env.seq),
             kind: Some(env.kind),
             subject: env.subject.clone(),
@@ -236,12 +262,15 @@ impl Ledger {
         };
         let (doc, signer) = self.verify(&env.jws, now).map_err(reject)?;
         if doc.kind() != env.kind || doc.subject() != env.subject {
-            return Err(reject(format!(
-                "delivered as {} {} but the signed document is {} {}",
-                env.kind,
-                env.subject,
-                doc.kind(),
-                doc.subject()
+            return Err(reject((
+                RejectCode::Invalid,
+                format!(
+                    "delivered as {} {} but the signed document is {} {}",
+                    env.kind,
+                    env.subject,
+                    doc.kind(),
+                    doc.subject()
+                ),
             )));
         }
         self.record(doc, signer).map_err(reject)
@@ -249,53 +278,66 @@ impl Ledger {
 
     /// Verifies a bare JWS (not in an envelope) and records it.
     pub fn ingest_jws(&mut self, jws: &str, now: SystemTime) -> Result<Ingested, Rejection> {
-        let (doc, signer) = self.verify(jws, now).map_err(|reason| Rejection {
+        let (doc, signer) = self.verify(jws, now).map_err(|(code, reason)| Rejection {
+            code,
             seq: None,
             kind: jws::peek(jws).ok().map(|(_, d)| d.kind()),
             subject: jws::peek(jws).map(|(_, d)| d.subject()).unwrap_or_default(),
             reason,
         })?;
         let (kind, subject) = (doc.kind(), doc.subject());
-        self.record(doc, signer).map_err(|reason| Rejection {
-            seq: None,
-            kind: Some(kind),
-            subject,
-            reason,
-        })
+        self.record(doc, signer)
+            .map_err(|(code, reason)| Rejection {
+                code,
+                seq: None,
+                kind: Some(kind),
+                subject,
+                reason,
+            })
     }
 
     /// Checks signature and authorship; returns the document and the signer's serial for node
     /// documents (empty for owner documents).
-    fn verify(&self, jws: &str, now: SystemTime) -> Result<(Document, String), String> {
-        let (header, claimed) = jws::peek(jws).map_err(|e| e.to_string())?;
+    fn verify(&self, jws: &str, now: SystemTime) -> Result<(Document, String), Refusal> {
+        use RejectCode::{Forbidden, Invalid, Malformed, Unknown};
+        let (header, claimed) = jws::peek(jws).map_err(|e| (Malformed, e.to_string()))?;
         if let Document::Collaboration(c) = &claimed {
             if jws::thumbprint(&c.owner_key) != self.pin {
-                return Err(format!(
-                    "collaboration is signed by owner key {}, not the pinned {}",
-                    jws::thumbprint(&c.owner_key),
-                    self.pin
-                ));
+                return refuse(
+                    Forbidden,
+                    format!(
+                        "collaboration is signed by owner key {}, not the pinned {}",
+                        jws::thumbprint(&c.owner_key),
+                        self.pin
+                    ),
+                );
             }
-            let doc = jws::verify_owner(jws, &c.owner_key).map_err(|e| e.to_string())?;
+            let doc =
+                jws::verify_owner(jws, &c.owner_key).map_err(|e| (Forbidden, e.to_string()))?;
             return Ok((doc, String::new()));
         }
-        let (collab, bundle) = self
-            .collab
-            .as_ref()
-            .ok_or_else(|| "no verified collaboration yet".to_owned())?;
+        let Some((collab, bundle)) = self.collab.as_ref() else {
+            return refuse(Unknown, "no verified collaboration yet");
+        };
         if claimed.collab() != collab.id {
-            return Err(format!(
-                "belongs to collaboration {:?}, not {:?}",
-                claimed.collab(),
-                collab.id
-            ));
+            return refuse(
+                Invalid,
+                format!(
+                    "belongs to collaboration {:?}, not {:?}",
+                    claimed.collab(),
+                    collab.id
+                ),
+            );
         }
         if header.x5c.is_some() {
-            let (doc, info) = jws::verify_node(jws, bundle, now).map_err(|e| e.to_string())?;
-            self.check_node_signer(&doc, &info)?;
+            let (doc, info) =
+                jws::verify_node(jws, bundle, now).map_err(|e| (Forbidden, e.to_string()))?;
+            self.check_node_signer(&doc, &info)
+                .map_err(|reason| (Forbidden, reason))?;
             Ok((doc, info.serial))
         } else {
-            let doc = jws::verify_owner(jws, &collab.owner_key).map_err(|e| e.to_string())?;
+            let doc = jws::verify_owner(jws, &collab.owner_key)
+                .map_err(|e| (Forbidden, e.to_string()))?;
             Ok((doc, String::new()))
         }
     }
@@ -337,7 +379,8 @@ impl Ledger {
         Ok(())
     }
 
-    fn record(&mut self, doc: Document, serial: String) -> Result<Ingested, String> {
+    fn record(&mut self, doc: Document, serial: String) -> Result<Ingested, Refusal> {
+        use RejectCode::{Forbidden, Invalid, Stale, Unknown};
         match doc {
             Document::Collaboration(c) => self.record_collab(c),
             Document::Advertisement(a) => {
@@ -352,24 +395,31 @@ impl Ledger {
                 Ok(Ingested::Changed)
             }
             Document::LinkRequest(r) => {
-                r.terms.validate_shape().map_err(|e| e.to_string())?;
-                self.check_members(&r.terms)?;
+                r.terms
+                    .validate_shape()
+                    .map_err(|e| (Invalid, e.to_string()))?;
+                self.check_members(&r.terms).map_err(|e| (Invalid, e))?;
                 if let Some(a) = self.approvals.get(&r.terms.id)
                     && a.terms != r.terms
                 {
-                    return Err("request terms differ from the approved terms".into());
+                    return refuse(Invalid, "request terms differ from the approved terms");
                 }
                 Ok(insert_new(&mut self.requests, r.terms.id.clone(), r))
             }
             Document::Approval(a) => {
-                a.terms.validate_shape().map_err(|e| e.to_string())?;
+                a.terms
+                    .validate_shape()
+                    .map_err(|e| (Invalid, e.to_string()))?;
                 if let Some(r) = self.requests.get(&a.terms.id)
                     && r.terms != a.terms
                 {
-                    return Err(format!(
-                        "approval terms differ from the request {} it names",
-                        a.terms.id
-                    ));
+                    return refuse(
+                        Invalid,
+                        format!(
+                            "approval terms differ from the request {} it names",
+                            a.terms.id
+                        ),
+                    );
                 }
                 Ok(insert_new(&mut self.approvals, a.terms.id.clone(), a))
             }
@@ -379,12 +429,15 @@ impl Ledger {
                     .get(&d.link_id)
                     .map(|a| &a.terms)
                     .or_else(|| self.requests.get(&d.link_id).map(|r| &r.terms))
-                    .ok_or_else(|| format!("decision on unknown link {}", d.link_id))?;
+                    .ok_or_else(|| (Unknown, format!("decision on unknown link {}", d.link_id)))?;
                 if terms.to != d.by {
-                    return Err(format!(
-                        "only the receiving node {} may decide on link {}, not {}",
-                        terms.to, d.link_id, d.by
-                    ));
+                    return refuse(
+                        Forbidden,
+                        format!(
+                            "only the receiving node {} may decide on link {}, not {}",
+                            terms.to, d.link_id, d.by
+                        ),
+                    );
                 }
                 let newer = self
                     .decisions
@@ -399,10 +452,13 @@ impl Ledger {
             Document::Revocation(r) => {
                 let current = &self.revocation;
                 if r.number < current.number || (r.number == current.number && r != *current) {
-                    return Err(format!(
-                        "revocation list {} is older than list {} already verified (replay?)",
-                        r.number, current.number
-                    ));
+                    return refuse(
+                        Stale,
+                        format!(
+                            "revocation list {} is older than list {} already verified (replay?)",
+                            r.number, current.number
+                        ),
+                    );
                 }
                 if r == *current {
                     return Ok(Ingested::Unchanged);
@@ -415,31 +471,41 @@ impl Ledger {
         }
     }
 
-    fn record_collab(&mut self, c: Collaboration) -> Result<Ingested, String> {
+    fn record_collab(&mut self, c: Collaboration) -> Result<Ingested, Refusal> {
+        use RejectCode::{Invalid, Stale};
         if let Some((old, _)) = &self.collab {
             if old.id != c.id {
-                return Err(format!("collaboration {:?} is not {:?}", c.id, old.id));
+                return refuse(
+                    Invalid,
+                    format!("collaboration {:?} is not {:?}", c.id, old.id),
+                );
             }
             if c.version < old.version || (c.version == old.version && c != *old) {
-                return Err(format!(
-                    "collaboration version {} is older than version {} already verified",
-                    c.version, old.version
-                ));
+                return refuse(
+                    Stale,
+                    format!(
+                        "collaboration version {} is older than version {} already verified",
+                        c.version, old.version
+                    ),
+                );
             }
             if c == *old {
                 return Ok(Ingested::Unchanged);
             }
         }
-        let bundle = TrustBundle::from_pem(&c.ca_pem).map_err(|e| e.to_string())?;
+        let bundle = TrustBundle::from_pem(&c.ca_pem).map_err(|e| (Invalid, e.to_string()))?;
         if bundle.trust_domain().collab() != c.id {
-            return Err(format!(
-                "CA is for trust domain {}, not {}.fedmesh",
-                bundle.trust_domain(),
-                c.id
-            ));
+            return refuse(
+                Invalid,
+                format!(
+                    "CA is for trust domain {}, not {}.fedmesh",
+                    bundle.trust_domain(),
+                    c.id
+                ),
+            );
         }
         for m in &c.members {
-            NodeRef::new(&m.org, &m.node).map_err(|e| e.to_string())?;
+            NodeRef::new(&m.org, &m.node).map_err(|e| (Invalid, e.to_string()))?;
         }
         self.collab = Some((c, bundle));
         Ok(Ingested::Changed)
@@ -563,6 +629,7 @@ impl Ledger {
                     });
                 }
                 (LinkState::Invalid, ..) => rejections.push(Rejection {
+                    code: RejectCode::Invalid,
                     seq: None,
                     kind: Some(DocKind::Approval),
                     subject: status.terms.id.clone(),

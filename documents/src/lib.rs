@@ -36,6 +36,7 @@ mod tests;
 pub use error::{Error, Result};
 pub use jws::{NodeSigner, OwnerKey, Signer};
 pub use ledger::{
-    EffectiveLink, Envelope, Ingested, Ledger, LinkState, LinkStatus, Rejection, effective_links,
+    EffectiveLink, Envelope, Ingested, Ledger, LinkState, LinkStatus, RejectCode, Rejection,
+    effective_links,
 };
 pub use model::*;

@@ -5,10 +5,12 @@
 
 use std::{path::PathBuf, sync::Once};
 
-/// Installs a `tracing` subscriber that writes through the test harness, once.
+/// Installs the *ring* crypto provider and a `tracing` subscriber that writes through the test
+/// harness, once per test binary.
 pub fn subscribe() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -24,4 +26,53 @@ pub fn fedmesh_bin() -> PathBuf {
         dir.pop();
     }
     dir.join("fedmesh")
+}
+
+/// A hub running in this process on `127.0.0.1:0` with a temporary data directory.
+pub struct TestHub {
+    /// Its base URL.
+    pub url: String,
+    /// Its certificate pin.
+    pub pin: String,
+    task: tokio::task::JoinHandle<()>,
+    _data: tempfile::TempDir,
+}
+
+impl TestHub {
+    /// Starts a hub.
+    pub async fn start() -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let cert =
+            fedmesh_agent::hub::tls::HubCert::load_or_create(data.path(), &["localhost".into()])
+                .expect("hub cert");
+        let hub = fedmesh_agent::hub::Hub::open(data.path()).expect("hub store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}", listener.local_addr().expect("addr"));
+        let config = std::sync::Arc::new(cert.server_config().expect("tls config"));
+        let task = tokio::spawn(async move {
+            let _ = fedmesh_agent::hub::run(listener, hub, config, std::future::pending()).await;
+        });
+        Self {
+            url,
+            pin: cert.pin(),
+            task,
+            _data: data,
+        }
+    }
+
+    /// The hub's address for owners and nodes.
+    pub fn address(&self) -> fedmesh_agent::owner::HubAddress {
+        fedmesh_agent::owner::HubAddress {
+            url: self.url.clone(),
+            pin: self.pin.clone(),
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

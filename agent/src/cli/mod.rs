@@ -5,6 +5,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod certs;
+pub mod hub;
+pub mod node;
+pub mod owner;
+pub mod render;
 
 /// fedmesh: per-collaboration mTLS peer links for federated analytics.
 #[derive(Debug, Parser)]
@@ -29,6 +33,20 @@ pub enum Command {
     /// Inspect certificates.
     #[command(subcommand)]
     Cert(certs::CertCommand),
+    /// Run the hub: the mailbox that carries signed documents between organisations.
+    Hub(hub::HubArgs),
+    /// Manage a collaboration (owner).
+    #[command(subcommand)]
+    Collab(owner::CollabCommand),
+    /// Admit a node and issue its one-time join token (owner).
+    JoinToken(owner::JoinTokenArgs),
+    /// Request, approve, veto, revoke and list peer links.
+    #[command(subcommand)]
+    Link(owner::LinkCommand),
+    /// Enroll a node, or run the node agent.
+    Node(node::NodeArgs),
+    /// Render the Istio and Kubernetes objects a node needs, from a collaboration file.
+    Render(render::RenderArgs),
 }
 
 impl Cli {
@@ -38,6 +56,12 @@ impl Cli {
             Command::Ca(cmd) => certs::run_ca(cmd),
             Command::Csr(args) => certs::run_csr(args),
             Command::Cert(cmd) => certs::run_cert(cmd),
+            Command::Hub(args) => hub::run(args).await,
+            Command::Collab(cmd) => owner::run_collab(cmd).await,
+            Command::JoinToken(args) => owner::run_join_token(args).await,
+            Command::Link(cmd) => owner::run_link(cmd).await,
+            Command::Node(args) => node::run(args).await,
+            Command::Render(args) => render::run_render(args),
         }
     }
 }

@@ -4,4 +4,6 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod cli_certs;
+mod hub;
+mod relay;
 mod tls;

@@ -1,0 +1,417 @@
+//! `fedmesh collab create`, `fedmesh join-token`, `fedmesh node enroll` and `fedmesh link ...`:
+//! the owner's and the sysadmins' commands against the hub.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use fedmesh_certs::files;
+use fedmesh_documents::{
+    CollabPolicy, Decision, Document, LinkRequest, LinkStatus, NodeRef, PortSpec, Signer, TaskRef,
+    Verdict, jws,
+};
+
+use super::certs::{Output, rfc3339};
+use crate::{
+    enroll::{self, NodeState},
+    hub::api::JoinToken,
+    owner::{self, HubAddress, NewCollab, Owner},
+};
+
+/// `fedmesh collab ...`
+#[derive(Debug, Subcommand)]
+pub enum CollabCommand {
+    /// Create a collaboration: owner key, CA, signed collaboration document, uploaded to the hub.
+    Create(CreateArgs),
+}
+
+/// `fedmesh collab create`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Collaboration id (a lowercase DNS label).
+    #[arg(long)]
+    id: String,
+    /// Owner directory to create (owner key, collaboration document, offline CA).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The hub's URL.
+    #[arg(long)]
+    hub: String,
+    /// SHA-256 of the hub's certificate (printed by `fedmesh hub`).
+    #[arg(long)]
+    hub_pin: String,
+    /// Your name, shown as the approver of links.
+    #[arg(long, default_value = "owner")]
+    owner_name: String,
+    /// Let the hub keep the CA and issue certificates at enrollment (default: the CA stays in
+    /// the owner directory and the owner signs every certificate).
+    #[arg(long)]
+    online_ca: bool,
+    /// Links are in force only once the receiving node consents.
+    #[arg(long)]
+    require_consent: bool,
+    /// Longest a link may be approved for.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    max_link_ttl: Duration,
+}
+
+/// `fedmesh join-token`
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    /// Owner directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The node that may join, as <org>/<node>.
+    #[arg(long)]
+    node: NodeRef,
+    /// The organisation's vantage6 id, if any.
+    #[arg(long)]
+    organization_id: Option<u64>,
+    /// How long the token can be used.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    ttl: Duration,
+}
+
+/// `fedmesh link ...`
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Ask for a link: <from> may open TCP connections to <to> on the given ports.
+    Request(RequestArgs),
+    /// Approve a requested link (owner).
+    Approve {
+        /// Link id.
+        id: String,
+        /// Owner directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Consent to a link to this node (receiving node).
+    Consent(DecideArgs),
+    /// Veto a link to this node (receiving node).
+    Veto(DecideArgs),
+    /// Revoke a link (owner); takes effect at every node within seconds.
+    Revoke {
+        /// Link id.
+        id: String,
+        /// Owner directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// List links and their states.
+    List {
+        #[command(flatten)]
+        who: Who,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Acting as the owner (`--dir`) or as a node (`--state`).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Who {
+    /// Owner directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Node state directory.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// `fedmesh link request`
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// The dialling node, <org>/<node>.
+    #[arg(long)]
+    from: NodeRef,
+    /// The accepting node, <org>/<node>.
+    #[arg(long)]
+    to: NodeRef,
+    /// A port and optional label, e.g. 11365:mpc (repeatable).
+    #[arg(long = "port", required = true)]
+    ports: Vec<PortSpec>,
+    /// How long the link is wanted for.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2h")]
+    ttl: Duration,
+    /// The vantage6 task the link serves.
+    #[arg(long)]
+    task: Option<u64>,
+    /// The task's parent task.
+    #[arg(long, requires = "task")]
+    parent: Option<u64>,
+    #[command(flatten)]
+    who: Who,
+}
+
+/// `fedmesh link consent|veto`
+#[derive(Debug, Args)]
+pub struct DecideArgs {
+    /// Link id.
+    id: String,
+    /// Node state directory of the receiving node.
+    #[arg(long)]
+    state: PathBuf,
+    /// Why (recorded in the signed decision).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+/// `fedmesh node enroll`
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The join token from the owner (fmjoin1...).
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
+    token: String,
+    /// State directory to create (node key 0600, certificate, CA, node.json).
+    #[arg(long)]
+    state: PathBuf,
+    /// Enroll with a certificate the owner signed offline (for the key in <state>/node-key.pem)
+    /// instead of sending a CSR to an online CA.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+}
+
+pub(crate) async fn run_collab(cmd: CollabCommand) -> Result<()> {
+    let CollabCommand::Create(args) = cmd;
+    let CreateArgs {
+        id,
+        dir,
+        hub,
+        hub_pin,
+        owner_name,
+        online_ca,
+        require_consent,
+        max_link_ttl,
+    } = args;
+    let owner = Owner::create(
+        &dir,
+        HubAddress {
+            url: hub,
+            pin: hub_pin,
+        },
+        NewCollab {
+            id,
+            owner_name,
+            online_ca,
+            policy: CollabPolicy {
+                max_link_ttl_secs: max_link_ttl.as_secs(),
+                require_consent,
+            },
+        },
+    )
+    .await?;
+    println!(
+        "created collaboration {} (trust domain {}.fedmesh, {} CA)\nowner pin {}",
+        owner.collab.id,
+        owner.collab.id,
+        if online_ca { "online" } else { "offline" },
+        owner.pin()
+    );
+    Ok(())
+}
+
+pub(crate) async fn run_join_token(args: JoinTokenArgs) -> Result<()> {
+    let JoinTokenArgs {
+        dir,
+        node,
+        organization_id,
+        ttl,
+    } = args;
+    let mut owner = Owner::load(&dir)?;
+    let token = owner.join_token(&node, organization_id, ttl).await?;
+    println!("{}", token.encode());
+    Ok(())
+}
+
+pub(crate) async fn run_enroll(args: EnrollArgs) -> Result<()> {
+    let EnrollArgs { token, state, cert } = args;
+    let token = JoinToken::decode(&token).map_err(anyhow::Error::msg)?;
+    let cert = cert.map(|p| files::read_to_string(&p)).transpose()?;
+    let node = enroll::enroll(&token, &state, cert).await?;
+    let info = node.identity()?.info().clone();
+    println!(
+        "enrolled {} (certificate {} valid until {})",
+        info.spiffe_id,
+        info.serial,
+        rfc3339(info.not_after)
+    );
+    Ok(())
+}
+
+pub(crate) async fn run_link(cmd: LinkCommand) -> Result<()> {
+    match cmd {
+        LinkCommand::Request(args) => request(args).await,
+        LinkCommand::Approve { id, dir } => {
+            let terms = Owner::load(&dir)?.approve(&id).await?;
+            println!("approved {} ({} -> {})", terms.id, terms.from, terms.to);
+            Ok(())
+        }
+        LinkCommand::Consent(args) => decide(args, Verdict::Consent).await,
+        LinkCommand::Veto(args) => decide(args, Verdict::Veto).await,
+        LinkCommand::Revoke { id, dir } => {
+            let number = Owner::load(&dir)?
+                .revoke(std::slice::from_ref(&id), &[], &[])
+                .await?;
+            println!("revoked {id} (revocation list {number})");
+            Ok(())
+        }
+        LinkCommand::List { who, output } => {
+            let links = match (who.dir, who.state) {
+                (Some(dir), _) => Owner::load(&dir)?.links().await?,
+                (_, Some(state)) => {
+                    let node = NodeState::load(&state)?;
+                    let ledger = owner::fetch_ledger(
+                        &node.hub_client()?,
+                        &node.config.collab,
+                        &node.config.owner_pin,
+                    )
+                    .await?;
+                    ledger.links(std::time::SystemTime::now())
+                }
+                (None, None) => bail!("give --dir (owner) or --state (node)"),
+            };
+            print_links(&links, output)
+        }
+    }
+}
+
+async fn request(args: RequestArgs) -> Result<()> {
+    let RequestArgs {
+        from,
+        to,
+        ports,
+        ttl,
+        task,
+        parent,
+        who,
+    } = args;
+    let task = task.map(|task_id| TaskRef {
+        task_id,
+        parent_id: parent,
+    });
+    let terms = match (who.dir, who.state) {
+        (Some(dir), _) => {
+            let owner = Owner::load(&dir)?;
+            let terms = owner::terms(&owner.collab.id, &from, &to, &ports, ttl, task)?;
+            owner.request(terms).await?
+        }
+        (_, Some(state)) => {
+            let node = NodeState::load(&state)?;
+            let terms = owner::terms(&node.config.collab, &from, &to, &ports, ttl, task)?;
+            let doc = Document::LinkRequest(LinkRequest {
+                terms: terms.clone(),
+                requested_by: node.config.node.to_string(),
+                requested_at: jws::unix(std::time::SystemTime::now()),
+            });
+            let signed = jws::sign(&doc, &Signer::Node(&node.signer()?))?;
+            node.hub_client()?
+                .submit(&node.config.collab, signed)
+                .await?;
+            terms
+        }
+        (None, None) => bail!("give --dir (owner) or --state (node)"),
+    };
+    println!("{}", terms.id);
+    Ok(())
+}
+
+async fn decide(args: DecideArgs, verdict: Verdict) -> Result<()> {
+    let DecideArgs { id, state, reason } = args;
+    let node = NodeState::load(&state)?;
+    let doc = Document::Decision(Decision {
+        collab: node.config.collab.clone(),
+        link_id: id.clone(),
+        by: node.config.node.clone(),
+        verdict,
+        reason,
+        at: jws::unix(std::time::SystemTime::now()),
+    });
+    let signed = jws::sign(&doc, &Signer::Node(&node.signer()?))?;
+    node.hub_client()?
+        .submit(&node.config.collab, signed)
+        .await
+        .with_context(|| format!("recording the decision on {id}"))?;
+    println!("{id}: {verdict:?} recorded by {}", node.config.node);
+    Ok(())
+}
+
+fn when(t: Option<u64>) -> String {
+    t.map_or_else(
+        || "-".to_owned(),
+        |s| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s)),
+    )
+}
+
+fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(links)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 8]> = links
+        .iter()
+        .map(|l| {
+            let ports: Vec<String> = l
+                .terms
+                .ports
+                .iter()
+                .map(|p| match &p.label {
+                    Some(label) => format!("{}:{label}", p.port),
+                    None => p.port.to_string(),
+                })
+                .collect();
+            [
+                l.terms.id.clone(),
+                l.terms.from.to_string(),
+                l.terms.to.to_string(),
+                ports.join(","),
+                l.state.to_string(),
+                when(Some(l.terms.not_after)),
+                format!(
+                    "{} {}",
+                    l.requested_by.as_deref().unwrap_or("-"),
+                    when(l.requested_at)
+                ),
+                format!(
+                    "{} {}",
+                    l.approved_by.as_deref().unwrap_or("-"),
+                    when(l.approved_at)
+                ),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "FROM",
+        "TO",
+        "PORTS",
+        "STATE",
+        "EXPIRES",
+        "REQUESTED",
+        "APPROVED",
+    ];
+    print_table(&header, &rows);
+    Ok(())
+}
+
+/// Prints left-aligned columns.
+pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

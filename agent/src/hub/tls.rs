@@ -1,0 +1,205 @@
+//! TLS for the hub. The hub has its own self-signed certificate, pinned by its SHA-256 in join
+//! tokens and the CLI (no public CA is involved). Clients may present a collaboration
+//! certificate; the TLS layer only checks that they hold its key, and the handlers verify the
+//! chain against the collaboration the request is about.
+
+use std::{path::Path, sync::Arc, time::SystemTime};
+
+use anyhow::{Context, Result};
+use fedmesh_certs::{NodeIdentity, files, fingerprint, tls::provider};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+
+/// The hub's TLS certificate and key.
+pub struct HubCert {
+    cert: CertificateDer<'static>,
+    key_pem: String,
+}
+
+impl HubCert {
+    /// Loads `<dir>/hub-cert.pem` and `<dir>/hub-key.pem`, creating them (self-signed, key
+    /// `0600`) on first start with the given DNS names and IP addresses as SANs.
+    pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self> {
+        let (cert_path, key_path) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
+        if !cert_path.exists() {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "fedmesh hub");
+            let now = SystemTime::now();
+            params.not_before = now.into();
+            params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 86_400)).into();
+            let cert = params.self_signed(&key)?;
+            files::write_secret(&key_path, key.serialize_pem().as_bytes())?;
+            files::write_public(&cert_path, cert.pem().as_bytes())?;
+        }
+        let cert_pem = files::read_to_string(&cert_path)?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .with_context(|| format!("{} is not a PEM certificate", cert_path.display()))?;
+        Ok(Self {
+            cert,
+            key_pem: files::read_to_string(&key_path)?,
+        })
+    }
+
+    /// SHA-256 of the certificate: the pin clients check.
+    pub fn pin(&self) -> String {
+        fingerprint(&self.cert)
+    }
+
+    /// The server config: TLS 1.3, optional client certificates of any issuer.
+    pub fn server_config(&self) -> Result<ServerConfig> {
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("hub key is not PEM")?;
+        let provider = provider();
+        let verifier = Arc::new(AnyClientCert {
+            algs: provider.signature_verification_algorithms,
+        });
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert.clone()], key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// A client config that trusts exactly the hub certificate with SHA-256 `pin`, optionally
+/// presenting a node identity.
+pub fn client_config(
+    pin: &str,
+    identity: Option<&NodeIdentity>,
+    key_pem: Option<&str>,
+) -> Result<ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedServer {
+        pin: pin.trim_start_matches("sha256:").to_ascii_lowercase(),
+        algs: provider.signature_verification_algorithms,
+    });
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match (identity, key_pem) {
+        (Some(id), Some(key_pem)) => {
+            let key =
+                PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("node key is not PEM")?;
+            builder.with_client_auth_cert(id.chain().to_vec(), key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Accepts any client certificate whose key signed the handshake; chains are checked later,
+/// per collaboration, by the handlers.
+#[derive(Debug)]
+struct AnyClientCert {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Trusts exactly one server certificate, by SHA-256.
+#[derive(Debug)]
+struct PinnedServer {
+    pin: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let found = fingerprint(end_entity);
+        if found == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "hub certificate sha256:{found} does not match the pinned sha256:{}",
+                self.pin
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

@@ -1,0 +1,126 @@
+//! How rendering and validation scale with the number of peers.
+//!
+//! Each peer has one outbound link (`11366:mpc`) and one inbound link (`9092:flower`), so a
+//! peer costs 11 objects. Run with `cargo bench -p fedmesh-mesh-config --bench render`; after
+//! criterion's own report, a summary prints the per-peer cost and the 500/10 ratio (linear
+//! growth gives ~50).
+
+use std::{
+    collections::BTreeMap,
+    hint::black_box,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use criterion::{BenchmarkId, Criterion};
+use fedmesh_documents::{EffectiveLink, LinkTerms, NodeRef};
+use fedmesh_mesh_config::{NodeView, Peer, RenderOptions, render, schema::Schemas};
+
+const SIZES: [usize; 3] = [10, 100, 500];
+
+fn node(org: usize) -> NodeRef {
+    NodeRef {
+        org: format!("org-{org}"),
+        node: "n1".into(),
+    }
+}
+
+fn link(from: NodeRef, to: NodeRef, port: &str) -> EffectiveLink {
+    let ports = vec![port.parse().expect("port spec")];
+    let terms = LinkTerms::new("bench", from, to, ports, 4_102_444_800, None).expect("terms");
+    EffectiveLink {
+        terms,
+        approved_by: "Owner".into(),
+        approved_at: 0,
+    }
+}
+
+fn view(peers: usize) -> NodeView {
+    let local = node(0);
+    let mut view = NodeView {
+        collab: "bench".into(),
+        local: local.clone(),
+        peers: BTreeMap::new(),
+        links: Vec::new(),
+        services: BTreeMap::new(),
+        vips: BTreeMap::new(),
+        credentials: None,
+    };
+    for i in 1..=peers {
+        let gateway = format!("gw.org-{i}.example:443").parse().expect("gateway");
+        view.peers.insert(node(i), Peer { gateway });
+        view.links.push(link(local.clone(), node(i), "11366:mpc"));
+        view.links.push(link(node(i), local.clone(), "9092:flower"));
+    }
+    view
+}
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+}
+
+/// Median wall time of `runs` calls.
+fn median(runs: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+fn main() {
+    let start = Instant::now();
+    let schemas = Schemas::istio().expect("Istio CRD schemas");
+    let build = start.elapsed();
+    let options = RenderOptions::default();
+
+    let mut c = Criterion::default().configure_from_args();
+    {
+        let mut group = c.benchmark_group("render");
+        for n in SIZES {
+            let v = view(n);
+            group.bench_with_input(BenchmarkId::from_parameter(n), &v, |b, v| {
+                b.iter(|| render(black_box(v), &options, now()).expect("render"));
+            });
+        }
+    }
+    {
+        let mut group = c.benchmark_group("validate");
+        for n in SIZES {
+            let rendered = render(&view(n), &options, now()).expect("render");
+            group.bench_with_input(BenchmarkId::from_parameter(n), &rendered, |b, r| {
+                b.iter(|| schemas.validate_all(black_box(&r.objects)).expect("valid"));
+            });
+        }
+    }
+    c.final_summary();
+
+    println!("\nsummary (median of 21 runs; schemas built once in {build:.2?}):");
+    println!("peers  objects   render   per peer   validate   per peer");
+    let mut totals = BTreeMap::new();
+    for n in SIZES {
+        let v = view(n);
+        let objects = render(&v, &options, now()).expect("render").objects;
+        let r = median(21, || drop(black_box(render(&v, &options, now()))));
+        let val = median(21, || drop(black_box(schemas.validate_all(&objects))));
+        let per = |d: Duration| d / u32::try_from(n).unwrap_or(u32::MAX);
+        println!(
+            "{n:>5}  {:>7}  {r:>7.2?}  {:>9.2?}  {val:>9.2?}  {:>9.2?}",
+            objects.len(),
+            per(r),
+            per(val)
+        );
+        totals.insert(n, (r, val));
+    }
+    let ratio = |f: fn(&(Duration, Duration)) -> Duration| {
+        f(&totals[&500]).as_secs_f64() / f(&totals[&10]).as_secs_f64()
+    };
+    println!(
+        "500/10 ratio: render {:.1}, validate {:.1} (linear = 50)",
+        ratio(|t| t.0),
+        ratio(|t| t.1)
+    );
+}

@@ -1,0 +1,575 @@
+//! The relay on loopback, end to end: an embedded hub, agents in relay mode, real TCP clients
+//! and targets, real QUIC between the agents.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use fedmesh_agent::{
+    mesh::{LocalMesh, MeshOptions, NodeSpec},
+    node::Expose,
+    relay::{
+        RelayOptions,
+        proto::{ALPN, Refusal, Request, Response},
+    },
+};
+use fedmesh_certs::{CollabCa, IssuancePolicy, NodeIdentity, NodeKey, SpiffeId, TrustBundle, tls};
+use fedmesh_documents::NodeRef;
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn n(s: &str) -> NodeRef {
+    s.parse().unwrap()
+}
+
+fn a() -> NodeRef {
+    n("org-a/n1")
+}
+
+fn b() -> NodeRef {
+    n("org-b/n1")
+}
+
+/// org-a and org-b, org-b exposing `port` → `target`.
+async fn two_nodes(
+    dir: &std::path::Path,
+    port: u16,
+    target: SocketAddr,
+    relay: RelayOptions,
+) -> LocalMesh {
+    fedmesh_tests::subscribe();
+    let opts = MeshOptions {
+        relay,
+        ..MeshOptions::default()
+    };
+    let specs = [
+        NodeSpec {
+            node: a(),
+            organization_id: Some(1),
+            exposes: vec![],
+        },
+        NodeSpec {
+            node: b(),
+            organization_id: Some(2),
+            exposes: vec![Expose {
+                port,
+                label: Some("test".into()),
+                target: target.to_string(),
+            }],
+        },
+    ];
+    LocalMesh::start(dir, &opts, &specs).await.unwrap()
+}
+
+fn fast_refusals() -> RelayOptions {
+    RelayOptions {
+        max_udp_payload: 65_000,
+        target_deadline: SECOND,
+    }
+}
+
+/// A deterministic byte stream: xorshift64 from `seed`.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `total` pattern bytes to `w` and returns their SHA-256.
+async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, total: usize) -> Vec<u8> {
+    let mut pattern = Pattern(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let len = left.min(buf.len());
+        pattern.fill(&mut buf[..len]);
+        hash.update(&buf[..len]);
+        w.write_all(&buf[..len]).await.unwrap();
+        left -= len;
+    }
+    hash.finalize().to_vec()
+}
+
+/// Reads `r` to EOF; returns (bytes, SHA-256).
+async fn read_hash(r: &mut (impl AsyncReadExt + Unpin)) -> (usize, Vec<u8>) {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let len = r.read(&mut buf).await.unwrap();
+        if len == 0 {
+            return (total, hash.finalize().to_vec());
+        }
+        total += len;
+        hash.update(&buf[..len]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_flow_both_ways_byte_exact() {
+    const TOTAL: usize = 100 * 1024 * 1024;
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7001, target_addr, RelayOptions::default()).await;
+    mesh.link(
+        &a(),
+        &b(),
+        &["7001:test".parse().unwrap()],
+        3600 * SECOND,
+        None,
+    )
+    .await
+    .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7001, 5 * SECOND).await.unwrap();
+
+    let server = tokio::spawn(async move {
+        let (tcp, _) = target.accept().await.unwrap();
+        let (mut r, mut w) = tcp.into_split();
+        let sent = tokio::spawn(async move {
+            let h = send_pattern(&mut w, 2, TOTAL).await;
+            w.shutdown().await.unwrap();
+            h
+        });
+        let received = read_hash(&mut r).await;
+        (received, sent.await.unwrap())
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    let sent = tokio::spawn(async move {
+        let h = send_pattern(&mut w, 1, TOTAL).await;
+        w.shutdown().await.unwrap();
+        h
+    });
+    let client_received = read_hash(&mut r).await;
+    let client_sent = sent.await.unwrap();
+    let (server_received, server_sent) = server.await.unwrap();
+    assert_eq!(server_received, (TOTAL, client_sent), "org-a → org-b");
+    assert_eq!(client_received, (TOTAL, server_sent), "org-b → org-a");
+
+    let metrics = mesh.node(&a()).metrics.render();
+    assert!(
+        metrics.contains("fedmesh_streams_total{direction=\"outbound\"} 1"),
+        "{metrics}"
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_keeps_the_reply_path_open() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7002, target_addr, RelayOptions::default()).await;
+    mesh.link(&a(), &b(), &["7002".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7002, 5 * SECOND).await.unwrap();
+
+    // The server reads to EOF, then answers: it only works if the client's FIN arrives as a
+    // FIN and the way back stays open.
+    tokio::spawn(async move {
+        let (mut tcp, _) = target.accept().await.unwrap();
+        let mut request = Vec::new();
+        tcp.read_to_end(&mut request).await.unwrap();
+        let reply = format!(
+            "got {} bytes: {}",
+            request.len(),
+            String::from_utf8_lossy(&request)
+        );
+        tcp.write_all(reply.as_bytes()).await.unwrap();
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"hello").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(5 * SECOND, tcp.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "got 5 bytes: hello");
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_target_closes_the_client_cleanly_with_a_reason() {
+    // Nothing listens at the target; the receiving agent retries for a second, then refuses.
+    let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = unused.local_addr().unwrap();
+    drop(unused);
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7003, target_addr, fast_refusals()).await;
+    mesh.link(&a(), &b(), &["7003".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7003, 5 * SECOND).await.unwrap();
+
+    let start = Instant::now();
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .expect("the listener accepts: no accept-then-reset");
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(10 * SECOND, tcp.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(read.unwrap(), 0, "a clean close (EOF), not a reset");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "held while the target was retried"
+    );
+    let metrics = mesh.node(&a()).metrics.render();
+    assert!(
+        metrics.contains("fedmesh_streams_refused_total{reason=\"target_unreachable\"} 1"),
+        "{metrics}"
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+/// A bare QUIC client speaking the relay protocol with `identity`.
+async fn raw_client(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    to: SocketAddr,
+    server: &SpiffeId,
+) -> Result<quinn::Connection, String> {
+    let rustls = tls::client_config(identity, bundle, &[ALPN]).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+        .connect(to, &server.dns_name())
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `header` on a new stream and reads the answer.
+async fn ask(conn: &quinn::Connection, header: &[u8]) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(header).await.unwrap();
+    let mut prefix = [0u8; 2];
+    recv.read_exact(&mut prefix).await.unwrap();
+    match Response::decode_prefix(prefix).unwrap() {
+        None => Response::Connected,
+        Some((refusal, len)) => {
+            let mut reason = vec![0u8; len];
+            recv.read_exact(&mut reason).await.unwrap();
+            Response::Refused(refusal, String::from_utf8(reason).unwrap())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_a_link_and_bad_headers_are_refused() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(
+        tmp.path(),
+        7004,
+        target.local_addr().unwrap(),
+        RelayOptions::default(),
+    )
+    .await;
+    mesh.link(&a(), &b(), &["7004".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    mesh.peer_addr(&a(), &b(), 7004, 5 * SECOND).await.unwrap();
+    let a_state = mesh.state(&a()).unwrap();
+    let conn = raw_client(
+        &a_state.identity().unwrap(),
+        &a_state.trust_bundle().unwrap(),
+        mesh.node(&b()).relay_addr,
+        &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let no_link = Request {
+        port: 22,
+        label: None,
+    }
+    .encode();
+    match ask(&conn, &no_link).await {
+        Response::Refused(Refusal::NoLink, reason) => {
+            assert_eq!(
+                reason,
+                "no link allows org-a/n1 to reach org-b/n1 on port 22"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let garbage = b"GET / HTTP/1.1\r\n\r\n";
+    assert!(matches!(
+        ask(&conn, garbage).await,
+        Response::Refused(Refusal::BadVersion, _)
+    ));
+    let oversized = [1u8, 0xff, 0xff];
+    assert!(matches!(
+        ask(&conn, &oversized).await,
+        Response::Refused(Refusal::HeaderTooLarge, _)
+    ));
+    let lying = [1u8, 0, 9, 0x1b, 0x64, 200];
+    assert!(matches!(
+        ask(&conn, &lying).await,
+        Response::Refused(Refusal::BadHeader, _)
+    ));
+    // The link's own port works on the same connection.
+    tokio::spawn(async move { target.accept().await });
+    assert_eq!(
+        ask(
+            &conn,
+            &Request {
+                port: 7004,
+                label: None
+            }
+            .encode()
+        )
+        .await,
+        Response::Connected
+    );
+
+    let metrics = mesh.node(&b()).metrics.render();
+    for reason in ["no_link", "bad_version", "header_too_large", "bad_header"] {
+        assert!(
+            metrics.contains(&format!(
+                "fedmesh_streams_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_collaboration_fails_the_handshake() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(
+        tmp.path(),
+        7005,
+        target.local_addr().unwrap(),
+        RelayOptions::default(),
+    )
+    .await;
+    let b_bundle = mesh.state(&b()).unwrap().trust_bundle().unwrap();
+
+    // An identity from collab-y, whose CA org-b does not trust.
+    let other =
+        CollabCa::generate("collab-y", SystemTime::now() - 60 * SECOND, 3600 * SECOND).unwrap();
+    let key = NodeKey::generate().unwrap();
+    let csr = key
+        .csr(&SpiffeId::new("collab-y", "org-a", "n1").unwrap())
+        .unwrap();
+    let cert = other
+        .sign_csr_pem(
+            &csr.pem,
+            &IssuancePolicy::default(),
+            3600 * SECOND,
+            SystemTime::now(),
+        )
+        .unwrap();
+    let stranger = NodeIdentity::new(vec![cert.der], &key).unwrap();
+    // Trusting collab-x's CA for the server side, so only the server's check can fail.
+    // In TLS 1.3 the client finishes first; the server's verdict arrives as the close.
+    let err = match raw_client(
+        &stranger,
+        &b_bundle,
+        mesh.node(&b()).relay_addr,
+        &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
+    )
+    .await
+    {
+        Err(e) => e,
+        Ok(conn) => tokio::time::timeout(5 * SECOND, conn.closed())
+            .await
+            .unwrap()
+            .to_string(),
+    };
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("alert"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = mesh.node(&b()).metrics.render();
+    assert!(
+        metrics.contains("fedmesh_streams_refused_total{reason=\"handshake\"} 1"),
+        "{metrics}"
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_open_and_revocation_closes_streams_within_five_seconds() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7006, target_addr, RelayOptions::default()).await;
+
+    // Echo server.
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = target.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+
+    let approved = Instant::now();
+    let id = mesh
+        .link(&a(), &b(), &["7006".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7006, 5 * SECOND).await.unwrap();
+    let mut tcp = loop {
+        if let Ok(tcp) = TcpStream::connect(addr).await {
+            break tcp;
+        }
+        assert!(
+            approved.elapsed() < 5 * SECOND,
+            "link not usable within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert!(
+        approved.elapsed() < 5 * SECOND,
+        "link usable after {:?}",
+        approved.elapsed()
+    );
+
+    let revoked = Instant::now();
+    mesh.owner.revoke(&[id], &[], &[]).await.unwrap();
+    let closed = tokio::time::timeout(5 * SECOND, tcp.read(&mut buf)).await;
+    let elapsed = revoked.elapsed();
+    match closed {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        other => panic!("stream still open after revocation: {other:?}"),
+    }
+    assert!(elapsed < 5 * SECOND, "closed after {elapsed:?}");
+    // And the listener is gone.
+    let deadline = Instant::now() + 5 * SECOND;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "listener still open after revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_peer_map_health_and_metrics() {
+    use hickory_server::proto::{
+        op::{Message, MessageType, OpCode, Query, ResponseCode},
+        rr::{Name, RData, RecordType},
+        serialize::binary::{BinDecodable, BinEncodable},
+    };
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(
+        tmp.path(),
+        7007,
+        target.local_addr().unwrap(),
+        RelayOptions::default(),
+    )
+    .await;
+    mesh.link(
+        &a(),
+        &b(),
+        &["7007:test".parse().unwrap()],
+        3600 * SECOND,
+        None,
+    )
+    .await
+    .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7007, 5 * SECOND).await.unwrap();
+
+    let dns = mesh.node(&a()).dns_addr.unwrap();
+    let query = |name: &str| {
+        let name = name.to_owned();
+        async move {
+            let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
+            msg.add_query(Query::query(
+                Name::from_ascii(&name).unwrap(),
+                RecordType::A,
+            ));
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            socket.send_to(&msg.to_bytes().unwrap(), dns).await.unwrap();
+            let mut buf = [0u8; 512];
+            let len = tokio::time::timeout(SECOND, socket.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            Message::from_bytes(&buf[..len]).unwrap()
+        }
+    };
+    for name in ["org-b.collab-x.fedmesh.", "n1.org-b.collab-x.fedmesh."] {
+        let answer = query(name).await;
+        let ips: Vec<_> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ips, vec![addr.ip()], "{name}");
+    }
+    assert_eq!(
+        query("org-z.collab-x.fedmesh.")
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+
+    // The same map as FEDMESH_PEERS, in the state directory and on the admin API.
+    let peers: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(mesh.state_dir(&a()).join("peers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peers["org-b.collab-x.fedmesh"][0], addr.to_string());
+    let admin = mesh.node(&a()).admin_addr.unwrap();
+    let get = |path: &str| {
+        let url = format!("http://{admin}{path}");
+        async move {
+            let resp = reqwest::get(url).await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok".into()));
+    assert_eq!(get("/readyz").await.0, 200);
+    let (_, peers_api) = get("/peers").await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&peers_api).unwrap(),
+        peers
+    );
+    let (_, metrics) = get("/metrics").await;
+    assert!(metrics.contains("fedmesh_links_active 1"), "{metrics}");
+    assert!(
+        metrics.contains("fedmesh_certificate_expiry_seconds"),
+        "{metrics}"
+    );
+    mesh.shutdown().await.unwrap();
+}
