@@ -42,7 +42,7 @@ use crate::{
     enroll::NodeState,
     hub::client::HubClient,
     metrics::Metrics,
-    relay::{PeerEndpoint, Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
+    relay::{Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
 };
 
 /// How long one long-poll waits at the hub.
@@ -521,19 +521,18 @@ impl Reconciler {
         let relay_config = RelayConfig {
             policy,
             peers: assigned
+                .keys()
+                .filter_map(|peer| {
+                    let relay = ledger.advertisement(peer)?.relay.as_deref()?;
+                    Some((peer.clone(), resolve(relay).ok()?))
+                })
+                .collect(),
+            listeners: peers
                 .iter()
-                .map(|(peer, ip)| {
-                    let relay = ledger
-                        .advertisement(peer)
-                        .and_then(|a| a.relay.as_deref())
-                        .and_then(|r| resolve(r).ok());
-                    (
-                        peer.clone(),
-                        PeerEndpoint {
-                            relay,
-                            local_ip: IpAddr::V4(*ip),
-                        },
-                    )
+                .flat_map(|(peer, view)| {
+                    view.ports
+                        .iter()
+                        .map(|p| (SocketAddr::new(view.ip, p.port), (peer.clone(), p.port)))
                 })
                 .collect(),
             targets: self

@@ -23,7 +23,7 @@ pub mod pump;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -52,22 +52,18 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_DEADLINE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// A peer as the relay needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerEndpoint {
-    /// Its relay's UDP address, from its signed advertisement.
-    pub relay: Option<SocketAddr>,
-    /// The local address algorithms reach it at.
-    pub local_ip: IpAddr,
-}
-
 /// Everything the relay may do, recomputed by the node agent on every change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Admission, from the effective links.
     pub policy: Policy,
-    /// Peers this node dials.
-    pub peers: BTreeMap<NodeRef, PeerEndpoint>,
+    /// Peers' relay UDP addresses, from their signed advertisements.
+    pub peers: BTreeMap<NodeRef, SocketAddr>,
+    /// Where to listen for algorithms, and the (peer, port) each listener leads to: on a
+    /// machine, one loopback address per peer with the algorithm's real port; in Kubernetes,
+    /// one pod port per (peer, port) behind a per-peer Service. A listener whose (peer, port)
+    /// the policy does not admit is not opened.
+    pub listeners: BTreeMap<SocketAddr, (NodeRef, u16)>,
     /// Where inbound streams for a port go (`host:port`); unlisted ports go to
     /// `127.0.0.1:<port>`.
     pub targets: BTreeMap<u16, String>,
@@ -296,7 +292,7 @@ impl Shared {
             .borrow()
             .peers
             .get(peer)
-            .and_then(|p| p.relay)
+            .copied()
             .ok_or_else(|| format!("{peer} has not advertised a relay address"))?;
         let id = fedmesh_certs::SpiffeId::new(&self.collab, &peer.org, &peer.node)
             .map_err(|e| e.to_string())?;
@@ -578,47 +574,41 @@ async fn until_not_admitted(
 // ---------------------------------------------------------------------------------------------
 // Outbound
 
-/// Keeps one listener per (peer address, port) this node may dial.
+/// Keeps one listener per configured address whose (peer, port) this node may dial.
 async fn listen_loop(shared: Arc<Shared>) {
     let mut config = shared.config.clone();
-    let mut listeners: BTreeMap<(IpAddr, u16), JoinHandle<()>> = BTreeMap::new();
+    let mut listeners: BTreeMap<SocketAddr, JoinHandle<()>> = BTreeMap::new();
     loop {
-        let desired: BTreeMap<(IpAddr, u16), NodeRef> = {
+        let desired: BTreeMap<SocketAddr, (NodeRef, u16)> = {
             let c = config.borrow_and_update();
-            c.policy
-                .outbound()
-                .filter_map(|(peer, port, _)| {
-                    c.peers
-                        .get(peer)
-                        .map(|p| ((p.local_ip, port), peer.clone()))
-                })
+            c.listeners
+                .iter()
+                .filter(|(_, (peer, port))| c.policy.admits_outbound(peer, *port).is_some())
+                .map(|(addr, target)| (*addr, target.clone()))
                 .collect()
         };
-        listeners.retain(|key, task| {
-            let keep = desired.contains_key(key) && !task.is_finished();
+        listeners.retain(|addr, task| {
+            let keep = desired.contains_key(addr) && !task.is_finished();
             if !keep {
                 task.abort();
-                info!(addr = %SocketAddr::from(*key), "peer listener closed");
+                info!(%addr, "peer listener closed");
             }
             keep
         });
-        for (key, peer) in desired {
-            if listeners.contains_key(&key) {
+        for (addr, (peer, port)) in desired {
+            if listeners.contains_key(&addr) {
                 continue;
             }
-            let addr = SocketAddr::from(key);
             match bind_listener(addr) {
                 Ok(listener) => {
-                    info!(%addr, %peer, "peer listener open");
-                    listeners.insert(
-                        key,
-                        tokio::spawn(accept_clients(shared.clone(), listener, peer, key.1)),
-                    );
+                    info!(%addr, %peer, port, "peer listener open");
+                    let task = tokio::spawn(accept_clients(shared.clone(), listener, peer, port));
+                    listeners.insert(addr, task);
                 }
                 Err(error) => warn!(%addr, %peer, %error, "cannot open peer listener"),
             }
         }
-        let open: BTreeSet<SocketAddr> = listeners.keys().map(|k| SocketAddr::from(*k)).collect();
+        let open: BTreeSet<SocketAddr> = listeners.keys().copied().collect();
         shared.listening.send_if_modified(|current| {
             if **current == open {
                 return false;
