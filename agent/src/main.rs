@@ -9,7 +9,7 @@ async fn main() -> std::process::ExitCode {
     // One crypto provider for the whole process: ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    telemetry::init(&cli.log);
+    telemetry::init(cli.log_filter());
     match cli.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -58,6 +58,9 @@ pub struct MeshOptions {
     pub relay: RelayOptions,
     /// Serve DNS on loopback for every agent.
     pub dns: bool,
+    /// Second octet of the peers' loopback addresses: node `i` gets `127.<this>.<i+1>.0/24`.
+    /// Meshes running side by side need different values.
+    pub loopback_octet: u8,
 }
 
 impl Default for MeshOptions {
@@ -71,13 +74,15 @@ impl Default for MeshOptions {
                 ..RelayOptions::default()
             },
             dns: true,
+            loopback_octet: 77,
         }
     }
 }
 
 impl LocalMesh {
     /// Starts a hub in `dir`, creates the collaboration (online CA), enrolls every node with a
-    /// join token and starts its agent. Node `i` gets peer addresses from `127.77.<i+1>.0/24`.
+    /// join token and starts its agent. Node `i` gets peer addresses from
+    /// `127.<loopback_octet>.<i+1>.0/24`.
     pub async fn start(dir: &Path, opts: &MeshOptions, nodes: &[NodeSpec]) -> Result<Self> {
         let hub_dir = dir.join("hub");
         let cert = HubCert::load_or_create(&hub_dir, &["localhost".into(), "127.0.0.1".into()])?;
@@ -125,11 +130,12 @@ impl LocalMesh {
                 state: state_dir,
                 relay_listen: "127.0.0.1:0".parse()?,
                 advertise: None,
-                loopback_pool: format!("127.77.{}.0/24", i + 1).parse()?,
+                loopback_pool: format!("127.{}.{}.0/24", opts.loopback_octet, i + 1).parse()?,
                 exposes: spec.exposes.clone(),
                 dns_listen: opts.dns.then(|| "127.0.0.1:0".parse()).transpose()?,
                 admin_listen: Some("127.0.0.1:0".parse()?),
                 relay: opts.relay,
+                kubernetes: None,
             };
             let handle = node::start(options.clone()).await?;
             mesh.nodes.insert(spec.node.clone(), handle);

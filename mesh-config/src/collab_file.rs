@@ -220,8 +220,13 @@ impl CollabFile {
             for (j, p) in l.ports.iter().enumerate() {
                 let at = format!("links[{i}].ports[{j}]");
                 let spec: PortSpec = p.parse().map_err(|e| field(&at, p, e))?;
-                if !exposed.contains_key(&spec.port) {
+                let Some(exposure) = exposed.get(&spec.port) else {
                     let reason = format!("port {} is not in the exposes of {to}", spec.port);
+                    return Err(field(at, p, reason));
+                };
+                if spec.label.is_some() && spec.label != exposure.label {
+                    let exposed_as = exposure.label.as_deref().unwrap_or("<no label>");
+                    let reason = format!("{to} exposes port {} as {exposed_as:?}", spec.port);
                     return Err(field(at, p, reason));
                 }
                 ports.push(spec);
@@ -418,6 +423,10 @@ vips:
             (
                 GOOD.replace("['9092']", "['9093']"),
                 r#"links[1].ports[0] = "9093": port 9093 is not in the exposes of b/n1"#,
+            ),
+            (
+                GOOD.replace("['11366:mpc']", "['11366:flower']"),
+                r#"links[0].ports[0] = "11366:flower": b/n1 exposes port 11366 as "mpc""#,
             ),
             (
                 GOOD.replace("'2099-01-01T00:00:00Z'", "2099-13-01"),

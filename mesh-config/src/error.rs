@@ -45,7 +45,7 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
-    /// The node view handed to [`crate::render`] is inconsistent.
+    /// The node view handed to [`crate::render()`] is inconsistent.
     #[error("node view: {0}")]
     View(String),
     /// An address pool cannot be parsed or is not usable.

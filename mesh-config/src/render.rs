@@ -26,7 +26,7 @@
 //! dot, so it never equals an `<org>.<node>`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
     net::Ipv4Addr,
     time::{SystemTime, UNIX_EPOCH},
@@ -197,6 +197,8 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
         secret: credential_secret_name(&view.collab, &view.local),
     };
     let mut objects = r.baseline()?;
+    // Growing a large Vec frees large blocks, which is costly with some allocators.
+    objects.reserve(6 * outbound.len() + 5 * inbound.len());
     let mut per_org: BTreeMap<&str, usize> = BTreeMap::new();
     for peer in outbound.keys() {
         *per_org.entry(peer.org.as_str()).or_default() += 1;
@@ -215,13 +217,17 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
         }
     }
 
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::with_capacity(objects.len());
     for object in &objects {
-        let key = ObjectKey::of(object)
-            .ok_or_else(|| Error::View("rendered an object without identity".into()))?;
-        if !seen.insert(key.clone()) {
+        let meta = &object["metadata"];
+        let (kind, namespace, name) = (
+            as_text(&object["kind"]),
+            as_text(&meta["namespace"]),
+            as_text(&meta["name"]),
+        );
+        if !seen.insert((kind, namespace, name)) {
             return Err(Error::View(format!(
-                "two objects would be named {key}; rename an organisation or node"
+                "two {kind} objects would be named {namespace}/{name}; rename an organisation or node"
             )));
         }
     }
@@ -239,7 +245,7 @@ fn check_view(view: &NodeView, now: u64) -> Result<Vec<&EffectiveLink>> {
     for service in view.services.values() {
         validate_label("service", service)?;
     }
-    let mut links = Vec::new();
+    let mut links = Vec::with_capacity(view.links.len());
     for link in &view.links {
         let terms = &link.terms;
         terms.validate_shape()?;
@@ -361,49 +367,55 @@ impl Renderer<'_> {
         let o = self.options;
         let (mesh, algo) = (o.mesh_namespace.as_str(), o.algorithm_namespace.as_str());
         let name = short_name(&["fm", self.collab()]);
-        let meta = |purpose: &str| self.meta(None, BASELINE, purpose, &[]);
+        let meta = Meta::new(self.collab(), None, BASELINE, &[])?;
         let mut objects = Vec::new();
         if let Some(c) = &self.view.credentials {
-            objects.push(json!({
+            let mut secret = json!({
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": self.metadata(mesh, &self.secret, meta(
-                    "this node's collaboration certificate, key and CA, for the fedmesh gateways only"
-                ))?,
                 "type": "kubernetes.io/tls",
                 "data": {
                     "tls.crt": BASE64.encode(&c.cert_chain_pem),
                     "tls.key": BASE64.encode(&c.key_pem),
                     "ca.crt": BASE64.encode(&c.ca_pem),
                 },
-            }));
+            });
+            secret["metadata"] = meta.of(
+                mesh,
+                &self.secret,
+                "this node's collaboration certificate, key and CA, for the fedmesh gateways only",
+            );
+            objects.push(secret);
         }
-        let ingress_name = short_name(&["fm", self.collab(), "ingress"]);
-        objects.push(json!({
-            "apiVersion": SECURITY_V1,
-            "kind": "AuthorizationPolicy",
-            "metadata": self.metadata(mesh, &ingress_name, meta(
-                "deny peers at the ingress gateway unless a per-peer policy allows them"
-            ))?,
-            "spec": {
+        objects.push(object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            meta.of(
+                mesh,
+                &short_name(&["fm", self.collab(), "ingress"]),
+                "deny peers at the ingress gateway unless a per-peer policy allows them",
+            ),
+            json!({
                 "selector": {"matchLabels": {"istio": o.ingress_gateway}},
                 "action": "ALLOW",
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": SECURITY_V1,
-            "kind": "AuthorizationPolicy",
-            "metadata": self.metadata(algo, &name, meta(
-                "deny all traffic to algorithm pods unless a per-peer policy allows it"
-            ))?,
-            "spec": {},
-        }));
-        objects.push(json!({
-            "apiVersion": SECURITY_V1,
-            "kind": "PeerAuthentication",
-            "metadata": self.metadata(algo, &name, meta("algorithm pods accept mesh mTLS only"))?,
-            "spec": {"mtls": {"mode": "STRICT"}},
-        }));
+            }),
+        ));
+        objects.push(object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            meta.of(
+                algo,
+                &name,
+                "deny all traffic to algorithm pods unless a per-peer policy allows it",
+            ),
+            json!({}),
+        ));
+        objects.push(object(
+            SECURITY_V1,
+            "PeerAuthentication",
+            meta.of(algo, &name, "algorithm pods accept mesh mTLS only"),
+            json!({"mtls": {"mode": "STRICT"}}),
+        ));
         let mut hosts = vec![
             "./*".to_owned(),
             format!("{mesh}/*"),
@@ -414,43 +426,40 @@ impl Renderer<'_> {
                 .iter()
                 .map(|ns| format!("{ns}/*")),
         );
-        objects.push(json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "Sidecar",
-            "metadata": self.metadata(algo, &name, meta(
-                "algorithm pods see only registered services; unknown destinations are refused"
-            ))?,
-            "spec": {
+        objects.push(object(
+            NETWORKING_V1,
+            "Sidecar",
+            meta.of(
+                algo,
+                &name,
+                "algorithm pods see only registered services; unknown destinations are refused",
+            ),
+            json!({
                 "egress": [{"hosts": hosts}],
                 "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": self.metadata(algo, &name, meta(
+            }),
+        ));
+        let mut egress = json!([
+            {"ports": [{"protocol": "TCP", "port": o.egress_port}]},
+            {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+            {"ports": [{"protocol": "TCP", "port": 15012}]},
+        ]);
+        egress[0]["to"] = Value::Array(vec![pods_in(mesh, "istio", &o.egress_gateway)]);
+        egress[1]["to"] = Value::Array(vec![pods_in("kube-system", "k8s-app", "kube-dns")]);
+        egress[2]["to"] = Value::Array(vec![pods_in(&o.istio_namespace, "app", "istiod")]);
+        let mut spec = json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]});
+        spec["egress"] = egress;
+        objects.push(object(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            meta.of(
+                algo,
+                &name,
                 "algorithm pods may reach only the fedmesh egress gateway, DNS and istiod, \
-                 and nothing may reach them unless a per-peer policy allows it"
-            ))?,
-            "spec": {
-                "podSelector": {},
-                "policyTypes": ["Ingress", "Egress"],
-                "egress": [
-                    {
-                        "to": [pods_in(mesh, "istio", &o.egress_gateway)],
-                        "ports": [{"protocol": "TCP", "port": o.egress_port}],
-                    },
-                    {
-                        "to": [pods_in("kube-system", "k8s-app", "kube-dns")],
-                        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
-                    },
-                    {
-                        "to": [pods_in(&o.istio_namespace, "app", "istiod")],
-                        "ports": [{"protocol": "TCP", "port": 15012}],
-                    },
-                ],
-            },
-        }));
+                 and nothing may reach them unless a per-peer policy allows it",
+            ),
+            spec,
+        ));
         Ok(objects)
     }
 
@@ -476,49 +485,21 @@ impl Renderer<'_> {
         let out = peer_name(collab, "out", peer, None);
         let egress = peer_name(collab, "egress", peer, None);
         let egress_host = o.mesh_service(&o.egress_gateway);
-        let meta = |purpose: &str, links: &[&EffectiveLink]| {
-            self.meta(Some(peer), "outbound", purpose, links)
-        };
+        let gateway_ref = format!("{mesh}/{egress}");
+        let meta = Meta::new(collab, Some(peer), "outbound", links)?;
 
-        let mut se_meta = meta(&format!("{host}: VIP and approved ports of {peer}"), links);
-        se_meta.0.insert(
-            "networking.istio.io/enable-autoallocate-ip".into(),
-            "false".into(),
-        );
-        let se_ports: Vec<Value> = ports
-            .by_port
-            .iter()
-            .map(|(port, (name, _))| json!({"number": port, "name": name, "protocol": "TCP"}))
-            .collect();
-        let endpoint_ports: Map<String, Value> = ports
-            .by_port
-            .values()
-            .map(|(name, _)| (name.clone(), json!(info.gateway.port)))
-            .collect();
-        let mut objects = vec![json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "ServiceEntry",
-            "metadata": self.metadata(mesh, &out, se_meta)?,
-            "spec": {
-                "hosts": hosts,
-                "addresses": [vip.to_string()],
-                "ports": se_ports,
-                "location": "MESH_EXTERNAL",
-                "resolution": if info.gateway.is_ip() { "STATIC" } else { "DNS" },
-                "endpoints": [{"address": info.gateway.host, "ports": endpoint_ports}],
-                "exportTo": [".", o.algorithm_namespace],
-            },
-        })];
-
+        let mut se_ports = Vec::new();
+        let mut endpoint_ports = Map::new();
         let mut mesh_routes = Vec::new();
         let mut originate = Vec::new();
         let mut servers = Vec::new();
         let mut subsets = Vec::new();
         let mut gateway_routes = Vec::new();
-        let gateway_ref = format!("{mesh}/{egress}");
-        for (port, (_, port_links)) in &ports.by_port {
+        for (port, (port_name, port_links)) in &ports.by_port {
             let sni = sni(collab, &self.view.local, *port, peer)?;
             let subset = peer_name(collab, "egress", peer, Some(*port));
+            se_ports.push(json!({"number": port, "name": port_name, "protocol": "TCP"}));
+            endpoint_ports.insert(port_name.clone(), info.gateway.port.into());
             mesh_routes.push(json!({
                 "match": [{"gateways": ["mesh"], "port": port}],
                 "route": [{"destination": {
@@ -546,14 +527,12 @@ impl Renderer<'_> {
                     "tls": {"mode": "ISTIO_MUTUAL", "sni": sni},
                 }]},
             }));
-            gateway_routes.push(json!({
-                "apiVersion": NETWORKING_V1,
-                "kind": "VirtualService",
-                "metadata": self.metadata(mesh, &subset, meta(
-                    &format!("egress gateway: forward {sni} to {host}:{port}"),
-                    port_links,
-                ))?,
-                "spec": {
+            let purpose = format!("egress gateway: forward {sni} to {host}:{port}");
+            gateway_routes.push(object(
+                NETWORKING_V1,
+                "VirtualService",
+                Meta::new(collab, Some(peer), "outbound", port_links)?.of(mesh, &subset, &purpose),
+                json!({
                     "hosts": [sni],
                     "gateways": [gateway_ref],
                     "exportTo": ["."],
@@ -561,61 +540,90 @@ impl Renderer<'_> {
                         "match": [{"gateways": [gateway_ref], "port": o.egress_port}],
                         "route": [{"destination": {"host": host, "port": {"number": port}}}],
                     }],
-                },
-            }));
+                }),
+            ));
         }
-        objects.push(json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "VirtualService",
-            "metadata": self.metadata(mesh, &out, meta(
-                &format!("send algorithm traffic for {host} through the egress gateway"),
-                links,
-            ))?,
-            "spec": {
-                "hosts": hosts,
-                "gateways": ["mesh"],
-                "exportTo": [".", o.algorithm_namespace],
-                "tcp": mesh_routes,
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "DestinationRule",
-            "metadata": self.metadata(mesh, &out, meta(
-                &format!("egress gateway: mutual TLS to {peer} with this node's credentials"),
-                links,
-            ))?,
-            "spec": {
-                "host": host,
-                "exportTo": ["."],
-                "trafficPolicy": {"portLevelSettings": originate},
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "Gateway",
-            "metadata": self.metadata(mesh, &egress, meta(
-                &format!("egress gateway: accept sidecar traffic for {peer}"),
-                links,
-            ))?,
-            "spec": {
-                "selector": {"istio": o.egress_gateway},
-                "servers": servers,
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "DestinationRule",
-            "metadata": self.metadata(mesh, &egress, meta(
-                &format!("sidecars: reach the egress gateway for {peer} by SNI"),
-                links,
-            ))?,
-            "spec": {
-                "host": egress_host,
-                "exportTo": [".", o.algorithm_namespace],
-                "subsets": subsets,
-            },
-        }));
+
+        let mut se = json!({
+            "hosts": hosts,
+            "addresses": [vip.to_string()],
+            "location": "MESH_EXTERNAL",
+            "resolution": if info.gateway.is_ip() { "STATIC" } else { "DNS" },
+            "endpoints": [{"address": info.gateway.host}],
+            "exportTo": [".", o.algorithm_namespace],
+        });
+        se["ports"] = Value::Array(se_ports);
+        se["endpoints"][0]["ports"] = Value::Object(endpoint_ports);
+        let mut vs = json!({
+            "hosts": hosts,
+            "gateways": ["mesh"],
+            "exportTo": [".", o.algorithm_namespace],
+        });
+        vs["tcp"] = Value::Array(mesh_routes);
+        let mut dr = json!({"host": host, "exportTo": ["."]});
+        dr["trafficPolicy"] = json!({});
+        dr["trafficPolicy"]["portLevelSettings"] = Value::Array(originate);
+        let mut gw = json!({"selector": {"istio": o.egress_gateway}});
+        gw["servers"] = Value::Array(servers);
+        let mut subset_rule =
+            json!({"host": egress_host, "exportTo": [".", o.algorithm_namespace]});
+        subset_rule["subsets"] = Value::Array(subsets);
+
+        let se_meta = meta
+            .clone()
+            .label("networking.istio.io/enable-autoallocate-ip", "false");
+        let mut objects = vec![
+            object(
+                NETWORKING_V1,
+                "ServiceEntry",
+                se_meta.of(
+                    mesh,
+                    &out,
+                    &format!("{host}: VIP and approved ports of {peer}"),
+                ),
+                se,
+            ),
+            object(
+                NETWORKING_V1,
+                "VirtualService",
+                meta.of(
+                    mesh,
+                    &out,
+                    &format!("send algorithm traffic for {host} through the egress gateway"),
+                ),
+                vs,
+            ),
+            object(
+                NETWORKING_V1,
+                "DestinationRule",
+                meta.of(
+                    mesh,
+                    &out,
+                    &format!("egress gateway: mutual TLS to {peer} with this node's credentials"),
+                ),
+                dr,
+            ),
+            object(
+                NETWORKING_V1,
+                "Gateway",
+                meta.of(
+                    mesh,
+                    &egress,
+                    &format!("egress gateway: accept sidecar traffic for {peer}"),
+                ),
+                gw,
+            ),
+            object(
+                NETWORKING_V1,
+                "DestinationRule",
+                meta.of(
+                    mesh,
+                    &egress,
+                    &format!("sidecars: reach the egress gateway for {peer} by SNI"),
+                ),
+                subset_rule,
+            ),
+        ];
         objects.extend(gateway_routes);
         Ok(objects)
     }
@@ -635,9 +643,7 @@ impl Renderer<'_> {
         let ports = Ports::of(links);
         let name = peer_name(collab, "in", peer, None);
         let gateway_ref = format!("{mesh}/{name}");
-        let meta = |purpose: &str, links: &[&EffectiveLink]| {
-            self.meta(Some(peer), "inbound", purpose, links)
-        };
+        let meta = Meta::new(collab, Some(peer), "inbound", links)?;
 
         let mut servers = Vec::new();
         let mut routes = Vec::new();
@@ -661,15 +667,16 @@ impl Renderer<'_> {
                     "minProtocolVersion": "TLSV1_2",
                 },
             }));
-            routes.push(json!({
-                "apiVersion": NETWORKING_V1,
-                "kind": "VirtualService",
-                "metadata": self.metadata(
+            let purpose = format!("ingress gateway: forward {sni} to {target}:{port}");
+            routes.push(object(
+                NETWORKING_V1,
+                "VirtualService",
+                Meta::new(collab, Some(peer), "inbound", port_links)?.of(
                     mesh,
                     &peer_name(collab, "in", peer, Some(*port)),
-                    meta(&format!("ingress gateway: forward {sni} to {target}:{port}"), port_links),
-                )?,
-                "spec": {
+                    &purpose,
+                ),
+                json!({
                     "hosts": [sni],
                     "gateways": [gateway_ref],
                     "exportTo": ["."],
@@ -677,120 +684,148 @@ impl Renderer<'_> {
                         "match": [{"port": o.ingress_port}],
                         "route": [{"destination": {"host": target, "port": {"number": port}}}],
                     }],
-                },
-            }));
+                }),
+            ));
             rules.push(json!({
                 "from": [{"source": {"principals": [principal]}}],
                 "to": [{"operation": {"ports": [o.ingress_port.to_string()]}}],
                 "when": [{"key": "connection.sni", "values": [sni]}],
             }));
-            algo_ports.push(port.to_string());
+            algo_ports.push(Value::String(port.to_string()));
             np_ports.push(json!({"protocol": "TCP", "port": port}));
         }
-        let mut objects = vec![json!({
-            "apiVersion": NETWORKING_V1,
-            "kind": "Gateway",
-            "metadata": self.metadata(mesh, &name, meta(
+
+        let mut gw = json!({"selector": {"istio": o.ingress_gateway}});
+        gw["servers"] = Value::Array(servers);
+        let mut gw_policy = json!({
+            "selector": {"matchLabels": {"istio": o.ingress_gateway}},
+            "action": "ALLOW",
+        });
+        gw_policy["rules"] = Value::Array(rules);
+        let mut algo_policy = json!({
+            "action": "ALLOW",
+            "rules": [{
+                "from": [{"source": {"principals": [o.ingress_principal()]}}],
+                "to": [{"operation": {}}],
+            }],
+        });
+        algo_policy["rules"][0]["to"][0]["operation"]["ports"] = Value::Array(algo_ports);
+        let mut np = json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]});
+        np["ingress"][0]["from"] = Value::Array(vec![pods_in(mesh, "istio", &o.ingress_gateway)]);
+        np["ingress"][0]["ports"] = Value::Array(np_ports);
+
+        let mut objects = vec![object(
+            NETWORKING_V1,
+            "Gateway",
+            meta.of(
+                mesh,
+                &name,
                 &format!("ingress gateway: accept {peer} (collaboration CA, its SPIFFE ID) by SNI"),
-                links,
-            ))?,
-            "spec": {
-                "selector": {"istio": o.ingress_gateway},
-                "servers": servers,
-            },
-        })];
+            ),
+            gw,
+        )];
         objects.extend(routes);
-        objects.push(json!({
-            "apiVersion": SECURITY_V1,
-            "kind": "AuthorizationPolicy",
-            "metadata": self.metadata(mesh, &name, meta(
+        objects.push(object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            meta.of(
+                mesh,
+                &name,
                 &format!("ingress gateway: allow {peer} only on its approved ports"),
-                links,
-            ))?,
-            "spec": {
-                "selector": {"matchLabels": {"istio": o.ingress_gateway}},
-                "action": "ALLOW",
-                "rules": rules,
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": SECURITY_V1,
-            "kind": "AuthorizationPolicy",
-            "metadata": self.metadata(algo, &name, meta(
+            ),
+            gw_policy,
+        ));
+        objects.push(object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            meta.of(
+                algo,
+                &name,
                 &format!("allow the ingress gateway to reach the ports approved for {peer}"),
-                links,
-            ))?,
-            "spec": {
-                "action": "ALLOW",
-                "rules": [{
-                    "from": [{"source": {"principals": [o.ingress_principal()]}}],
-                    "to": [{"operation": {"ports": algo_ports}}],
-                }],
-            },
-        }));
-        objects.push(json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": self.metadata(algo, &name, meta(
+            ),
+            algo_policy,
+        ));
+        objects.push(object(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            meta.of(
+                algo,
+                &name,
                 &format!("let the ingress gateway reach the ports approved for {peer}"),
-                links,
-            ))?,
-            "spec": {
-                "podSelector": {},
-                "policyTypes": ["Ingress"],
-                "ingress": [{
-                    "from": [pods_in(mesh, "istio", &o.ingress_gateway)],
-                    "ports": np_ports,
-                }],
-            },
-        }));
+            ),
+            np,
+        ));
         Ok(objects)
     }
+}
 
-    /// Labels and annotations of an object.
-    fn meta(
-        &self,
+/// A full object. `metadata` and `spec` are moved in: `json!` would deep-copy them.
+fn object(api_version: &str, kind: &str, metadata: Value, spec: Value) -> Value {
+    let mut m = Map::new();
+    m.insert("apiVersion".into(), api_version.into());
+    m.insert("kind".into(), kind.into());
+    m.insert("metadata".into(), metadata);
+    m.insert("spec".into(), spec);
+    Value::Object(m)
+}
+
+/// Labels and link annotations shared by a group of objects (one peer, one direction).
+#[derive(Clone)]
+struct Meta {
+    labels: Map<String, Value>,
+    annotations: Map<String, Value>,
+}
+
+impl Meta {
+    fn new(
+        collab: &str,
         peer: Option<&NodeRef>,
         direction: &str,
-        purpose: &str,
         links: &[&EffectiveLink],
-    ) -> (Map<String, Value>, Map<String, Value>) {
+    ) -> Result<Self> {
         let mut labels = Map::new();
         labels.insert(MANAGED_BY.into(), "fedmesh".into());
-        labels.insert(COLLABORATION.into(), self.collab().into());
+        labels.insert(COLLABORATION.into(), collab.into());
         let peer = peer.map_or_else(|| BASELINE.to_owned(), |p| format!("{}.{}", p.org, p.node));
         labels.insert(PEER.into(), peer.into());
         labels.insert(DIRECTION.into(), direction.into());
         let mut annotations = Map::new();
-        annotations.insert(PURPOSE.into(), purpose.into());
         if !links.is_empty() {
             let ids: BTreeSet<&str> = links.iter().map(|l| l.terms.id.as_str()).collect();
             let approvers: BTreeSet<&str> = links.iter().map(|l| l.approved_by.as_str()).collect();
             let expiry = links.iter().map(|l| l.terms.not_after).min().unwrap_or(0);
+            let expires = rfc3339(expiry).ok_or_else(|| {
+                Error::View(format!(
+                    "link {} expires at {expiry}, which cannot be written as RFC 3339",
+                    join(ids.iter().copied())
+                ))
+            })?;
             annotations.insert(LINKS.into(), join(ids).into());
             annotations.insert(APPROVED_BY.into(), join(approvers).into());
-            annotations.insert(EXPIRES.into(), rfc3339(expiry));
+            annotations.insert(EXPIRES.into(), expires.into());
         }
-        (labels, annotations)
+        Ok(Self {
+            labels,
+            annotations,
+        })
     }
 
-    fn metadata(
-        &self,
-        namespace: &str,
-        name: &str,
-        (labels, annotations): (Map<String, Value>, Map<String, Value>),
-    ) -> Result<Value> {
-        if annotations.get(EXPIRES).is_some_and(Value::is_null) {
-            return Err(Error::View(format!(
-                "{name}: a link expires at a time that cannot be written as RFC 3339"
-            )));
-        }
-        Ok(json!({
-            "name": name,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": annotations,
-        }))
+    /// With one more label.
+    fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// `metadata` of an object: the shared labels and annotations, plus what it is for.
+    fn of(&self, namespace: &str, name: &str, purpose: &str) -> Value {
+        let mut annotations = self.annotations.clone();
+        annotations.insert(PURPOSE.into(), purpose.into());
+        let mut m = Map::new();
+        m.insert("name".into(), name.into());
+        m.insert("namespace".into(), namespace.into());
+        m.insert("labels".into(), Value::Object(self.labels.clone()));
+        m.insert("annotations".into(), Value::Object(annotations));
+        Value::Object(m)
     }
 }
 
@@ -846,13 +881,14 @@ fn join<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     items.into_iter().collect::<Vec<_>>().join(", ")
 }
 
-/// RFC 3339 in UTC, or JSON null when the time cannot be written so (caught in `metadata`).
-fn rfc3339(unix: u64) -> Value {
-    i64::try_from(unix)
-        .ok()
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .map_or(Value::Null, Value::String)
+fn as_text(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// RFC 3339 in UTC, when the time can be written so.
+fn rfc3339(unix: u64) -> Option<String> {
+    let t = OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
+    t.format(&Rfc3339).ok()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //!   `kubectl --validate=strict`, refuses) fields they do not declare, so an undeclared field is
 //!   an error here, except below `x-kubernetes-preserve-unknown-fields: true`;
 //! - **CEL rules** (`x-kubernetes-validations`): evaluated by their Rust counterparts in
-//!   [`crate::cel`], at the node that declares them, with their own messages;
+//!   the private `cel` module, at the node that declares them, with their own messages;
 //! - **metadata**: name, namespace, label and annotation syntax (also for core kinds, which have
 //!   no CRD).
 //!

@@ -1,4 +1,4 @@
-//! What [`crate::render`] takes: one node's view of its collaboration, and the options that
+//! What [`crate::render()`] takes: one node's view of its collaboration, and the options that
 //! say where things live in the node's cluster.
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};

@@ -21,7 +21,7 @@ fn rendering_matches_the_goldens() {
             panic!(
                 "rendering for {node} no longer matches {path} (first difference at {line}).\n\
                  If the change is intended, regenerate the goldens from the repository root:\n  \
-                 for o in org-a org-b org-c; do cargo run -q -p fedmesh-agent -- render \
+                 for o in org-a org-b org-c; do cargo run -q -p fedmesh-agent --bin fedmesh -- render \
                  --collab-file examples/collab-three-orgs.yaml --node $o/n1 --now {GOLDEN_NOW} \
                  > mesh-config/tests/golden/$o.yaml; done\n\
                  and review the diff (scripts/drift-check runs the same commands)."

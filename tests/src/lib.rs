@@ -76,3 +76,36 @@ impl Drop for TestHub {
         self.task.abort();
     }
 }
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The Python interpreter of the test virtual environment (`scripts/test-deps` makes it).
+pub fn python() -> PathBuf {
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test-deps (the README's test command does)",
+        python.display()
+    );
+    python
+}
+
+/// Mesh options whose loopback addresses no other test in any process on this machine uses at
+/// the same time (tests run in parallel threads and, under nextest, parallel processes).
+pub fn mesh_options() -> fedmesh_agent::mesh::MeshOptions {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // 200 distinct second octets from 20 up, spread by process id.
+    let octet = 20 + (std::process::id().wrapping_mul(7).wrapping_add(n * 13) % 200) as u8;
+    fedmesh_agent::mesh::MeshOptions {
+        loopback_octet: octet,
+        ..Default::default()
+    }
+}

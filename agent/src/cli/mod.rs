@@ -4,7 +4,9 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod certs;
+pub mod demo;
 pub mod hub;
 pub mod node;
 pub mod owner;
@@ -14,9 +16,9 @@ pub mod render;
 #[derive(Debug, Parser)]
 #[command(name = "fedmesh", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long, global = true, env = "FEDMESH_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (RUST_LOG syntax); default `info`, `warn` for the demo.
+    #[arg(long, global = true, env = "FEDMESH_LOG")]
+    pub log: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -45,11 +47,25 @@ pub enum Command {
     Link(owner::LinkCommand),
     /// Enroll a node, or run the node agent.
     Node(node::NodeArgs),
+    /// Run a whole collaboration on this machine: embedded hub, three organisations, real
+    /// links, real traffic.
+    Demo(demo::DemoArgs),
     /// Render the Istio and Kubernetes objects a node needs, from a collaboration file.
     Render(render::RenderArgs),
+    /// Compare the objects in the cluster with what the verified links want (exit 0: they match).
+    Audit(audit::AuditArgs),
 }
 
 impl Cli {
+    /// The log filter to use.
+    pub fn log_filter(&self) -> &str {
+        match (&self.log, &self.command) {
+            (Some(filter), _) => filter,
+            (None, Command::Demo(_)) => "warn",
+            (None, _) => "info",
+        }
+    }
+
     /// Runs the parsed command.
     pub async fn run(self) -> Result<()> {
         match self.command {
@@ -61,7 +77,9 @@ impl Cli {
             Command::JoinToken(args) => owner::run_join_token(args).await,
             Command::Link(cmd) => owner::run_link(cmd).await,
             Command::Node(args) => node::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Render(args) => render::run_render(args),
+            Command::Audit(args) => audit::run_audit(args).await,
         }
     }
 }

@@ -1,17 +1,25 @@
 //! `fedmesh node`: enroll a node, run the node agent, or print its peer map.
+//!
+//! On a machine the agent carries links with its relay on loopback addresses. With
+//! `--kubernetes` (the Helm chart sets it) it also runs the Kubernetes controller: Istio objects
+//! when the cluster serves Istio's APIs (`--mode auto`, the default) or `--mode istio`, else
+//! the relay behind one Service per peer.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use fedmesh_certs::files;
-use fedmesh_mesh_config::addresses::Pool;
+use fedmesh_mesh_config::{RenderOptions, addresses::Pool};
 
 use super::{
     hub::shutdown_signal,
     owner::{self, EnrollArgs},
 };
 use crate::{
+    enroll,
+    hub::api::JoinToken,
+    k8s::{self, PortRange},
     node::{self, Expose, NodeOptions},
     relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
 };
@@ -19,9 +27,83 @@ use crate::{
 /// How the agent carries links.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// Carry the traffic with fedmesh's own QUIC relay.
+    /// In Kubernetes: Istio when the cluster serves its APIs, else the relay. On a machine:
+    /// the relay.
     #[default]
+    Auto,
+    /// Apply Istio objects (Kubernetes only).
+    Istio,
+    /// Carry the traffic with fedmesh's own QUIC relay.
     Relay,
+}
+
+/// Where and how the agent works in a cluster (`fedmesh node --kubernetes`, `fedmesh audit`).
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// How links are carried.
+    #[arg(long, env = "FEDMESH_MODE", value_enum, default_value_t)]
+    pub(crate) mode: Mode,
+    /// The agent's namespace (credentials, gateway objects, Services, PeerLinks); default: the
+    /// pod's own.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Render options for Istio mode (YAML: mesh_namespace, algorithm_namespace, vip_pool,
+    /// ingress_gateway, ...); default: the built-in ones.
+    #[arg(long, env = "FEDMESH_RENDER_OPTIONS")]
+    render_options: Option<PathBuf>,
+    /// The agent pod's labels, selected by the per-peer Services (relay mode): k=v[,k=v].
+    #[arg(
+        long,
+        env = "FEDMESH_POD_SELECTOR",
+        default_value = "app.kubernetes.io/name=fedmesh-agent",
+        value_parser = parse_labels
+    )]
+    pod_selector: BTreeMap<String, String>,
+    /// Pod ports for the relay's per-(peer, port) listeners (relay mode).
+    #[arg(long, env = "FEDMESH_POD_PORTS", default_value = "20000-29999")]
+    pod_ports: PortRange,
+    /// How often the cluster is compared with the links when nothing changed.
+    #[arg(
+        long,
+        env = "FEDMESH_RESYNC",
+        value_parser = humantime::parse_duration,
+        default_value = "10s"
+    )]
+    resync: Duration,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            Ok((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect()
+}
+
+impl KubeArgs {
+    /// The controller's options.
+    pub(crate) fn options(&self) -> Result<k8s::Options> {
+        let render = match &self.render_options {
+            Some(path) => serde_saphyr::from_str::<RenderOptions>(&files::read_to_string(path)?)
+                .with_context(|| format!("{} is not valid render options", path.display()))?,
+            None => RenderOptions::default(),
+        };
+        Ok(k8s::Options {
+            mode: match self.mode {
+                Mode::Auto => None,
+                Mode::Istio => Some(k8s::Mode::Istio),
+                Mode::Relay => Some(k8s::Mode::Relay),
+            },
+            namespace: self.namespace.clone(),
+            render,
+            pod_labels: self.pod_selector.clone(),
+            pod_ports: self.pod_ports,
+            resync: self.resync,
+        })
+    }
 }
 
 /// `fedmesh node`
@@ -53,9 +135,14 @@ pub struct RunArgs {
     /// Node state directory (made by `fedmesh node enroll`).
     #[arg(long, env = "FEDMESH_STATE")]
     state: Option<PathBuf>,
-    /// How links are carried.
-    #[arg(long, value_enum, default_value_t)]
-    mode: Mode,
+    /// Enroll into --state with this join token first, when it holds no node yet.
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Run in the Kubernetes cluster of this pod (or of the kubeconfig).
+    #[arg(long, env = "FEDMESH_KUBERNETES")]
+    kubernetes: bool,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// UDP address of the QUIC relay.
     #[arg(long, default_value = "0.0.0.0:4433")]
     relay_listen: SocketAddr,
@@ -93,7 +180,9 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
 async fn run_agent(args: RunArgs) -> Result<()> {
     let RunArgs {
         state,
-        mode: Mode::Relay,
+        join_token,
+        kubernetes,
+        kube,
         relay_listen,
         advertise,
         loopback_pool,
@@ -103,8 +192,20 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         max_udp_payload,
     } = args;
     let Some(state) = state else {
-        anyhow::bail!("give --state <dir> (enroll first with `fedmesh node enroll`)");
+        bail!("give --state <dir> (enroll first with `fedmesh node enroll`)");
     };
+    let kubernetes = match (kubernetes, kube.mode) {
+        (true, _) => Some(kube.options()?),
+        (false, Mode::Istio) => bail!("--mode istio needs --kubernetes"),
+        (false, _) => None,
+    };
+    if let Some(token) = join_token
+        && !state.join("node.json").exists()
+    {
+        let token = JoinToken::decode(&token).map_err(anyhow::Error::msg)?;
+        let enrolled = enroll::enroll(&token, &state, None).await?;
+        println!("enrolled {}", enrolled.config.node);
+    }
     let handle = node::start(NodeOptions {
         state,
         relay_listen,
@@ -117,6 +218,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             max_udp_payload,
             ..RelayOptions::default()
         },
+        kubernetes,
     })
     .await?;
     println!(
@@ -130,4 +232,40 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             .unwrap_or_default(),
     );
     handle.run_until(shutdown_signal()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    #[tokio::test]
+    async fn istio_mode_needs_a_cluster() {
+        let cli = Cli::try_parse_from([
+            "fedmesh",
+            "node",
+            "--state",
+            "/nonexistent",
+            "--mode",
+            "istio",
+        ])
+        .unwrap();
+        let err = cli.run().await.unwrap_err();
+        assert_eq!(err.to_string(), "--mode istio needs --kubernetes");
+    }
+
+    #[test]
+    fn pod_selectors_parse() {
+        assert_eq!(
+            parse_labels("app.kubernetes.io/name=fedmesh-agent, app.kubernetes.io/instance=r")
+                .unwrap(),
+            BTreeMap::from([
+                ("app.kubernetes.io/instance".into(), "r".into()),
+                ("app.kubernetes.io/name".into(), "fedmesh-agent".into()),
+            ])
+        );
+        assert!(parse_labels("app").is_err());
+    }
 }

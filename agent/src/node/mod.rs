@@ -11,6 +11,12 @@
 //!
 //! Everything the agent decides comes from documents it verified itself; the hub only carries
 //! them.
+//!
+//! In Kubernetes ([`NodeOptions::kubernetes`]) a [`k8s::Controller`] runs beside the reconciler:
+//! it applies the Istio objects (and the relay then admits nothing), or one Service per peer in
+//! front of the pod, and publishes a [`Placement`]: the sysadmin's vetoes (left out of
+//! everything), the peers' addresses (Service ClusterIPs or VIPs) and the pod ports the relay
+//! listens on.
 
 pub mod admin;
 pub mod v6;
@@ -41,6 +47,7 @@ use crate::{
     dns::{self, NameMap},
     enroll::NodeState,
     hub::client::HubClient,
+    k8s::{self, Placement},
     metrics::Metrics,
     relay::{Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
 };
@@ -102,6 +109,8 @@ pub struct NodeOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Relay tuning.
     pub relay: RelayOptions,
+    /// Run in Kubernetes (`None`: on a machine, peers on loopback addresses).
+    pub kubernetes: Option<k8s::Options>,
 }
 
 /// A peer as algorithms see it.
@@ -237,6 +246,17 @@ impl NodeHandle {
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let state = NodeState::load(&opts.state)?;
     let node = state.config.node.clone();
+    let controller = match &opts.kubernetes {
+        Some(options) => Some(
+            k8s::Controller::connect(options)
+                .await
+                .context("connecting to the Kubernetes API")?,
+        ),
+        None => None,
+    };
+    let istio = controller
+        .as_ref()
+        .is_some_and(|c| c.settings().mode == k8s::Mode::Istio);
     let identity = state.identity()?;
     let bundle = state.trust_bundle()?;
     let metrics = Arc::new(Metrics::default());
@@ -264,7 +284,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let mut tasks = JoinSet::new();
 
     let hub = state.hub_client()?;
-    publish_advertisement(&state, &hub, &advertise, &opts.exposes).await?;
+    publish_advertisement(&state, &hub, &advertise, &opts.exposes, istio).await?;
     info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
 
     let (ledger_tx, ledger_rx) = watch::channel(Arc::new(Ledger::new(&state.config.owner_pin)));
@@ -276,7 +296,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
             let c = cancel.clone();
             tasks.spawn(dns::serve(addr, names_rx, bound_tx, async move {
-                c.cancelled().await
+                c.cancelled().await;
             }));
             Some(bound_rx.await.context("DNS server did not start")?)
         }
@@ -312,6 +332,21 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             c,
         ));
     }
+    let placement = match (controller, &opts.kubernetes) {
+        (Some(controller), Some(options)) => {
+            let (tx, rx) = watch::channel(Arc::new(Placement::new(controller.settings().mode)));
+            let c = cancel.clone();
+            tasks.spawn(controller.run(
+                shared_state.clone(),
+                ledger_rx.clone(),
+                tx,
+                options.resync,
+                c,
+            ));
+            Some(rx)
+        }
+        _ => None,
+    };
     let listening = relay.listening();
     let relay = Arc::new(relay);
     {
@@ -326,6 +361,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             metrics: metrics.clone(),
             addresses: load_addresses(&shared_state),
             peers_json: String::new(),
+            placement,
         };
         let c = cancel.clone();
         tasks.spawn(reconciler.run(ledger_rx, c));
@@ -352,17 +388,19 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     })
 }
 
+/// Publishes where peers reach this node: the relay, or (Istio mode) the ingress gateway.
 async fn publish_advertisement(
     state: &NodeState,
     hub: &HubClient,
-    relay: &str,
+    address: &str,
     exposes: &[Expose],
+    istio: bool,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        relay: Some(relay.to_owned()),
-        gateway: None,
+        relay: (!istio).then(|| address.to_owned()),
+        gateway: istio.then(|| address.to_owned()),
         exposes: exposes
             .iter()
             .map(|e| Exposure {
@@ -451,6 +489,8 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     addresses: BTreeMap<NodeRef, Ipv4Addr>,
     peers_json: String,
+    /// In Kubernetes: what the controller placed.
+    placement: Option<watch::Receiver<Arc<Placement>>>,
 }
 
 impl Reconciler {
@@ -478,8 +518,14 @@ impl Reconciler {
         let Some(collab) = ledger.collaboration() else {
             return Ok(());
         };
-        let (links, rejections) = ledger.effective_links(&self.node, now);
-        let policy = Policy::new(&self.node, &links);
+        let (mut links, rejections) = ledger.effective_links(&self.node, now);
+        let placement = self.placement.as_ref().map(|p| p.borrow().clone());
+        match &placement {
+            Some(placement) if !placement.synced => links.clear(),
+            Some(placement) => links.retain(|l| !placement.vetoed.contains(&l.terms.id)),
+            None => {}
+        }
+        let mut policy = Policy::new(&self.node, &links);
         let mut ports: BTreeMap<NodeRef, BTreeSet<PortSpec>> = BTreeMap::new();
         for (peer, port, grant) in policy.outbound() {
             ports.entry(peer.clone()).or_default().insert(PortSpec {
@@ -487,19 +533,21 @@ impl Reconciler {
                 label: grant.label.clone(),
             });
         }
-        let assigned = addresses::assign(&self.pool, &self.addresses, ports.keys().cloned())?;
-        let mut remembered = self.addresses.clone();
-        remembered.extend(assigned.iter().map(|(k, v)| (k.clone(), *v)));
-        if remembered != self.addresses {
-            let text: BTreeMap<String, Ipv4Addr> = remembered
+        let assigned: BTreeMap<NodeRef, IpAddr> = match &placement {
+            None => self.loopback_addresses(&ports)?,
+            Some(placement) => placement
+                .addresses
                 .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect();
-            files::write_public(
-                &self.state.dir.join("addresses.json"),
-                &serde_json::to_vec_pretty(&text)?,
-            )?;
-            self.addresses = remembered;
+                .filter(|(peer, _)| ports.contains_key(*peer))
+                .map(|(peer, ip)| (peer.clone(), *ip))
+                .collect(),
+        };
+        if placement
+            .as_ref()
+            .is_some_and(|p| p.mode == k8s::Mode::Istio)
+        {
+            // Istio carries the links; the relay admits nothing.
+            policy = Policy::new(&self.node, &[]);
         }
 
         // Org names are shared by an org's nodes; node names are unique.
@@ -512,7 +560,7 @@ impl Reconciler {
             peers.insert(
                 peer.clone(),
                 PeerView {
-                    ip: IpAddr::V4(*ip),
+                    ip: *ip,
                     ports: ports[peer].iter().cloned().collect(),
                     names,
                 },
@@ -520,21 +568,24 @@ impl Reconciler {
         }
         let relay_config = RelayConfig {
             policy,
-            peers: assigned
+            peers: ports
                 .keys()
                 .filter_map(|peer| {
                     let relay = ledger.advertisement(peer)?.relay.as_deref()?;
                     Some((peer.clone(), resolve(relay).ok()?))
                 })
                 .collect(),
-            listeners: peers
-                .iter()
-                .flat_map(|(peer, view)| {
-                    view.ports
-                        .iter()
-                        .map(|p| (SocketAddr::new(view.ip, p.port), (peer.clone(), p.port)))
-                })
-                .collect(),
+            listeners: match &placement {
+                Some(placement) => placement.listeners.clone(),
+                None => peers
+                    .iter()
+                    .flat_map(|(peer, view)| {
+                        view.ports
+                            .iter()
+                            .map(|p| (SocketAddr::new(view.ip, p.port), (peer.clone(), p.port)))
+                    })
+                    .collect(),
+            },
             targets: self
                 .exposes
                 .iter()
@@ -591,6 +642,32 @@ impl Reconciler {
             !same
         });
         Ok(())
+    }
+
+    /// On a machine: one loopback address per peer from the pool, remembered in
+    /// `addresses.json` so a peer keeps its address.
+    fn loopback_addresses(
+        &mut self,
+        ports: &BTreeMap<NodeRef, BTreeSet<PortSpec>>,
+    ) -> Result<BTreeMap<NodeRef, IpAddr>> {
+        let assigned = addresses::assign(&self.pool, &self.addresses, ports.keys().cloned())?;
+        let mut remembered = self.addresses.clone();
+        remembered.extend(assigned.iter().map(|(k, v)| (k.clone(), *v)));
+        if remembered != self.addresses {
+            let text: BTreeMap<String, Ipv4Addr> = remembered
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect();
+            files::write_public(
+                &self.state.dir.join("addresses.json"),
+                &serde_json::to_vec_pretty(&text)?,
+            )?;
+            self.addresses = remembered;
+        }
+        Ok(assigned
+            .into_iter()
+            .map(|(peer, ip)| (peer, IpAddr::V4(ip)))
+            .collect())
     }
 }
 

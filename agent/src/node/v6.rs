@@ -234,3 +234,103 @@ async fn addresses(
 pub fn router() -> Router<AdminState> {
     Router::new().route("/vpn/algorithm/addresses", get(addresses))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller is a run of task 10 at org-a; task 10's parent is 5; task 20 is its child.
+    fn fixture() -> Vec<(String, Address)> {
+        let run = |org: &str, port, label: &str, task_id, parent_id| {
+            (
+                org.to_owned(),
+                Address {
+                    ip: format!("127.0.0.{}", port % 250),
+                    port,
+                    label: Some(label.to_owned()),
+                    organization_id: Some(u64::from(org.as_bytes()[4] - b'a' + 1)),
+                    task_id,
+                    parent_id,
+                },
+            )
+        };
+        vec![
+            run("org-a", 21366, "mpc", 10, Some(5)),
+            run("org-b", 11366, "mpc", 10, Some(5)),
+            run("org-c", 11367, "mpc", 10, Some(5)),
+            run("org-b", 9000, "other", 10, Some(5)),
+            run("org-b", 8000, "agg", 5, None),
+            run("org-c", 7000, "child", 20, Some(10)),
+        ]
+    }
+
+    fn ports(query: &str) -> Result<Vec<u16>, String> {
+        let flags: Flags = serde_json::from_value(
+            query
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, "1"));
+                    (k.to_owned(), serde_json::Value::String(v.to_owned()))
+                })
+                .collect(),
+        )
+        .unwrap();
+        let mut ports: Vec<u16> = select(&fixture(), "org-a", 10, &flags)?
+            .iter()
+            .map(|a| a.port)
+            .collect();
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    #[test]
+    fn every_flag_selects_what_vantage6_did() {
+        assert_eq!(ports(""), Ok(vec![9000, 11366, 11367, 21366]));
+        assert_eq!(ports("only_siblings=1"), Ok(vec![9000, 11366, 11367]));
+        assert_eq!(ports("only_self=1"), Ok(vec![21366]));
+        assert_eq!(ports("only_children=1"), Ok(vec![7000]));
+        assert_eq!(ports("only_parent=1"), Ok(vec![8000]));
+        assert_eq!(
+            ports("include_children=1"),
+            Ok(vec![7000, 9000, 11366, 11367, 21366])
+        );
+        assert_eq!(
+            ports("include_parent=1"),
+            Ok(vec![8000, 9000, 11366, 11367, 21366])
+        );
+        assert_eq!(
+            ports("include_children=1&include_parent=1"),
+            Ok(vec![7000, 8000, 9000, 11366, 11367, 21366])
+        );
+        assert_eq!(ports("only_children=1&include_children=1"), Ok(vec![7000]));
+        // Any non-empty value is true; an empty one is not.
+        assert_eq!(ports("only_self=yes"), Ok(vec![21366]));
+        assert_eq!(ports("only_self="), Ok(vec![9000, 11366, 11367, 21366]));
+    }
+
+    #[test]
+    fn label_filters() {
+        assert_eq!(ports("label=mpc"), Ok(vec![11366, 11367, 21366]));
+        assert_eq!(ports("only_siblings=1&label=other"), Ok(vec![9000]));
+        assert_eq!(ports("label=nothing"), Ok(vec![]));
+    }
+
+    #[test]
+    fn conflicting_flags_are_refused() {
+        assert_eq!(
+            ports("only_self=1&only_siblings=1"),
+            Err("You can only specify one of the only_<...> parameters!".into())
+        );
+        assert!(
+            ports("only_siblings=1&include_parent=1")
+                .unwrap_err()
+                .contains("cannot combine")
+        );
+        assert!(
+            ports("only_parent=1&include_children=1")
+                .unwrap_err()
+                .contains("cannot combine")
+        );
+    }
+}

@@ -3,7 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod chart;
 mod cli_certs;
+mod examples;
 mod hub;
 mod relay;
 mod tls;
+mod vantage6;

@@ -47,7 +47,7 @@ async fn two_nodes(
     fedmesh_tests::subscribe();
     let opts = MeshOptions {
         relay,
-        ..MeshOptions::default()
+        ..fedmesh_tests::mesh_options()
     };
     let specs = [
         NodeSpec {

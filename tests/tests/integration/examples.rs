@@ -1,0 +1,131 @@
+//! Real MPyC and Flower processes, unmodified, talking through the relay with the addresses
+//! fedmesh hands out (the demo's collaboration: three organisations on loopback). The Python
+//! packages come from `.venv`, made by `scripts/test-deps`.
+
+use std::time::{Duration, Instant};
+
+use fedmesh_agent::demo::{self, Outcome};
+use fedmesh_tests::{python, repo_root};
+
+fn command(script: &str) -> String {
+    format!(
+        "{} {}",
+        python().display(),
+        repo_root().join(script).display()
+    )
+}
+
+fn lines_of<'a>(outcomes: &'a [Outcome], needle: &str) -> Vec<&'a str> {
+    outcomes
+        .iter()
+        .flat_map(|o| o.output.iter())
+        .filter(|l| l.contains(needle))
+        .map(String::as_str)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpyc_computes_through_the_relay_and_all_parties_agree() {
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &demo::links())
+        .await
+        .unwrap();
+    let outcomes = demo::exec(
+        &mesh,
+        &command("examples/mpyc/party.py"),
+        Duration::from_secs(120),
+        true,
+    )
+    .await
+    .unwrap();
+    for o in &outcomes {
+        assert_eq!(o.code, Some(0), "{}: {:?}", o.node, o.output);
+    }
+    // Inputs 17, 42 and 8: every party learns the same sum and the index of the largest.
+    let mut results = lines_of(&outcomes, "sum=");
+    results.sort_unstable();
+    assert_eq!(
+        results,
+        [
+            "party 0: sum=67 argmax=1",
+            "party 1: sum=67 argmax=1",
+            "party 2: sum=67 argmax=1"
+        ]
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpyc_fails_cleanly_when_a_link_is_not_approved() {
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    // Every link but org-b → org-c.
+    let links: Vec<_> = demo::links()
+        .into_iter()
+        .filter(|l| !(l.from == 1 && l.to == 2))
+        .collect();
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &links)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let script = format!(
+        "FEDMESH_MPC_START_TIMEOUT=8 FEDMESH_MPC_TIMEOUT=8 {}",
+        command("examples/mpyc/party.py")
+    );
+    let outcomes = demo::exec(&mesh, &script, Duration::from_secs(60), true)
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "no hang: finished in {elapsed:?}"
+    );
+    // org-b cannot reach org-c: both give up connecting; org-a, connected to both, gives up
+    // on the computation when they leave.
+    let codes: Vec<_> = outcomes.iter().map(|o| o.code).collect();
+    assert_eq!(codes, [Some(4), Some(3), Some(3)], "{outcomes:?}");
+    assert!(
+        lines_of(&outcomes, "sum=").is_empty(),
+        "no party computed anything"
+    );
+    assert_eq!(
+        lines_of(&outcomes, "could not connect to every party").len(),
+        2
+    );
+    assert_eq!(lines_of(&outcomes, "did not finish").len(), 1);
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_federation_completes_two_rounds_through_the_relay() {
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &demo::links())
+        .await
+        .unwrap();
+    let outcomes = demo::exec(
+        &mesh,
+        &command("examples/flower/federation.py"),
+        Duration::from_secs(180),
+        true,
+    )
+    .await
+    .unwrap();
+    for o in &outcomes {
+        assert_eq!(o.code, Some(0), "{}: {:?}", o.node, o.output);
+    }
+    let summary = lines_of(&outcomes, "server: finished rounds");
+    assert_eq!(summary.len(), 1, "{outcomes:?}");
+    assert!(
+        summary[0].starts_with("server: finished rounds [1, 2]"),
+        "{}",
+        summary[0]
+    );
+    assert_eq!(
+        lines_of(&outcomes, ": done").len(),
+        2,
+        "both clients finished"
+    );
+    mesh.shutdown().await.unwrap();
+}
