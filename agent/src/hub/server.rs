@@ -214,8 +214,18 @@ pub async fn run(
     config: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    serve(listener, hub.router(), config, shutdown).await
+}
+
+/// Serves `app` over TLS on `listener`, handing each request the connection's client
+/// certificates, until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let acceptor = TlsAcceptor::from(config);
-    let app = hub.router();
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
