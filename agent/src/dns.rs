@@ -135,25 +135,34 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// Serves `names` over UDP and TCP on `addr` until `shutdown` completes. Returns the bound
-/// address through `bound` as soon as both sockets are open.
+/// Binds the DNS sockets: UDP and TCP on the same address. For port 0 it looks for a port free
+/// for both (a TCP port can be held in TIME_WAIT while the UDP one is free).
+pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding DNS on udp/{addr}"))?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some((local, e)),
+        }
+    }
+    let (local, e) = last.context("no DNS bind attempt")?;
+    Err(anyhow::Error::new(e).context(format!("binding DNS on tcp/{local}")))
+}
+
+/// Serves `names` on the bound sockets until `shutdown` completes.
 pub async fn serve(
-    addr: SocketAddr,
+    (udp, tcp): (UdpSocket, TcpListener),
     names: watch::Receiver<Arc<NameMap>>,
-    bound: tokio::sync::oneshot::Sender<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let udp = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS on udp/{addr}"))?;
-    let local = udp.local_addr()?;
-    let tcp = TcpListener::bind(local)
-        .await
-        .with_context(|| format!("binding DNS on tcp/{local}"))?;
     let mut server = Server::new(PeerDns::new(names));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 4096);
-    let _ = bound.send(local);
     shutdown.await;
     let _ = server.shutdown_gracefully().await;
     Ok(())

@@ -22,6 +22,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of per-peer gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer node, `org/node`.
+    pub peer: String,
+}
+
 /// Labels of stream counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -46,6 +53,10 @@ pub struct Metrics {
     pub peer_connections: Gauge,
     /// Seconds until the node certificate expires.
     pub cert_expiry_seconds: Gauge,
+    /// Smoothed round-trip time to each peer, in microseconds.
+    pub peer_rtt_us: Family<PeerLabels, Gauge>,
+    /// Current path MTU (UDP payload bytes) to each peer.
+    pub peer_path_mtu: Family<PeerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -59,6 +70,8 @@ impl Default for Metrics {
         let streams_total = Family::<DirectionLabels, Counter>::default();
         let bytes = Family::<LinkLabels, Counter>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
+        let peer_rtt_us = Family::<PeerLabels, Gauge>::default();
+        let peer_path_mtu = Family::<PeerLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("fedmesh");
         registry.register(
             "links_active",
@@ -91,8 +104,20 @@ impl Default for Metrics {
             "Seconds until the node certificate expires",
             cert_expiry_seconds.clone(),
         );
+        registry.register(
+            "peer_rtt_microseconds",
+            "Smoothed round-trip time to each peer",
+            peer_rtt_us.clone(),
+        );
+        registry.register(
+            "peer_path_mtu_bytes",
+            "Current path MTU to each peer",
+            peer_path_mtu.clone(),
+        );
         Self {
             registry,
+            peer_rtt_us,
+            peer_path_mtu,
             links_active,
             streams_active,
             streams_total,

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-BASE_PORT = 11365  # party i's MPyC port at its organisation: BASE_PORT + i
+# Party i's MPyC port at its organisation: BASE_PORT + i.
+BASE_PORT = int(os.environ.get("FEDMESH_MPC_BASE_PORT", "11365"))
 
 
 def mpyc_arguments():

@@ -348,7 +348,7 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(links)?);
         return Ok(());
     }
-    let rows: Vec<[String; 8]> = links
+    let rows: Vec<[String; 9]> = links
         .iter()
         .map(|l| {
             let ports: Vec<String> = l
@@ -377,6 +377,12 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
                     l.approved_by.as_deref().unwrap_or("-"),
                     when(l.approved_at)
                 ),
+                match l.decision {
+                    Some(v) => {
+                        format!("{} {}", format!("{v:?}").to_lowercase(), when(l.decided_at))
+                    }
+                    None => "-".to_owned(),
+                },
             ]
         })
         .collect();
@@ -389,6 +395,7 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
         "EXPIRES",
         "REQUESTED",
         "APPROVED",
+        "DECIDED",
     ];
     print_table(&header, &rows);
     Ok(())

@@ -293,12 +293,13 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
 
     let dns_addr = match opts.dns_listen {
         Some(addr) => {
-            let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+            let sockets = dns::bind(addr).await?;
+            let bound = sockets.0.local_addr()?;
             let c = cancel.clone();
-            tasks.spawn(dns::serve(addr, names_rx, bound_tx, async move {
+            tasks.spawn(dns::serve(sockets, names_rx, async move {
                 c.cancelled().await;
             }));
-            Some(bound_rx.await.context("DNS server did not start")?)
+            Some(bound)
         }
         None => None,
     };

@@ -103,6 +103,10 @@ pub struct TlsMaterial<'a> {
     pub bundle: &'a TrustBundle,
 }
 
+/// The largest UDP payload MTU discovery reaches without the operator's word: fits a 1500-byte
+/// Ethernet MTU.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+
 /// Options of the relay endpoint.
 #[derive(Clone, Copy, Debug)]
 pub struct RelayOptions {
@@ -117,7 +121,7 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         Self {
-            max_udp_payload: 1452,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             target_deadline: Duration::from_secs(30),
         }
     }
@@ -183,8 +187,13 @@ impl Relay {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let socket = udp_socket(addr)?;
+        // What this endpoint accepts from peers bounds how far their path MTU discovery climbs.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(options.max_udp_payload)
+            .context("--max-udp-payload")?;
         let mut endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server_config(tls_material, options)?),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -385,6 +394,7 @@ fn peer_of(conn: &Connection) -> Result<NodeRef, String> {
 /// Serves the streams a peer opens on `conn` (whichever side dialled).
 async fn serve_connection(shared: Arc<Shared>, conn: Connection, peer: NodeRef) {
     shared.metrics.peer_connections.inc();
+    let path = tokio::spawn(report_path(shared.clone(), conn.clone(), peer.clone()));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -396,7 +406,30 @@ async fn serve_connection(shared: Arc<Shared>, conn: Connection, peer: NodeRef) 
             }
         }
     }
+    path.abort();
     shared.metrics.peer_connections.dec();
+}
+
+/// Keeps the peer's path gauges (round-trip time, path MTU) current while `conn` lives.
+async fn report_path(shared: Arc<Shared>, conn: Connection, peer: NodeRef) {
+    let labels = crate::metrics::PeerLabels {
+        peer: peer.to_string(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    while conn.close_reason().is_none() {
+        tick.tick().await;
+        let stats = conn.stats();
+        shared
+            .metrics
+            .peer_rtt_us
+            .get_or_create(&labels)
+            .set(i64::try_from(stats.path.rtt.as_micros()).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .peer_path_mtu
+            .get_or_create(&labels)
+            .set(i64::from(stats.path.current_mtu));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

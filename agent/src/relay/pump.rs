@@ -22,8 +22,11 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Largest chunk moved at once, per direction.
-pub const CHUNK: usize = 128 * 1024;
+/// Largest chunk moved at once, per direction (under glibc's mmap threshold, so buffers come
+/// from the heap instead of fresh pages).
+pub const CHUNK: usize = 64 * 1024;
+/// Spare room below which a new buffer is taken (the previous chunks are still in flight).
+const MIN_SPARE: usize = 8 * 1024;
 
 /// Stream error code: the TCP side reset.
 pub const RESET_TCP: VarInt = VarInt::from_u32(1);
@@ -62,7 +65,9 @@ async fn tcp_to_quic(
 ) -> Dir {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        buf.reserve(CHUNK);
+        if buf.capacity() - buf.len() < MIN_SPARE {
+            buf.reserve(CHUNK);
+        }
         match tcp.read_buf(&mut buf).await {
             Ok(0) => {
                 let _ = send.finish();

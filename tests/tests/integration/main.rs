@@ -8,5 +8,6 @@ mod cli_certs;
 mod examples;
 mod hub;
 mod relay;
+mod tampering;
 mod tls;
 mod vantage6;
