@@ -30,6 +30,41 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The handshake-signature checks every fedmesh verifier shares: TLS 1.3 only, with *ring*'s
+/// algorithms. Verifiers delegate their three signature methods here.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeSignatures(WebPkiSupportedAlgorithms);
+
+impl Default for HandshakeSignatures {
+    fn default() -> Self {
+        Self(provider().signature_verification_algorithms)
+    }
+}
+
+impl HandshakeSignatures {
+    /// TLS 1.2 is never offered, so its signatures are never checked.
+    pub fn tls12(&self) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    /// Checks a TLS 1.3 `CertificateVerify` signature.
+    pub fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    /// The signature schemes offered.
+    pub fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
 /// A collaboration's trust anchor: its CA certificate.
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
@@ -148,9 +183,8 @@ pub fn server_config(
     bundle: &TrustBundle,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig> {
-    let provider = provider();
-    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), &provider));
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone()));
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key_der())?;
@@ -165,9 +199,8 @@ pub fn client_config(
     bundle: &TrustBundle,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig> {
-    let provider = provider();
-    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), &provider));
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone()));
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -186,18 +219,18 @@ pub fn server_name(id: &SpiffeId) -> ServerName<'static> {
 #[derive(Debug)]
 struct SpiffeVerifier {
     bundle: TrustBundle,
-    algs: WebPkiSupportedAlgorithms,
+    signatures: HandshakeSignatures,
     root_hints: Vec<DistinguishedName>,
 }
 
 impl SpiffeVerifier {
-    fn new(bundle: TrustBundle, provider: &CryptoProvider) -> Self {
+    fn new(bundle: TrustBundle) -> Self {
         let root_hints = x509_parser::parse_x509_certificate(bundle.ca_der())
             .map(|(_, c)| vec![DistinguishedName::from(c.subject().as_raw().to_vec())])
             .unwrap_or_default();
         Self {
             bundle,
-            algs: provider.signature_verification_algorithms,
+            signatures: HandshakeSignatures::default(),
             root_hints,
         }
     }
@@ -239,13 +272,11 @@ impl ClientCertVerifier for SpiffeVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -254,11 +285,11 @@ impl ClientCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -294,13 +325,11 @@ impl ServerCertVerifier for SpiffeVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -309,11 +338,11 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.signatures.schemes()
     }
 }
 

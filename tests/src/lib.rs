@@ -18,6 +18,27 @@ pub fn subscribe() {
     });
 }
 
+/// Runs the built `fedmesh` with `args` in `dir`; returns (success, stdout, stderr).
+pub fn fedmesh(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(fedmesh_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run fedmesh (build the workspace first: cargo build --workspace)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `fedmesh` like [`fedmesh`], failing the test unless it succeeds; returns its stdout.
+pub fn fedmesh_ok(dir: &std::path::Path, args: &[&str]) -> String {
+    let (success, stdout, stderr) = fedmesh(dir, args);
+    assert!(success, "fedmesh {args:?} failed: {stderr}");
+    stdout
+}
+
 /// The `fedmesh` binary built for this test run.
 pub fn fedmesh_bin() -> PathBuf {
     let mut dir = std::env::current_exe().expect("test executable path");

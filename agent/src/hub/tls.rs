@@ -6,11 +6,13 @@
 use std::{path::Path, sync::Arc, time::SystemTime};
 
 use anyhow::{Context, Result};
-use fedmesh_certs::{NodeIdentity, files, fingerprint, tls::provider};
+use fedmesh_certs::{
+    NodeIdentity, files, fingerprint,
+    tls::{HandshakeSignatures, provider},
+};
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
@@ -57,11 +59,10 @@ impl HubCert {
     pub fn server_config(&self) -> Result<ServerConfig> {
         let key =
             PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("hub key is not PEM")?;
-        let provider = provider();
         let verifier = Arc::new(AnyClientCert {
-            algs: provider.signature_verification_algorithms,
+            signatures: HandshakeSignatures::default(),
         });
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], key)?;
@@ -77,12 +78,11 @@ pub fn client_config(
     identity: Option<&NodeIdentity>,
     key_pem: Option<&str>,
 ) -> Result<ClientConfig> {
-    let provider = provider();
     let verifier = Arc::new(PinnedServer {
         pin: pin.trim_start_matches("sha256:").to_ascii_lowercase(),
-        algs: provider.signature_verification_algorithms,
+        signatures: HandshakeSignatures::default(),
     });
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
@@ -102,7 +102,7 @@ pub fn client_config(
 /// per collaboration, by the handlers.
 #[derive(Debug)]
 struct AnyClientCert {
-    algs: WebPkiSupportedAlgorithms,
+    signatures: HandshakeSignatures,
 }
 
 impl ClientCertVerifier for AnyClientCert {
@@ -133,9 +133,7 @@ impl ClientCertVerifier for AnyClientCert {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -144,11 +142,11 @@ impl ClientCertVerifier for AnyClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -156,7 +154,7 @@ impl ClientCertVerifier for AnyClientCert {
 #[derive(Debug)]
 struct PinnedServer {
     pin: String,
-    algs: WebPkiSupportedAlgorithms,
+    signatures: HandshakeSignatures,
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -185,9 +183,7 @@ impl ServerCertVerifier for PinnedServer {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -196,10 +192,10 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.signatures.schemes()
     }
 }

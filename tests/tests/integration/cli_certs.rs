@@ -3,27 +3,7 @@
 
 use std::{path::Path, process::Command};
 
-use fedmesh_tests::fedmesh_bin;
-
-/// Runs `fedmesh` with `args` in `dir`; returns (success, stdout, stderr).
-fn fedmesh(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(fedmesh_bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run fedmesh (build the workspace first: cargo build --workspace)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, stdout, stderr) = fedmesh(dir, args);
-    assert!(success, "fedmesh {args:?} failed: {stderr}");
-    stdout
-}
+use fedmesh_tests::{fedmesh, fedmesh_ok as ok};
 
 fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")

@@ -24,24 +24,35 @@ fn lines_of<'a>(outcomes: &'a [Outcome], needle: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mpyc_computes_through_the_relay_and_all_parties_agree() {
+/// Runs `command` at every organisation of the demo collaboration with `links` approved, and
+/// returns what each did.
+async fn run_everywhere(
+    links: &[demo::DemoLink],
+    command: &str,
+    timeout: Duration,
+) -> Vec<Outcome> {
     fedmesh_tests::subscribe();
     let tmp = tempfile::tempdir().unwrap();
-    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &demo::links())
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), links)
         .await
         .unwrap();
-    let outcomes = demo::exec(
-        &mesh,
-        &command("examples/mpyc/party.py"),
-        Duration::from_secs(120),
-        true,
-    )
-    .await
-    .unwrap();
-    for o in &outcomes {
+    let outcomes = demo::exec(&mesh, command, timeout, true).await.unwrap();
+    mesh.shutdown().await.unwrap();
+    outcomes
+}
+
+/// Asserts every organisation's command exited 0.
+fn all_succeeded(outcomes: &[Outcome]) {
+    for o in outcomes {
         assert_eq!(o.code, Some(0), "{}: {:?}", o.node, o.output);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpyc_computes_through_the_relay_and_all_parties_agree() {
+    let script = command("examples/mpyc/party.py");
+    let outcomes = run_everywhere(&demo::links(), &script, Duration::from_secs(120)).await;
+    all_succeeded(&outcomes);
     // Inputs 17, 42 and 8: every party learns the same sum and the index of the largest.
     let mut results = lines_of(&outcomes, "sum=");
     results.sort_unstable();
@@ -53,29 +64,21 @@ async fn mpyc_computes_through_the_relay_and_all_parties_agree() {
             "party 2: sum=67 argmax=1"
         ]
     );
-    mesh.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mpyc_fails_cleanly_when_a_link_is_not_approved() {
-    fedmesh_tests::subscribe();
-    let tmp = tempfile::tempdir().unwrap();
     // Every link but org-b → org-c.
     let links: Vec<_> = demo::links()
         .into_iter()
         .filter(|l| !(l.from == 1 && l.to == 2))
         .collect();
-    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &links)
-        .await
-        .unwrap();
-    let started = Instant::now();
     let script = format!(
         "FEDMESH_MPC_START_TIMEOUT=8 FEDMESH_MPC_TIMEOUT=8 {}",
         command("examples/mpyc/party.py")
     );
-    let outcomes = demo::exec(&mesh, &script, Duration::from_secs(60), true)
-        .await
-        .unwrap();
+    let started = Instant::now();
+    let outcomes = run_everywhere(&links, &script, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     assert!(
         elapsed < Duration::from_secs(30),
@@ -94,27 +97,13 @@ async fn mpyc_fails_cleanly_when_a_link_is_not_approved() {
         2
     );
     assert_eq!(lines_of(&outcomes, "did not finish").len(), 1);
-    mesh.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_federation_completes_two_rounds_through_the_relay() {
-    fedmesh_tests::subscribe();
-    let tmp = tempfile::tempdir().unwrap();
-    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &demo::links())
-        .await
-        .unwrap();
-    let outcomes = demo::exec(
-        &mesh,
-        &command("examples/flower/federation.py"),
-        Duration::from_secs(180),
-        true,
-    )
-    .await
-    .unwrap();
-    for o in &outcomes {
-        assert_eq!(o.code, Some(0), "{}: {:?}", o.node, o.output);
-    }
+    let script = command("examples/flower/federation.py");
+    let outcomes = run_everywhere(&demo::links(), &script, Duration::from_secs(180)).await;
+    all_succeeded(&outcomes);
     let summary = lines_of(&outcomes, "server: finished rounds");
     assert_eq!(summary.len(), 1, "{outcomes:?}");
     assert!(
@@ -127,5 +116,4 @@ async fn flower_federation_completes_two_rounds_through_the_relay() {
         2,
         "both clients finished"
     );
-    mesh.shutdown().await.unwrap();
 }

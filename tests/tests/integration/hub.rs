@@ -107,16 +107,7 @@ async fn node_request(w: &World, port: &str) -> String {
 }
 
 fn cli(args: &[&str]) -> String {
-    let out = Command::new(fedmesh_bin())
-        .args(args)
-        .output()
-        .expect("run fedmesh");
-    assert!(
-        out.status.success(),
-        "fedmesh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    fedmesh_tests::fedmesh_ok(&std::env::temp_dir(), args)
 }
 
 #[tokio::test(flavor = "multi_thread")]
