@@ -58,6 +58,8 @@ pub struct MeshOptions {
     pub relay: RelayOptions,
     /// Serve DNS on loopback for every agent.
     pub dns: bool,
+    /// Lifetime of the node certificates the embedded hub issues.
+    pub cert_ttl: Duration,
     /// Second octet of the peers' loopback addresses: node `i` gets `127.<this>.<i+1>.0/24`.
     /// Meshes running side by side need different values.
     pub loopback_octet: u8,
@@ -74,6 +76,7 @@ impl Default for MeshOptions {
                 ..RelayOptions::default()
             },
             dns: true,
+            cert_ttl: hub::DEFAULT_CERT_TTL,
             loopback_octet: 77,
         }
     }
@@ -86,7 +89,7 @@ impl LocalMesh {
     pub async fn start(dir: &Path, opts: &MeshOptions, nodes: &[NodeSpec]) -> Result<Self> {
         let hub_dir = dir.join("hub");
         let cert = HubCert::load_or_create(&hub_dir, &["localhost".into(), "127.0.0.1".into()])?;
-        let hub_state = Hub::open(&hub_dir)?;
+        let hub_state = Hub::open_with(&hub_dir, opts.cert_ttl)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = HubAddress {
             url: format!("https://{}", listener.local_addr()?),

@@ -18,6 +18,9 @@ pub struct HubArgs {
     /// Data directory (store, TLS key 0600).
     #[arg(long)]
     data: PathBuf,
+    /// Lifetime of the node certificates online CAs issue (at most 7d).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    cert_ttl: std::time::Duration,
     /// DNS names and IP addresses for the hub certificate (first start only).
     #[arg(long = "name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
     names: Vec<String>,
@@ -27,10 +30,11 @@ pub(crate) async fn run(args: HubArgs) -> Result<()> {
     let HubArgs {
         listen,
         data,
+        cert_ttl,
         names,
     } = args;
     let cert = HubCert::load_or_create(&data, &names)?;
-    let hub = Hub::open(&data)?;
+    let hub = Hub::open_with(&data, cert_ttl)?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -12,4 +12,4 @@ mod server;
 mod store;
 pub mod tls;
 
-pub use server::{Hub, run, serve};
+pub use server::{DEFAULT_CERT_TTL, Hub, run, serve};

@@ -40,8 +40,8 @@ use super::{
     store::{CaRecord, GrantRecord, Store},
 };
 
-/// Lifetime of certificates the online CA issues.
-const ISSUED_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default lifetime of certificates the online CA issues.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// An error answered to the client: a status and one line.
 #[derive(Debug)]
@@ -123,6 +123,10 @@ impl CollabState {
 
 struct Inner {
     store: Store,
+    /// What the online CAs sign: lifetime cap and back-dating.
+    policy: IssuancePolicy,
+    /// Lifetime of the certificates they issue.
+    cert_ttl: Duration,
     collabs: BTreeMap<String, CollabState>,
     /// Online CAs made before their collaboration document arrived.
     pending_cas: BTreeMap<String, CollabCa>,
@@ -141,6 +145,14 @@ struct PeerCerts(Option<Arc<Vec<CertificateDer<'static>>>>);
 impl Hub {
     /// Opens the store in `data_dir` and rebuilds every collaboration's view from it.
     pub fn open(data_dir: &std::path::Path) -> Result<Self> {
+        Self::open_with(data_dir, DEFAULT_CERT_TTL)
+    }
+
+    /// Like [`Hub::open`], with online CAs issuing certificates valid for `cert_ttl` (at most
+    /// 7 days). notBefore is set back a quarter of that, at most 5 minutes, for clock skew.
+    pub fn open_with(data_dir: &std::path::Path, cert_ttl: Duration) -> Result<Self> {
+        let policy = IssuancePolicy::with_max_ttl(cert_ttl)?
+            .with_backdate((cert_ttl / 4).min(fedmesh_certs::policy::MAX_BACKDATE))?;
         let store = Store::open(data_dir)?;
         let snap = store.load()?;
         let now = SystemTime::now();
@@ -187,6 +199,8 @@ impl Hub {
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
                 store,
+                policy,
+                cert_ttl,
                 collabs,
                 pending_cas,
             })),
@@ -657,7 +671,9 @@ async fn enroll(
         .cloned()
         .ok_or_else(|| not_found(&id))?;
     let cert_pem = match (&req.csr_pem, &req.cert_pem, &state.ca) {
-        (Some(csr), None, Some(ca)) => issue_for(ca, csr, &req.node, now)?,
+        (Some(csr), None, Some(ca)) => {
+            issue_for((&inner.policy, inner.cert_ttl), ca, csr, &req.node, now)?
+        }
         (None, Some(cert), _) => {
             check_offline_cert(&bundle, cert, &req.node, now)?;
             cert.clone()
@@ -709,7 +725,13 @@ async fn renew(
             "this collaboration's CA is offline: the owner renews certificates",
         )
     })?;
-    let cert_pem = issue_for(ca, &req.csr_pem, &node, now)?;
+    let cert_pem = issue_for(
+        (&inner.policy, inner.cert_ttl),
+        ca,
+        &req.csr_pem,
+        &node,
+        now,
+    )?;
     Ok(Json(Enrolled {
         cert_pem,
         ca_pem: state.collab()?.ca_pem.clone(),
@@ -718,9 +740,15 @@ async fn renew(
 }
 
 /// Signs `csr` with the online CA, only for `node`'s own identity.
-fn issue_for(ca: &CollabCa, csr: &str, node: &NodeRef, now: SystemTime) -> HubResult<String> {
+fn issue_for(
+    (policy, ttl): (&IssuancePolicy, Duration),
+    ca: &CollabCa,
+    csr: &str,
+    node: &NodeRef,
+    now: SystemTime,
+) -> HubResult<String> {
     let issued = ca
-        .sign_csr_pem(csr, &IssuancePolicy::default(), ISSUED_TTL, now)
+        .sign_csr_pem(csr, policy, ttl, now)
         .map_err(|e| HubError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     if NodeRef::from(&issued.info.spiffe_id) != *node {
         return Err(HubError::new(

@@ -422,14 +422,22 @@ async fn publish_advertisement(
 /// does not verify is reported and skipped; everything verified before stays.
 async fn follow(
     state: Arc<NodeState>,
-    hub: HubClient,
+    mut hub: HubClient,
     ledger_tx: watch::Sender<Arc<Ledger>>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut ledger = (**ledger_tx.borrow()).clone();
     let mut backoff = Duration::from_millis(200);
+    let mut serial = state.identity()?.info().serial.clone();
     loop {
+        // After a renewal, talk to the hub with the new certificate.
+        if let Ok(identity) = state.identity()
+            && identity.info().serial != serial
+        {
+            hub = state.hub_client()?;
+            serial = identity.info().serial.clone();
+        }
         let page = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             page = hub.docs(&state.config.collab, ledger.cursor(), POLL_WAIT) => page,
@@ -699,18 +707,22 @@ async fn renew_loop(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        // Look again at the renewal time, or in 10 s (also after a failed renewal).
+        wait = Duration::from_secs(10);
         let identity = state.identity()?;
         let info = identity.info();
         let now = SystemTime::now();
         let left = info.not_after.duration_since(now).unwrap_or_default();
         metrics.cert_expiry_seconds.set(left.as_secs() as i64);
         if !renew::needs_renewal(info.not_before, info.not_after, now) {
+            let until = info.renew_at().duration_since(now).unwrap_or_default();
+            wait = wait.min(until).max(Duration::from_millis(200));
             continue;
         }
         match renew_once(&state).await {

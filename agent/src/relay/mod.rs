@@ -157,6 +157,8 @@ struct Shared {
     endpoint: Endpoint,
     config: watch::Receiver<Arc<RelayConfig>>,
     peers: std::sync::Mutex<HashMap<NodeRef, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// TLS for the connections this relay dials (replaced on renewal).
+    client_config: std::sync::Mutex<quinn::ClientConfig>,
     metrics: Arc<Metrics>,
     options: RelayOptions,
 }
@@ -192,13 +194,12 @@ impl Relay {
         endpoint_config
             .max_udp_payload_size(options.max_udp_payload)
             .context("--max-udp-payload")?;
-        let mut endpoint = Endpoint::new(
+        let endpoint = Endpoint::new(
             endpoint_config,
             Some(server_config(tls_material, options)?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        endpoint.set_default_client_config(client_config(tls_material, options)?);
         let (config, rx) = watch::channel(Arc::new(RelayConfig::default()));
         let (listening_tx, listening) = watch::channel(Arc::new(BTreeSet::new()));
         Ok(Self {
@@ -210,6 +211,7 @@ impl Relay {
                 endpoint,
                 config: rx,
                 peers: std::sync::Mutex::new(HashMap::new()),
+                client_config: std::sync::Mutex::new(client_config(tls_material, options)?),
                 metrics,
                 options,
             }),
@@ -240,11 +242,18 @@ impl Relay {
         });
     }
 
-    /// Swaps in a renewed certificate for new connections.
+    /// Swaps in a renewed certificate for new connections, both ways. (The client config is
+    /// kept here, not as the endpoint's default: that default belongs to one endpoint handle.)
     pub fn set_tls(&self, tls_material: &TlsMaterial<'_>) -> Result<()> {
-        let mut endpoint = self.shared.endpoint.clone();
-        endpoint.set_server_config(Some(server_config(tls_material, self.options)?));
-        endpoint.set_default_client_config(client_config(tls_material, self.options)?);
+        self.shared
+            .endpoint
+            .set_server_config(Some(server_config(tls_material, self.options)?));
+        *self
+            .shared
+            .client_config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            client_config(tls_material, self.options)?;
         Ok(())
     }
 
@@ -305,9 +314,14 @@ impl Shared {
             .ok_or_else(|| format!("{peer} has not advertised a relay address"))?;
         let id = fedmesh_certs::SpiffeId::new(&self.collab, &peer.org, &peer.node)
             .map_err(|e| e.to_string())?;
+        let client_config = self
+            .client_config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let attempt = async {
             self.endpoint
-                .connect(addr, &id.dns_name())
+                .connect_with(client_config, addr, &id.dns_name())
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| describe_connection_error(&e))

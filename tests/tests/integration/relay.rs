@@ -573,3 +573,71 @@ async fn names_peer_map_health_and_metrics() {
     );
     mesh.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_and_links_outlive_the_first_certificate() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = target.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    // Certificates of 6 s (+1.5 s back-dated): renewed after ~5 s, at two thirds of their life.
+    let opts = MeshOptions {
+        cert_ttl: 6 * SECOND,
+        ..fedmesh_tests::mesh_options()
+    };
+    let specs = [
+        NodeSpec {
+            node: a(),
+            organization_id: None,
+            exposes: vec![],
+        },
+        NodeSpec {
+            node: b(),
+            organization_id: None,
+            exposes: vec![Expose {
+                port: 7008,
+                label: None,
+                target: target_addr.to_string(),
+            }],
+        },
+    ];
+    let mesh = LocalMesh::start(tmp.path(), &opts, &specs).await.unwrap();
+    let first = mesh.state(&a()).unwrap().identity().unwrap().info().clone();
+    mesh.link(&a(), &b(), &["7008".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7008, 5 * SECOND).await.unwrap();
+
+    // Wait past the first certificate's end.
+    let until = first.not_after + SECOND;
+    while SystemTime::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = mesh.state(&a()).unwrap().identity().unwrap().info().clone();
+    assert_ne!(now.serial, first.serial, "renewed");
+    assert!(now.not_after > first.not_after);
+    assert!(
+        now.not_after > SystemTime::now(),
+        "the current certificate is valid"
+    );
+    // The node still follows the hub with its new certificate, and traffic still flows.
+    let snap = mesh.node(&a()).snapshot.borrow().clone();
+    assert_eq!(snap.links.len(), 1);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(5 * SECOND, tcp.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"still here");
+    mesh.shutdown().await.unwrap();
+}
