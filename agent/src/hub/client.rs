@@ -11,6 +11,11 @@ use super::api::{
     Submitted,
 };
 
+/// Largest answer read from a hub: a full page of documents of the largest size, and room to
+/// spare.
+pub const MAX_RESPONSE_BYTES: usize =
+    super::api::MAX_PAGE * fedmesh_documents::jws::MAX_JWS_BYTES + 1024 * 1024;
+
 /// What went wrong talking to the hub.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -89,12 +94,24 @@ impl HubClient {
         self
     }
 
-    async fn parse<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
+    async fn parse<R: DeserializeOwned>(mut resp: reqwest::Response) -> Result<R, ClientError> {
         let status = resp.status();
-        if status.is_success() {
-            return resp.json().await.map_err(transport);
+        // A hub is not trusted with our memory either: answers are read up to a bound.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(ClientError::Transport(format!(
+                    "the hub's answer exceeds {MAX_RESPONSE_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
         }
-        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|e| {
+                ClientError::Transport(format!("the hub's answer is malformed: {e}"))
+            });
+        }
+        let text = String::from_utf8_lossy(&body).into_owned();
         let message = serde_json::from_str::<ErrorBody>(&text)
             .map(|b| b.error)
             .unwrap_or(text);

@@ -266,3 +266,33 @@ fn owner_token(key: &OwnerKey) -> String {
     };
     jws::sign_claims(&claims, &Signer::Owner(key)).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_from_the_hub_is_refused() {
+    fedmesh_tests::subscribe();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = HubCert::load_or_create(dir.path(), &["localhost".into()]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    // A page padded past the client's bound with whitespace (valid JSON, just too much of it).
+    let huge = " ".repeat(hub::client::MAX_RESPONSE_BYTES + 1);
+    let app = Router::new().route(
+        "/v1/collabs/{id}/docs",
+        get(move || {
+            let huge = huge.clone();
+            async move { format!(r#"{{"collab_jws":"","docs":[],"cursor":0}}{huge}"#) }
+        }),
+    );
+    tokio::spawn(hub::serve(
+        listener,
+        app,
+        Arc::new(cert.server_config().unwrap()),
+        std::future::pending(),
+    ));
+    let client = hub::client::HubClient::new(&url, &cert.pin(), None).unwrap();
+    let err = client
+        .docs("collab-x", 0, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exceeds"), "{err}");
+}
