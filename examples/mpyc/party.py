@@ -10,7 +10,8 @@ from FEDMESH_LISTEN; the others are reached at the address fedmesh gives for the
 Each party inputs a private number; all learn the sum and who holds the largest input, and
 nothing else. Exits 0 on success; 3 if the parties cannot all connect within
 FEDMESH_MPC_START_TIMEOUT seconds (a link that is not approved never connects); 4 if the
-computation does not finish within FEDMESH_MPC_TIMEOUT seconds (a party gave up).
+computation does not finish within FEDMESH_MPC_TIMEOUT seconds (a party gave up); 5 if MPyC
+itself fails (a party that gave up closed its connections mid-protocol).
 """
 import asyncio
 import json
@@ -74,4 +75,8 @@ async def main():
         os._exit(4)
 
 
-mpc.run(main())
+try:
+    mpc.run(main())
+except Exception as e:  # MPyC stops its event loop when a peer disappears mid-protocol.
+    print(f"party {me}: MPyC failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.exit(5)
