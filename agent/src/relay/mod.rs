@@ -260,10 +260,13 @@ impl Relay {
     /// Runs the relay until `shutdown` completes.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
-        let listeners = tokio::spawn(listen_loop(self.shared.clone()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let listeners = tokio::spawn(listen_loop(self.shared.clone(), stop.clone()));
         shutdown.await;
         accept.abort();
-        listeners.abort();
+        // Wait for the listeners to close, so the addresses are free when this returns.
+        stop.cancel();
+        let _ = listeners.await;
         self.shared.endpoint.close(VarInt::from_u32(0), b"shutdown");
         Ok(())
     }
@@ -622,7 +625,7 @@ async fn until_not_admitted(
 // Outbound
 
 /// Keeps one listener per configured address whose (peer, port) this node may dial.
-async fn listen_loop(shared: Arc<Shared>) {
+async fn listen_loop(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     let mut config = shared.config.clone();
     let mut listeners: BTreeMap<SocketAddr, JoinHandle<()>> = BTreeMap::new();
     loop {
@@ -663,12 +666,16 @@ async fn listen_loop(shared: Arc<Shared>) {
             *current = Arc::new(open);
             true
         });
-        if config.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
         }
     }
-    for task in listeners.into_values() {
+    for task in listeners.values() {
         task.abort();
+    }
+    for task in listeners.into_values() {
+        let _ = task.await;
     }
 }
 

@@ -641,3 +641,29 @@ async fn certificates_renew_and_links_outlive_the_first_certificate() {
     assert_eq!(&buf, b"still here");
     mesh.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_keeps_its_address_across_restarts() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut mesh = two_nodes(
+        tmp.path(),
+        7009,
+        target.local_addr().unwrap(),
+        RelayOptions::default(),
+    )
+    .await;
+    mesh.link(&a(), &b(), &["7009".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let before = mesh.peer_addr(&a(), &b(), 7009, 5 * SECOND).await.unwrap();
+
+    mesh.nodes.remove(&a()).unwrap().shutdown().await.unwrap();
+    let restarted = fedmesh_agent::node::start(mesh.options[&a()].clone())
+        .await
+        .unwrap();
+    mesh.nodes.insert(a(), restarted);
+    let after = mesh.peer_addr(&a(), &b(), 7009, 5 * SECOND).await.unwrap();
+    assert_eq!(after, before, "same address after a restart");
+    mesh.shutdown().await.unwrap();
+}
