@@ -1,8 +1,9 @@
 //! Relay benchmark: two `fedmesh node` processes (release build) carrying TCP over QUIC on
 //! loopback, measured against baselines in the same run.
 //!
-//! - single-stream throughput (iperf3, 5 s): direct TCP, an stunnel TLS tunnel, the relay;
-//! - 1 KiB ping-pong latency p50/p90/p99: direct, relay (and the difference);
+//! - single-stream throughput (iperf3, 5 s): direct TCP, an stunnel TLS tunnel, the relay with
+//!   Internet-sized datagrams (the default) and with loopback-sized ones;
+//! - 1 KiB ping-pong latency p50/p90/p99: direct, stunnel, relay (and what each adds);
 //! - new connections per second (connect, 1-byte echo, close; 32 in flight): direct, relay;
 //! - agent RSS idle and with 1,000 concurrent streams open.
 //!
@@ -57,11 +58,11 @@ impl Drop for Proc {
     }
 }
 
-/// The relay's largest UDP payload: `FEDMESH_BENCH_UDP_PAYLOAD`, default 1452 (what fits a
-/// 1500-byte Ethernet MTU, as between real sites).
-fn udp_payload() -> String {
-    std::env::var("FEDMESH_BENCH_UDP_PAYLOAD").unwrap_or_else(|_| "1452".into())
-}
+/// What the relay's UDP payload may grow to: what fits a 1500-byte Ethernet MTU (the agent's
+/// default, as between real sites), and what loopback carries (its MTU is 64 KiB, like the
+/// segments of the loopback TCP that stunnel and direct TCP use).
+const INTERNET_PAYLOAD: u16 = 1452;
+const LOOPBACK_PAYLOAD: u16 = 65_000;
 
 /// A port free for TCP and UDP, below the ephemeral range: the connection-rate run leaves
 /// thousands of ephemeral ports in TIME_WAIT, where a listener cannot bind.
@@ -120,7 +121,9 @@ struct Setup {
     _tmp: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+/// A hub and two agents whose UDP payload may grow to `udp_payload`; org-a's peer addresses
+/// come from `127.99.<pool>.0/24`.
+async fn setup(udp_payload: u16, pool: u8) -> Setup {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut hub = Command::new(fedmesh())
@@ -173,9 +176,9 @@ async fn setup() -> Setup {
             .args(["--relay-listen", &relay, "--admin-listen", "127.0.0.1:0"])
             .args([
                 "--max-udp-payload",
-                &udp_payload(),
+                &udp_payload.to_string(),
                 "--loopback-pool",
-                "127.99.1.0/24",
+                &format!("127.99.{pool}.0/24"),
             ])
             .args(extra)
             .stdout(Stdio::piped())
@@ -387,6 +390,71 @@ async fn conn_rate(to: SocketAddr, parallel: usize, for_: Duration) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// iperf3 through `s`'s relay, printing the dialling agent's path gauges afterwards; with
+/// `FEDMESH_BENCH_PROFILE` set (and perf installed), samples both agents meanwhile and prints
+/// where their CPU time went.
+async fn relay_iperf(s: &Setup) -> Option<f64> {
+    let profile = std::env::var_os("FEDMESH_BENCH_PROFILE").is_some() && have("perf");
+    let perf_data = s._tmp.path().join("perf.data");
+    let recorder = profile.then(|| {
+        Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o"])
+            .arg(&perf_data)
+            .args([
+                "-p",
+                &format!("{},{}", s.a.0.id(), s.b.0.id()),
+                "--",
+                "sleep",
+                "4",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Proc)
+    });
+    let gbits = iperf(s.iperf_port, s.relay_iperf);
+    let metrics = reqwest::get(format!("http://{}/metrics", s.a_admin))
+        .await
+        .expect("metrics");
+    for line in metrics
+        .text()
+        .await
+        .expect("metrics")
+        .lines()
+        .filter(|l| l.starts_with("fedmesh_peer_"))
+    {
+        println!("{line}");
+    }
+    if let Some(Ok(mut rec)) = recorder {
+        let _ = rec.0.wait();
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--sort",
+                "dso,symbol",
+                "-i",
+            ])
+            .arg(&perf_data)
+            .output();
+        if let Ok(out) = report {
+            println!("\n### Where the relay's CPU time goes (perf, both agents)\n```");
+            for line in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains('%') && !l.starts_with('#'))
+                .take(25)
+            {
+                println!("{line}");
+            }
+            println!("```");
+        }
+    }
+    gbits
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -394,7 +462,7 @@ async fn main() {
         "fedmesh relay benchmark (release agents, loopback, {} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let s = setup().await;
+    let s = setup(INTERNET_PAYLOAD, 1).await;
     tokio::time::sleep(2 * SECOND).await;
     let (rss_a_idle, rss_b_idle) = (rss_kib(s.a.0.id()), rss_kib(s.b.0.id()));
 
@@ -410,71 +478,28 @@ async fn main() {
         } else {
             None
         };
-        // FEDMESH_BENCH_PROFILE=1: sample both agents while they carry the relay run.
-        let profile = std::env::var_os("FEDMESH_BENCH_PROFILE").is_some() && have("perf");
-        let perf_data = s._tmp.path().join("perf.data");
-        let recorder = profile.then(|| {
-            Command::new("perf")
-                .args(["record", "-F", "999", "-g", "-o"])
-                .arg(&perf_data)
-                .args([
-                    "-p",
-                    &format!("{},{}", s.a.0.id(), s.b.0.id()),
-                    "--",
-                    "sleep",
-                    "4",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map(Proc)
-        });
-        let relay = iperf(s.iperf_port, s.relay_iperf);
-        let metrics = reqwest::get(format!("http://{}/metrics", s.a_admin))
-            .await
-            .expect("metrics");
-        for line in metrics
-            .text()
-            .await
-            .expect("metrics")
-            .lines()
-            .filter(|l| l.starts_with("fedmesh_peer_"))
-        {
-            println!("{line}");
-        }
-        if let Some(Ok(mut rec)) = recorder {
-            let _ = rec.0.wait();
-            let report = Command::new("perf")
-                .args([
-                    "report",
-                    "--stdio",
-                    "--no-children",
-                    "-g",
-                    "none",
-                    "--sort",
-                    "dso,symbol",
-                    "-i",
-                ])
-                .arg(&perf_data)
-                .output();
-            if let Ok(out) = report {
-                println!("\n### Where the relay's CPU time goes (perf, both agents)\n```");
-                for line in String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|l| l.contains('%') && !l.starts_with('#'))
-                    .take(25)
-                {
-                    println!("{line}");
-                }
-                println!("```");
-            }
-        }
+        println!("relay, datagrams up to {INTERNET_PAYLOAD} bytes:");
+        let relay = relay_iperf(&s).await;
+        // A second pair of agents whose path MTU discovery may climb to loopback's.
+        let loopback = {
+            let l = setup(LOOPBACK_PAYLOAD, 2).await;
+            tokio::time::sleep(SECOND).await;
+            println!("relay, datagrams up to {LOOPBACK_PAYLOAD} bytes:");
+            relay_iperf(&l).await
+        };
         let show = |v: Option<f64>| v.map_or("skipped".into(), |g| format!("{g:.2}"));
         println!("| path | Gbit/s | vs direct | vs stunnel |\n|---|---:|---:|---:|");
         for (name, v) in [
-            ("direct TCP", direct),
-            ("stunnel TLS tunnel", tunnel),
-            ("fedmesh relay", relay),
+            ("direct TCP".to_owned(), direct),
+            ("stunnel TLS tunnel".to_owned(), tunnel),
+            (
+                format!("fedmesh relay, datagrams ≤ {INTERNET_PAYLOAD} B (default)"),
+                relay,
+            ),
+            (
+                format!("fedmesh relay, datagrams ≤ {LOOPBACK_PAYLOAD} B (loopback MTU)"),
+                loopback,
+            ),
         ] {
             let ratio = |base: Option<f64>| match (v, base) {
                 (Some(v), Some(b)) => format!("{:.2}x", v / b),
@@ -493,22 +518,37 @@ async fn main() {
 
     println!("\n## Latency, 1 KiB ping-pong, 20,000 rounds (µs)");
     let direct = ping_pong(s.echo, 20_000).await;
+    let tunnel = match have("stunnel4").then(|| stunnel(s._tmp.path(), s.echo.port())) {
+        Some(Some((_srv, _cli, addr))) => Some(ping_pong(addr, 20_000).await),
+        _ => None,
+    };
     let relay = ping_pong(s.relay_echo, 20_000).await;
     println!("| path | p50 | p90 | p99 |\n|---|---:|---:|---:|");
-    for (name, v) in [("direct TCP", &direct), ("fedmesh relay", &relay)] {
+    let row = |name: &str, v: &[f64]| {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} |",
             pct(v, 0.5),
             pct(v, 0.9),
             pct(v, 0.99)
         );
+    };
+    let added = |name: &str, v: &[f64]| {
+        println!(
+            "| added by {name} | {:.1} | {:.1} | {:.1} |",
+            pct(v, 0.5) - pct(&direct, 0.5),
+            pct(v, 0.9) - pct(&direct, 0.9),
+            pct(v, 0.99) - pct(&direct, 0.99)
+        );
+    };
+    row("direct TCP", &direct);
+    if let Some(tunnel) = &tunnel {
+        row("stunnel TLS tunnel", tunnel);
     }
-    println!(
-        "| added by the relay | {:.1} | {:.1} | {:.1} |",
-        pct(&relay, 0.5) - pct(&direct, 0.5),
-        pct(&relay, 0.9) - pct(&direct, 0.9),
-        pct(&relay, 0.99) - pct(&direct, 0.99)
-    );
+    row("fedmesh relay", &relay);
+    if let Some(tunnel) = &tunnel {
+        added("stunnel", tunnel);
+    }
+    added("the relay", &relay);
 
     println!("\n## New connections per second (connect, 1-byte echo, close; 32 in flight; 5 s)");
     let direct = conn_rate(s.echo, 32, 5 * SECOND).await;

@@ -161,7 +161,8 @@ pub struct RunArgs {
     /// Admin HTTP server: /healthz, /readyz, /metrics, /peers, /vpn/algorithm/addresses.
     #[arg(long, default_value = "127.0.0.1:9464")]
     admin_listen: SocketAddr,
-    /// Largest UDP payload for QUIC path MTU discovery.
+    /// Largest UDP payload QUIC path MTU discovery may reach. The default fits a 1500-byte
+    /// Ethernet MTU; raise it where the path carries more (8952 on 9000-byte jumbo frames).
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
 }

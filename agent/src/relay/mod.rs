@@ -78,6 +78,11 @@ impl RelayConfig {
     }
 }
 
+/// Datagrams quinn puts in one segmentation-offload send (its `MAX_TRANSMIT_SEGMENTS`).
+const GSO_MAX_SEGMENTS: usize = 10;
+/// The most payload bytes Linux takes in one segmentation-offload send (one IPv4 packet).
+const GSO_MAX_BYTES: usize = 65_535 - 20 - 8;
+
 /// The QUIC transport parameters: many concurrent streams, windows large enough for a fast
 /// path, keepalive well inside the idle timeout.
 fn transport(max_udp_payload: u16) -> Arc<TransportConfig> {
@@ -92,6 +97,12 @@ fn transport(max_udp_payload: u16) -> Arc<TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
+    // quinn hands the kernel up to 10 datagrams per segmentation-offload send, and Linux refuses
+    // one above 64 KiB. Those refused sends look like loss, and black-hole detection then drops
+    // the path to 1200 bytes for ten minutes. Datagrams that large gain nothing from batching.
+    if usize::from(max_udp_payload) * GSO_MAX_SEGMENTS > GSO_MAX_BYTES {
+        t.enable_segmentation_offload(false);
+    }
     Arc::new(t)
 }
 
