@@ -62,7 +62,8 @@ pub struct KubeArgs {
     /// Pod ports for the relay's per-(peer, port) listeners (relay mode).
     #[arg(long, env = "FEDMESH_POD_PORTS", default_value = "20000-29999")]
     pod_ports: PortRange,
-    /// How often the cluster is compared with the links when nothing changed.
+    /// How often the cluster is compared with the links when nothing changed (ledger changes
+    /// and PeerLink edits start a pass at once).
     #[arg(
         long,
         env = "FEDMESH_RESYNC",

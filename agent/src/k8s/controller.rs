@@ -11,7 +11,8 @@
 //!    not match, and delete each live object no link wants;
 //! 5. apply PeerLinks and their status where they differ, delete the ones no longer shown.
 //!
-//! A pass over an unchanged cluster only reads.
+//! A pass over an unchanged cluster only reads. Passes run on every ledger change, when a
+//! PeerLink changes (a sysadmin's veto acts at once), at each link's expiry, and at `resync`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,14 +24,16 @@ use std::{
 use fedmesh_certs::files;
 use fedmesh_documents::{Decision, Document, Ledger, NodeRef, Signer, Verdict, jws};
 use fedmesh_mesh_config::{Credentials, ObjectKey};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::{
     Api, Client,
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Error, FIELD_MANAGER, Mode, Options, Result, Settings,
@@ -182,6 +185,27 @@ impl Controller {
             kind: PEERLINK,
             namespace: self.settings.namespace.clone(),
         })
+    }
+
+    /// A wake-up each time a PeerLink fedmesh manages changes or goes (a sysadmin's veto, an
+    /// edit, a deletion), and once the watch has listed them. The watch re-lists and resumes with
+    /// backoff by itself; the periodic resync covers the time it is down.
+    pub fn peerlink_changes(&self) -> impl Stream<Item = ()> + Send + 'static {
+        use fedmesh_mesh_config::render::MANAGED_BY;
+        let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
+        watcher(self.peerlinks_api(), config)
+            .default_backoff()
+            .filter_map(|event| {
+                std::future::ready(match event {
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
+                    Ok(watcher::Event::InitDone) => Some(()),
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                    Err(error) => {
+                        debug!(%error, "PeerLink watch interrupted; it resumes by itself");
+                        None
+                    }
+                })
+            })
     }
 
     /// Lists the objects of `scope` carrying `selector`, with `apiVersion` and `kind` filled in
@@ -381,7 +405,8 @@ impl Controller {
         Ok(writes)
     }
 
-    /// Runs passes until `cancel`: on every ledger change, at `resync`, and when a link expires.
+    /// Runs passes until `cancel`: on every ledger change, when a PeerLink changes, at
+    /// `resync`, and when a link expires.
     /// Reports vetoes to the hub, persists allocations in the state directory, and publishes
     /// the [`Placement`] for the relay and the snapshot.
     pub async fn run(
@@ -399,6 +424,7 @@ impl Controller {
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
         let mut reported = BTreeSet::new();
+        let mut peerlink_changes = std::pin::pin!(self.peerlink_changes());
         info!(mode = %self.settings.mode, namespace = %self.settings.namespace, "Kubernetes controller started");
         loop {
             let current = ledger.borrow_and_update().clone();
@@ -458,11 +484,20 @@ impl Controller {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 changed = ledger.changed() => if changed.is_err() { return Ok(()) },
+                Some(()) = peerlink_changes.next() => {
+                    // One pass for a burst of changes (kubectl applying several, this agent's
+                    // own status writes).
+                    tokio::time::sleep(PEERLINK_SETTLE).await;
+                    while let Some(Some(())) = peerlink_changes.next().now_or_never() {}
+                }
                 () = tokio::time::sleep(wake) => {}
             }
         }
     }
 }
+
+/// How long the controller lets a burst of PeerLink changes settle before its pass.
+const PEERLINK_SETTLE: Duration = Duration::from_millis(200);
 
 /// The ClusterIP of each peer's Service, from the apply responses or the live objects.
 fn cluster_ips(

@@ -41,6 +41,9 @@ pub enum Scenario {
     Discovery(Vec<&'static str>),
     /// One pass: exactly these calls, in this order, and nothing else.
     Pass(Vec<Call>),
+    /// The PeerLink watch: its first list (answered empty, at `resourceVersion` 1), then one
+    /// watch from there, answered with these events (`{"type": ..., "object": ...}`).
+    PeerLinkWatch(Vec<Value>),
 }
 
 /// The fake API server's side of the mock pair, with what it holds.
@@ -96,6 +99,7 @@ impl ApiServerVerifier {
                         self.call(call).await;
                     }
                 }
+                Scenario::PeerLinkWatch(events) => self.peerlink_watch(&events).await,
             }
             self
         })
@@ -127,6 +131,37 @@ impl ApiServerVerifier {
         send.send_response(respond(&json!({
             "kind": "APIGroupList", "apiVersion": "v1", "groups": groups,
         })));
+    }
+
+    async fn peerlink_watch(&mut self, events: &[Value]) {
+        const PATH: &str = "/apis/fedmesh.io/v1alpha1/namespaces/fedmesh/peerlinks?";
+        const SELECTOR: &str = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfedmesh";
+        let (request, send) = self.next().await;
+        let uri = request.uri().to_string();
+        assert_eq!(request.method(), Method::GET);
+        assert!(uri.starts_with(PATH) && uri.contains(SELECTOR), "{uri}");
+        assert!(!uri.contains("watch=true"), "the watch lists first: {uri}");
+        send.send_response(respond(&json!({
+            "kind": "PeerLinkList", "apiVersion": "fedmesh.io/v1alpha1",
+            "metadata": {"resourceVersion": "1"}, "items": [],
+        })));
+        let (request, send) = self.next().await;
+        let uri = request.uri().to_string();
+        assert!(uri.starts_with(PATH) && uri.contains(SELECTOR), "{uri}");
+        assert!(
+            uri.contains("watch=true") && uri.contains("resourceVersion=1"),
+            "{uri}"
+        );
+        let mut lines = Vec::new();
+        for event in events {
+            lines.extend(serde_json::to_vec(event).expect("JSON"));
+            lines.push(b'\n');
+        }
+        send.send_response(
+            Response::builder()
+                .body(Body::from(lines))
+                .expect("response"),
+        );
     }
 
     async fn call(&mut self, call: Call) {

@@ -8,6 +8,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use futures::{FutureExt, StreamExt};
+
 use fedmesh_documents::{Document, jws};
 use fedmesh_mesh_config::{NodeView, Peer, RenderOptions};
 use serde_json::{Value, json};
@@ -586,6 +588,36 @@ async fn relay_mode_puts_one_service_per_peer_in_front_of_the_pod() {
         BTreeMap::from([("b/n1".parse().unwrap(), "10.96.0.10".parse().unwrap())])
     );
     assert_eq!(pruned.placement.listeners.len(), 1);
+}
+
+/// A sysadmin's veto wakes the controller at once instead of at the next resync: the PeerLink
+/// watch yields once its first list is done, then for the edited object.
+#[tokio::test]
+async fn a_peerlink_edit_wakes_the_controller() {
+    let (client, server) = mock_client();
+    let ctl = Controller::new(client, settings(Mode::Relay));
+    let vetoed = json!({
+        "apiVersion": "fedmesh.io/v1alpha1",
+        "kind": "PeerLink",
+        "metadata": {
+            "name": IN,
+            "namespace": "fedmesh",
+            "resourceVersion": "2",
+            "labels": {"app.kubernetes.io/managed-by": "fedmesh"},
+        },
+        "spec": {"veto": true, "vetoReason": "not during the audit"},
+    });
+    let server = server.run(Scenario::PeerLinkWatch(vec![
+        json!({"type": "MODIFIED", "object": vetoed}),
+    ]));
+    let mut changes = std::pin::pin!(ctl.peerlink_changes());
+    for what in ["the first list", "the veto"] {
+        let woke = tokio::time::timeout(Duration::from_secs(1), changes.next()).await;
+        assert_eq!(woke, Ok(Some(())), "no wake-up for {what}");
+    }
+    timeout_after_1s(server).await;
+    // Nothing else happened: no further wake-up is pending.
+    assert!(changes.next().now_or_never().flatten().is_none());
 }
 
 #[tokio::test]

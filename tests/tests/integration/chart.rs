@@ -280,6 +280,7 @@ fn table(rows: &[(&str, &str, &str, &str)]) -> BTreeSet<(String, String, String,
 }
 
 const WRITE: &str = "create,delete,list,patch";
+const WRITE_AND_WATCH: &str = "create,delete,list,patch,watch";
 
 #[test]
 fn rbac_is_exactly_what_the_agent_writes() {
@@ -289,7 +290,7 @@ fn rbac_is_exactly_what_the_agent_writes() {
         table(&[
             ("Role fedmesh", "", "secrets", WRITE),
             ("Role fedmesh", "", "services", WRITE),
-            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE),
+            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE_AND_WATCH),
             ("Role fedmesh", "fedmesh.io", "peerlinks/status", "patch"),
             (
                 "Role fedmesh",
@@ -351,7 +352,7 @@ fn rbac_is_exactly_what_the_agent_writes() {
         permissions(&relay),
         table(&[
             ("Role fedmesh", "", "services", WRITE),
-            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE),
+            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE_AND_WATCH),
             ("Role fedmesh", "fedmesh.io", "peerlinks/status", "patch"),
         ])
     );
