@@ -4,7 +4,8 @@
 //! machine), so these tests check the requests themselves: method, path, `fieldManager=fedmesh`,
 //! `force=true` and body, in order, for a collaboration where this node (`a/n1`) has two peers;
 //! that a second pass over an unchanged cluster only reads; that revoked and vetoed links'
-//! objects are pruned; and how Istio is told from its absence.
+//! objects are pruned; that an edited PeerLink wakes the controller; and how Istio is told from
+//! its absence.
 
 use std::{collections::BTreeMap, time::Duration};
 
