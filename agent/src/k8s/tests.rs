@@ -214,21 +214,31 @@ async fn first_istio_pass(
         ]),
     ]);
     let server = server.run(scenario);
-    let outcome = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            Some(&credentials()),
-            &Memory::default(),
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let outcome = pass(ctl, collab, Some(&credentials()), &Memory::default()).await;
     (outcome, timeout_after_1s(server).await)
 }
 
 use controller::Outcome;
+
+/// One pass of `ctl` for this node over `collab` at the fixture's `now`; the collaboration is
+/// verified, so the pass has an outcome.
+async fn pass(
+    ctl: &Controller,
+    collab: &Collab,
+    credentials: Option<&fedmesh_mesh_config::Credentials>,
+    memory: &Memory,
+) -> Outcome {
+    ctl.reconcile(
+        &collab.ledger,
+        &Collab::node(),
+        credentials,
+        memory,
+        collab.fx.now,
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
 
 #[tokio::test]
 async fn istio_applies_exactly_the_render_then_nothing_when_unchanged() {
@@ -295,17 +305,7 @@ async fn istio_applies_exactly_the_render_then_nothing_when_unchanged() {
 
     // Nothing changed: the second pass reads and writes nothing.
     let server = server.run(Scenario::Pass(istio_lists()));
-    let again = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            Some(&credentials()),
-            &outcome.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let again = pass(&ctl, &collab, Some(&credentials()), &outcome.memory).await;
     timeout_after_1s(server).await;
     assert_eq!(again.writes, 0);
     assert_eq!(again.placement, outcome.placement);
@@ -333,17 +333,7 @@ async fn a_revoked_link_is_pruned() {
         ]),
         vec![revoked(OUT_B)],
     ]));
-    let pruned = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            Some(&credentials()),
-            &outcome.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let pruned = pass(&ctl, &collab, Some(&credentials()), &outcome.memory).await;
     let server = timeout_after_1s(server).await;
     assert_eq!(pruned.writes, 7);
     assert!(pruned.placement.addresses.is_empty());
@@ -394,17 +384,7 @@ async fn a_vetoed_link_is_refused_pruned_and_reported() {
             "vetoed by this node's sysadmin (spec.veto)",
         ))],
     ]));
-    let refused = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            Some(&credentials()),
-            &outcome.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let refused = pass(&ctl, &collab, Some(&credentials()), &outcome.memory).await;
     let server = timeout_after_1s(server).await;
     assert_eq!(refused.writes, 6);
     assert_eq!(refused.placement.vetoed, [IN.to_owned()].into());
@@ -432,17 +412,7 @@ async fn a_vetoed_link_is_refused_pruned_and_reported() {
         istio_lists(),
         vec![vetoed_here(("False", "Vetoed", "a/n1 vetoed it"))],
     ]));
-    let settled = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            Some(&credentials()),
-            &refused.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let settled = pass(&ctl, &collab, Some(&credentials()), &refused.memory).await;
     timeout_after_1s(server).await;
     assert!(settled.to_report.is_empty());
     assert_eq!(settled.writes, 1);
@@ -515,17 +485,7 @@ async fn relay_mode_puts_one_service_per_peer_in_front_of_the_pod() {
             (OUT_B, "b/n1", "outbound", "11366:mpc"),
         ]),
     ]));
-    let outcome = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            None,
-            &Memory::default(),
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let outcome = pass(&ctl, &collab, None, &Memory::default()).await;
     let server = timeout_after_1s(server).await;
     let (b, c) = ("b/n1".parse().unwrap(), "c/n1".parse().unwrap());
     let listener = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
@@ -549,17 +509,7 @@ async fn relay_mode_puts_one_service_per_peer_in_front_of_the_pod() {
 
     // Nothing changed: reads only, and the ClusterIPs come from the live Services.
     let server = server.run(Scenario::Pass(relay_lists()));
-    let again = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            None,
-            &outcome.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let again = pass(&ctl, &collab, None, &outcome.memory).await;
     let server = timeout_after_1s(server).await;
     assert_eq!((again.writes, &again.placement), (0, &outcome.placement));
 
@@ -571,17 +521,7 @@ async fn relay_mode_puts_one_service_per_peer_in_front_of_the_pod() {
         deletes(&["/api/v1/namespaces/fedmesh/services/fm-c-c-n1-ac234908"]),
         vec![revoked(OUT_C)],
     ]));
-    let pruned = ctl
-        .reconcile(
-            &collab.ledger,
-            &Collab::node(),
-            None,
-            &again.memory,
-            collab.fx.now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let pruned = pass(&ctl, &collab, None, &again.memory).await;
     timeout_after_1s(server).await;
     assert_eq!(pruned.writes, 2);
     assert_eq!(
