@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use super::{
     Error, FIELD_MANAGER, Mode, Options, Result, Settings,
     desired::{self, Desired, Inputs, Memory},
+    managed_selector,
     peerlink::{self, PeerLinkStatus},
     plan,
     resources::{PEERLINK, Scope},
@@ -191,8 +192,7 @@ impl Controller {
     /// edit, a deletion), and once the watch has listed them. The watch re-lists and resumes with
     /// backoff by itself; the periodic resync covers the time it is down.
     pub fn peerlink_changes(&self) -> impl Stream<Item = ()> + Send + 'static {
-        use fedmesh_mesh_config::render::MANAGED_BY;
-        let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
+        let config = watcher::Config::default().labels(&managed_selector());
         watcher(self.peerlinks_api(), config)
             .default_backoff()
             .filter_map(|event| {

@@ -136,10 +136,16 @@ impl From<kube::Error> for Error {
 /// `Result` with this module's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The label selector of everything fedmesh manages, in any collaboration.
+pub fn managed_selector() -> String {
+    use fedmesh_mesh_config::render::MANAGED_BY;
+    format!("{MANAGED_BY}={FIELD_MANAGER}")
+}
+
 /// The label selector of everything fedmesh manages for `collab`.
 pub fn selector(collab: &str) -> String {
-    use fedmesh_mesh_config::render::{COLLABORATION, MANAGED_BY};
-    format!("{MANAGED_BY}={FIELD_MANAGER},{COLLABORATION}={collab}")
+    use fedmesh_mesh_config::render::COLLABORATION;
+    format!("{},{COLLABORATION}={collab}", managed_selector())
 }
 
 /// 64-bit FNV-1a (the hash mesh-config names objects with): stable everywhere.
