@@ -12,7 +12,8 @@
 //! - [`dns`]: peer names over DNS.
 //! - [`k8s`]: the node agent in Kubernetes (Istio objects or relay Services, PeerLinks, audit).
 //! - [`mesh`], [`demo`]: a whole collaboration on one machine, and the demo built on it.
-//! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+//! - [`metrics`], [`telemetry`], [`throttle`]: Prometheus metrics, logging, and throttled
+//!   reports of refusals.
 //!
 //! ```text
 //!  owner ──signed docs──▶ hub ◀──long-poll (mTLS)── node ──▶ relay / Istio objects / DNS
@@ -34,3 +35,4 @@ pub mod node;
 pub mod owner;
 pub mod relay;
 pub mod telemetry;
+pub mod throttle;

@@ -19,6 +19,7 @@
 //! listens on.
 
 pub mod admin;
+mod follow;
 pub mod v6;
 
 use std::{
@@ -51,9 +52,6 @@ use crate::{
     metrics::Metrics,
     relay::{Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
 };
-
-/// How long one long-poll waits at the hub.
-const POLL_WAIT: Duration = Duration::from_secs(25);
 
 /// A port this node's algorithms expose to peers, and where inbound streams for it go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -325,7 +323,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let shared_state = Arc::new(state);
     {
         let c = cancel.clone();
-        tasks.spawn(follow(
+        tasks.spawn(follow::follow(
             shared_state.clone(),
             hub,
             ledger_tx,
@@ -416,62 +414,6 @@ async fn publish_advertisement(
         .await
         .context("publishing this node's advertisement")?;
     Ok(())
-}
-
-/// Follows the hub: long-polls for documents and verifies each into the ledger. A document that
-/// does not verify is reported and skipped; everything verified before stays.
-async fn follow(
-    state: Arc<NodeState>,
-    mut hub: HubClient,
-    ledger_tx: watch::Sender<Arc<Ledger>>,
-    snapshot_tx: watch::Sender<Arc<Snapshot>>,
-    cancel: CancellationToken,
-) -> Result<()> {
-    let mut ledger = (**ledger_tx.borrow()).clone();
-    let mut backoff = Duration::from_millis(200);
-    let mut serial = state.identity()?.info().serial.clone();
-    loop {
-        // After a renewal, talk to the hub with the new certificate.
-        if let Ok(identity) = state.identity()
-            && identity.info().serial != serial
-        {
-            hub = state.hub_client()?;
-            serial = identity.info().serial.clone();
-        }
-        let page = tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            page = hub.docs(&state.config.collab, ledger.cursor(), POLL_WAIT) => page,
-        };
-        match page {
-            Ok(page) => {
-                backoff = Duration::from_millis(200);
-                let mut rejected = Vec::new();
-                for env in &page.docs {
-                    if let Err(rejection) = ledger.ingest(env, SystemTime::now()) {
-                        warn!(%rejection, "document refused; keeping the last verified state");
-                        rejected.push(rejection);
-                    }
-                }
-                if !rejected.is_empty() {
-                    snapshot_tx.send_modify(|s| {
-                        let s = Arc::make_mut(s);
-                        s.rejections.extend(rejected);
-                        let excess = s.rejections.len().saturating_sub(100);
-                        s.rejections.drain(..excess);
-                    });
-                }
-                ledger_tx.send_replace(Arc::new(ledger.clone()));
-            }
-            Err(error) => {
-                warn!(%error, retry_in = ?backoff, "cannot fetch documents from the hub");
-                tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 fn load_addresses(state: &NodeState) -> BTreeMap<NodeRef, Ipv4Addr> {
