@@ -7,6 +7,11 @@
 //!   against the key in the (pinned) collaboration document;
 //! - a **node**: header `x5c` = its certificate chain, verified to the collaboration CA at the
 //!   time the document says it was signed, and bound to the node the document speaks for.
+//!
+//! Signatures are canonical: an ECDSA signature `(r, s)` is equally valid as `(r, n - s)`, so
+//! every signature made here carries the low `s` and verification refuses the high one. One
+//! signed document has exactly one valid encoding, and a rewritten signature is not a new
+//! document.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -156,7 +161,70 @@ pub fn sign_claims<T: Serialize>(claims: &T, signer: &Signer<'_>) -> Result<Stri
         String::from_utf8(canonical(claims)).map_err(|e| Error::Malformed(e.to_string()))?;
     let payload = serde_json::value::RawValue::from_string(canonical)
         .map_err(|e| Error::Malformed(e.to_string()))?;
-    jsonwebtoken::encode(&header, &payload, &key).map_err(|e| Error::Signature(e.to_string()))
+    let jws = jsonwebtoken::encode(&header, &payload, &key)
+        .map_err(|e| Error::Signature(e.to_string()))?;
+    low_s(&jws)
+}
+
+/// Rewrites `jws`'s signature `(r, s)` as the equally valid `(r, n - s)`: what an attacker
+/// does to make one signed document look like a new one. For tests of the refusal.
+#[cfg(any(test, feature = "test-util"))]
+pub fn malleate(jws: &str) -> Result<String> {
+    let sig = signature_of(jws)?;
+    let (r, s) = sig.split_scalars();
+    let flipped =
+        p256::ecdsa::Signature::from_scalars(r, -s).map_err(|e| Error::Signature(e.to_string()))?;
+    let (signed, _) = jws
+        .rsplit_once('.')
+        .ok_or_else(|| Error::Malformed("a compact JWS has three parts".into()))?;
+    Ok(format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(flipped.to_bytes())
+    ))
+}
+
+/// The signature segment of a compact JWS, decoded: `r || s` for ES256.
+fn signature_of(jws: &str) -> Result<p256::ecdsa::Signature> {
+    let encoded = jws
+        .rsplit_once('.')
+        .map(|(_, sig)| sig)
+        .ok_or_else(|| Error::Malformed("a compact JWS has three parts".into()))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|e| Error::Malformed(format!("signature is not base64url: {e}")))?;
+    p256::ecdsa::Signature::from_slice(&bytes).map_err(|_| {
+        Error::Signature(format!(
+            "an ES256 signature is 64 bytes, not {}",
+            bytes.len()
+        ))
+    })
+}
+
+/// `jws` with its signature in low-`s` form (the same signature when it already is).
+fn low_s(jws: &str) -> Result<String> {
+    match signature_of(jws)?.normalize_s() {
+        None => Ok(jws.to_owned()),
+        Some(low) => {
+            let (signed, _) = jws
+                .rsplit_once('.')
+                .ok_or_else(|| Error::Malformed("a compact JWS has three parts".into()))?;
+            Ok(format!(
+                "{signed}.{}",
+                URL_SAFE_NO_PAD.encode(low.to_bytes())
+            ))
+        }
+    }
+}
+
+/// Refuses a signature whose `s` is in the upper half of the group order: the same signature
+/// rewritten as `(r, n - s)`, which fedmesh never makes.
+fn require_low_s(jws: &str) -> Result<()> {
+    if signature_of(jws)?.normalize_s().is_some() {
+        return Err(Error::Signature(
+            "signature is not canonical (high s; rewritten as (r, n-s)?)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Who signed a verified document.
@@ -219,6 +287,7 @@ pub fn verify_owner_claims<T: DeserializeOwned>(jws: &str, owner: &PublicJwk) ->
         .map_err(|e| Error::Signature(e.to_string()))?;
     let data = jsonwebtoken::decode::<T>(jws, &key, &validation())
         .map_err(|e| Error::Signature(format!("owner signature does not verify: {e}")))?;
+    require_low_s(jws)?;
     Ok(data.claims)
 }
 
@@ -249,6 +318,7 @@ pub fn verify_node(
     let key = DecodingKey::from_ec_der(&leaf);
     let data = jsonwebtoken::decode::<Document>(jws, &key, &validation())
         .map_err(|e| Error::Signature(format!("node signature does not verify: {e}")))?;
+    require_low_s(jws)?;
     Ok((data.claims, info))
 }
 

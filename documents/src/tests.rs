@@ -319,3 +319,25 @@ fn oversized_and_garbage_documents_are_refused() {
     let err = l.ingest_jws("not.a.jws", f.now).unwrap_err();
     assert!(err.reason.starts_with("malformed document"), "{err}");
 }
+
+#[test]
+fn signatures_are_low_s_and_a_rewritten_signature_is_refused() {
+    let f = fixture();
+    let terms = f.terms("org-a/n1", "org-b/n1", &["11365"], HOUR);
+    // ECDSA yields a high s half of the time; every signature made here is low.
+    for _ in 0..16 {
+        let owner = f.approval(&terms);
+        let node = f.request(&terms);
+        for jws in [&owner, &node] {
+            assert_eq!(jws::malleate(jws).unwrap().len(), jws.len());
+            let mut l = ledger(&f);
+            if jws == &owner {
+                accept(&mut l, &f, f.request(&terms));
+            }
+            let env = f.envelope(jws::malleate(jws).unwrap());
+            let reason = reject(&mut l, &env, &f);
+            assert!(reason.contains("not canonical"), "{reason}");
+            accept(&mut l, &f, jws.clone());
+        }
+    }
+}
