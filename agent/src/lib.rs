@@ -14,6 +14,8 @@
 //! - [`mesh`], [`demo`]: a whole collaboration on one machine, and the demo built on it.
 //! - [`metrics`], [`telemetry`], [`throttle`]: Prometheus metrics, logging, and throttled
 //!   reports of refusals.
+//! - [`serve`]: HTTP/1.1 with bounds (connection caps, header and body deadlines) for the hub
+//!   and the admin server.
 //!
 //! ```text
 //!  owner ──signed docs──▶ hub ◀──long-poll (mTLS)── node ──▶ relay / Istio objects / DNS
@@ -34,5 +36,6 @@ pub mod metrics;
 pub mod node;
 pub mod owner;
 pub mod relay;
+pub mod serve;
 pub mod telemetry;
 pub mod throttle;

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     enroll::{self, NodeState},
-    hub::{self, Hub, tls::HubCert},
+    hub::{self, Hub, HubOptions},
     node::{self, Expose, NodeHandle, NodeOptions},
     owner::{self, HubAddress, NewCollab, Owner},
     relay::RelayOptions,
@@ -88,14 +88,22 @@ impl LocalMesh {
     /// `127.<loopback_octet>.<i+1>.0/24`.
     pub async fn start(dir: &Path, opts: &MeshOptions, nodes: &[NodeSpec]) -> Result<Self> {
         let hub_dir = dir.join("hub");
-        let cert = HubCert::load_or_create(&hub_dir, &["localhost".into(), "127.0.0.1".into()])?;
-        let hub_state = Hub::open_with(&hub_dir, opts.cert_ttl)?;
+        let hub_options = HubOptions {
+            cert_ttl: opts.cert_ttl,
+            ..HubOptions::default()
+        };
+        Hub::init(
+            &hub_dir,
+            &["localhost".into(), "127.0.0.1".into()],
+            &hub_options,
+        )?;
+        let hub_state = Hub::open(&hub_dir, hub_options)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = HubAddress {
             url: format!("https://{}", listener.local_addr()?),
-            pin: cert.pin(),
+            pin: hub_state.cert().pin(),
         };
-        let config = Arc::new(cert.server_config()?);
+        let config = Arc::new(hub_state.cert().server_config()?);
         let hub_task = tokio::spawn(async move {
             if let Err(error) = hub::run(listener, hub_state, config, std::future::pending()).await
             {

@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cli::certs,
     hub::{
-        api::{JoinToken, OWNER_TOKEN_AUDIENCE, OwnerToken, secret_digest},
+        api::{
+            CA_REQUEST_AUDIENCE, CaRequest, JoinToken, OWNER_TOKEN_AUDIENCE, OwnerToken,
+            secret_digest,
+        },
         client::HubClient,
     },
 };
@@ -72,14 +75,16 @@ impl Owner {
         let key_path = dir.join("owner-key.pem");
         files::refuse_existing(&key_path).context("this directory already holds an owner key")?;
         let hub = HubClient::new(&hub_address.url, &hub_address.pin, None)?;
+        let key = OwnerKey::generate()?;
         let ca_pem = if new.online_ca {
-            hub.create_ca(&new.id).await?.ca_pem
+            hub.create_ca(&new.id, ca_request(&key, &new.id)?)
+                .await?
+                .ca_pem
         } else {
             certs::init_ca(&new.id, dir, fedmesh_certs::ca::DEFAULT_CA_VALIDITY)?
                 .cert_pem()
                 .to_owned()
         };
-        let key = OwnerKey::generate()?;
         files::create_secret(&key_path, key.private_pem().as_bytes())?;
         let hub = hub.with_owner_token(session_token(&key, &new.id)?);
         let collab = Collaboration {
@@ -261,6 +266,18 @@ fn session_token(key: &OwnerKey, collab: &str) -> Result<String> {
         collab: collab.to_owned(),
         aud: OWNER_TOKEN_AUDIENCE.to_owned(),
         exp: unix(SystemTime::now() + Duration::from_secs(300)),
+    };
+    Ok(jws::sign_claims(&claims, &Signer::Owner(key))?)
+}
+
+/// The owner's signed request for an online CA for `collab` (valid 5 minutes): it reserves the
+/// id for this owner key.
+fn ca_request(key: &OwnerKey, collab: &str) -> Result<String> {
+    let claims = CaRequest {
+        collab: collab.to_owned(),
+        aud: CA_REQUEST_AUDIENCE.to_owned(),
+        exp: unix(SystemTime::now() + Duration::from_secs(300)),
+        owner_key: key.public_jwk(),
     };
     Ok(jws::sign_claims(&claims, &Signer::Owner(key))?)
 }

@@ -55,6 +55,8 @@ pub struct TestHub {
     pub url: String,
     /// Its certificate pin.
     pub pin: String,
+    /// Its data directory.
+    pub dir: PathBuf,
     task: tokio::task::JoinHandle<()>,
     _data: tempfile::TempDir,
 }
@@ -62,24 +64,32 @@ pub struct TestHub {
 impl TestHub {
     /// Starts a hub.
     pub async fn start() -> Self {
-        let data = tempfile::tempdir().expect("temp dir");
-        let cert =
-            fedmesh_agent::hub::tls::HubCert::load_or_create(data.path(), &["localhost".into()])
-                .expect("hub cert");
-        let hub = fedmesh_agent::hub::Hub::open(data.path()).expect("hub store");
+        Self::start_with(fedmesh_agent::hub::HubOptions::default()).await
+    }
+
+    /// Starts a hub with `options`.
+    pub async fn start_with(options: fedmesh_agent::hub::HubOptions) -> Self {
+        use fedmesh_agent::hub::Hub;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("hub");
+        Hub::init(&dir, &["localhost".into()], &options).expect("hub init");
+        let hub = Hub::open(&dir, options).expect("hub store");
+        let cert = hub.cert();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("https://{}", listener.local_addr().expect("addr"));
         let config = std::sync::Arc::new(cert.server_config().expect("tls config"));
+        let pin = cert.pin();
         let task = tokio::spawn(async move {
             let _ = fedmesh_agent::hub::run(listener, hub, config, std::future::pending()).await;
         });
         Self {
             url,
-            pin: cert.pin(),
+            pin,
             task,
-            _data: data,
+            dir,
+            _data: tmp,
         }
     }
 

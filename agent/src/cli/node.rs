@@ -18,7 +18,6 @@ use super::{
 };
 use crate::{
     enroll,
-    hub::api::JoinToken,
     k8s::{self, PortRange},
     node::{self, Expose, NodeOptions},
     relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
@@ -136,9 +135,11 @@ pub struct RunArgs {
     /// Node state directory (made by `fedmesh node enroll`).
     #[arg(long, env = "FEDMESH_STATE")]
     state: Option<PathBuf>,
-    /// Enroll into --state with this join token first, when it holds no node yet.
-    #[arg(long, env = "FEDMESH_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
+    /// Enroll into --state first, when it holds no node yet, with the join token in this file
+    /// (or in the environment variable FEDMESH_JOIN_TOKEN). Never on the command line, where
+    /// every local user can read it.
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// Run in the Kubernetes cluster of this pod (or of the kubeconfig).
     #[arg(long, env = "FEDMESH_KUBERNETES")]
     kubernetes: bool,
@@ -182,7 +183,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
 async fn run_agent(args: RunArgs) -> Result<()> {
     let RunArgs {
         state,
-        join_token,
+        join_token_file,
         kubernetes,
         kube,
         relay_listen,
@@ -201,10 +202,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         (false, Mode::Istio) => bail!("--mode istio needs --kubernetes"),
         (false, _) => None,
     };
-    if let Some(token) = join_token
-        && !state.join("node.json").exists()
+    if !state.join("node.json").exists()
+        && let Some(token) = owner::read_join_token(join_token_file.as_deref())?
     {
-        let token = JoinToken::decode(&token).map_err(anyhow::Error::msg)?;
         let enrolled = enroll::enroll(&token, &state, None).await?;
         println!("enrolled {}", enrolled.config.node);
     }

@@ -160,9 +160,11 @@ pub struct DecideArgs {
 /// `fedmesh node enroll`
 #[derive(Debug, Args)]
 pub struct EnrollArgs {
-    /// The join token from the owner (fmjoin1...).
-    #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
-    token: String,
+    /// A file holding the join token from the owner (fmjoin1...); without it, the token is
+    /// read from the environment variable FEDMESH_JOIN_TOKEN. Never on the command line, where
+    /// every local user can read it.
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// State directory to create (node key 0600, certificate, CA, node.json).
     #[arg(long)]
     state: PathBuf,
@@ -224,9 +226,32 @@ pub(crate) async fn run_join_token(args: JoinTokenArgs) -> Result<()> {
     Ok(())
 }
 
+/// The environment variable a join token may come in.
+pub const JOIN_TOKEN_ENV: &str = "FEDMESH_JOIN_TOKEN";
+
+/// The join token from `file`, else from [`JOIN_TOKEN_ENV`]; `None` when neither is given.
+pub(crate) fn read_join_token(file: Option<&std::path::Path>) -> Result<Option<JoinToken>> {
+    let text = match file {
+        Some(path) => files::read_to_string(path).context("reading the join token")?,
+        None => match std::env::var(JOIN_TOKEN_ENV) {
+            Ok(text) if !text.trim().is_empty() => text,
+            _ => return Ok(None),
+        },
+    };
+    JoinToken::decode(&text)
+        .map(Some)
+        .map_err(anyhow::Error::msg)
+}
+
 pub(crate) async fn run_enroll(args: EnrollArgs) -> Result<()> {
-    let EnrollArgs { token, state, cert } = args;
-    let token = JoinToken::decode(&token).map_err(anyhow::Error::msg)?;
+    let EnrollArgs {
+        token_file,
+        state,
+        cert,
+    } = args;
+    let token = read_join_token(token_file.as_deref())?.with_context(|| {
+        format!("give the join token in a file (--token-file) or in {JOIN_TOKEN_ENV}")
+    })?;
     let cert = cert.map(|p| files::read_to_string(&p)).transpose()?;
     let node = enroll::enroll(&token, &state, cert).await?;
     let info = node.identity()?.info().clone();

@@ -4,15 +4,15 @@
 //! | method | path | who | what |
 //! |---|---|---|---|
 //! | GET | `/v1/health` | anyone | liveness |
-//! | POST | `/v1/collabs/{id}/ca` | owner (online CA) | hub makes and keeps the CA; returns its certificate |
+//! | POST | `/v1/collabs/{id}/ca` | owner (online CA), signed [`CaRequest`] | hub makes and keeps the CA; returns its certificate |
 //! | POST | `/v1/collabs` | owner | create or update the collaboration (owner-signed) |
 //! | POST | `/v1/collabs/{id}/docs` | owner, or the signing node over mTLS | submit a signed document |
-//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S` | member node (mTLS) or owner token | documents after cursor N, long-polling up to S seconds |
+//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S&limit=L` | member node (mTLS) or owner token | at most L documents after cursor N, long-polling up to S seconds |
 //! | POST | `/v1/collabs/{id}/enroll` | node with a join token | certificate (online CA) or registration (offline CA) |
 //! | POST | `/v1/collabs/{id}/renew` | member node (mTLS) | a fresh certificate for the same identity (online CA) |
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use fedmesh_documents::{Envelope, NodeRef};
+use fedmesh_documents::{Envelope, NodeRef, PublicJwk};
 use serde::{Deserialize, Serialize};
 
 /// Largest request body the hub reads.
@@ -23,6 +23,8 @@ pub const MAX_WAIT_SECS: u64 = 60;
 pub const MAX_PAGE: usize = 1000;
 /// The audience of owner session tokens.
 pub const OWNER_TOKEN_AUDIENCE: &str = "fedmesh-hub";
+/// The audience of owners' requests for an online CA.
+pub const CA_REQUEST_AUDIENCE: &str = "fedmesh-hub/create-ca";
 
 /// A signed document to store.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -49,6 +51,9 @@ pub struct DocsQuery {
     /// Seconds to wait when there is nothing new (at most [`MAX_WAIT_SECS`]).
     #[serde(default)]
     pub wait: u64,
+    /// Most documents to return (0: [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: usize,
 }
 
 /// A page of documents.
@@ -96,6 +101,21 @@ pub struct Enrolled {
 pub struct RenewRequest {
     /// The new CSR.
     pub csr_pem: String,
+}
+
+/// Claims of an owner's request for an online CA (owner-signed JWS, sent as
+/// [`SubmitDoc`]): it binds the collaboration id to the owner key, so only that owner can
+/// create the collaboration the CA is for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaRequest {
+    /// The collaboration.
+    pub collab: String,
+    /// Always [`CA_REQUEST_AUDIENCE`].
+    pub aud: String,
+    /// Unix expiry (at most 10 minutes ahead).
+    pub exp: u64,
+    /// The owner's public key; the request is signed with it.
+    pub owner_key: PublicJwk,
 }
 
 /// The CA the hub made for a collaboration.

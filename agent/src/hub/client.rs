@@ -7,14 +7,18 @@ use fedmesh_certs::NodeIdentity;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    CaCreated, DocsPage, DocsQuery, EnrollRequest, Enrolled, ErrorBody, RenewRequest, SubmitDoc,
-    Submitted,
+    CaCreated, DocsPage, DocsQuery, EnrollRequest, Enrolled, ErrorBody, MAX_PAGE, RenewRequest,
+    SubmitDoc, Submitted,
 };
 
 /// Largest answer read from a hub: a full page of documents of the largest size, and room to
 /// spare.
-pub const MAX_RESPONSE_BYTES: usize =
-    super::api::MAX_PAGE * fedmesh_documents::jws::MAX_JWS_BYTES + 1024 * 1024;
+pub const MAX_RESPONSE_BYTES: usize = page_bytes(MAX_PAGE);
+
+/// Largest answer read for a page of `limit` documents.
+pub const fn page_bytes(limit: usize) -> usize {
+    limit * fedmesh_documents::jws::MAX_JWS_BYTES + 1024 * 1024
+}
 
 /// What went wrong talking to the hub.
 #[derive(Debug, thiserror::Error)]
@@ -94,14 +98,21 @@ impl HubClient {
         self
     }
 
-    async fn parse<R: DeserializeOwned>(mut resp: reqwest::Response) -> Result<R, ClientError> {
+    async fn parse<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
+        Self::parse_within(resp, MAX_RESPONSE_BYTES).await
+    }
+
+    async fn parse_within<R: DeserializeOwned>(
+        mut resp: reqwest::Response,
+        max: usize,
+    ) -> Result<R, ClientError> {
         let status = resp.status();
         // A hub is not trusted with our memory either: answers are read up to a bound.
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            if body.len() + chunk.len() > max {
                 return Err(ClientError::Transport(format!(
-                    "the hub's answer exceeds {MAX_RESPONSE_BYTES} bytes"
+                    "the hub's answer exceeds {max} bytes"
                 )));
             }
             body.extend_from_slice(&chunk);
@@ -153,9 +164,14 @@ impl HubClient {
         Self::parse(resp).await
     }
 
-    /// Asks the hub to make and keep a CA for `collab` (online CA).
-    pub async fn create_ca(&self, collab: &str) -> Result<CaCreated, ClientError> {
-        self.post(&format!("/v1/collabs/{collab}/ca"), &()).await
+    /// Asks the hub to make and keep a CA for `collab` (online CA), with the owner's signed
+    /// [`super::api::CaRequest`].
+    pub async fn create_ca(&self, collab: &str, request: String) -> Result<CaCreated, ClientError> {
+        self.post(
+            &format!("/v1/collabs/{collab}/ca"),
+            &SubmitDoc { jws: request },
+        )
+        .await
     }
 
     /// Creates or updates a collaboration.
@@ -176,18 +192,32 @@ impl HubClient {
         since: u64,
         wait: Duration,
     ) -> Result<DocsPage, ClientError> {
+        self.docs_limited(collab, since, wait, MAX_PAGE).await
+    }
+
+    /// At most `limit` documents after `since`, waiting up to `wait` for news. The answer is
+    /// read only up to what `limit` documents of the largest size take.
+    pub async fn docs_limited(
+        &self,
+        collab: &str,
+        since: u64,
+        wait: Duration,
+        limit: usize,
+    ) -> Result<DocsPage, ClientError> {
+        let limit = limit.clamp(1, MAX_PAGE);
         let mut req = self
             .http
             .get(format!("{}/v1/collabs/{collab}/docs", self.base))
             .query(&DocsQuery {
                 since,
                 wait: wait.as_secs(),
+                limit,
             });
         if let Some(token) = &self.owner_token {
             req = req.bearer_auth(token);
         }
         let resp = req.send().await.map_err(transport)?;
-        Self::parse(resp).await
+        Self::parse_within(resp, page_bytes(limit)).await
     }
 
     /// Enrolls with a join token.

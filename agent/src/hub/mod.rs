@@ -5,11 +5,20 @@
 //! ```text
 //!  owner CLI ──signed docs──▶ hub (redb) ◀──mTLS, long-poll──  node agents
 //! ```
+//!
+//! The data directory (`0700`) holds the store (`hub.redb`, `0600`, a checksum per record),
+//! the hub's TLS key and certificate (whose pin every node trusts), and by default the CA key
+//! that seals online CA keys ([`keys`]). `fedmesh hub --init` makes them in an empty
+//! directory; every later start checks them and refuses, naming the file, anything missing,
+//! empty, corrupted or readable by others: a hub never starts over silently.
 
 pub mod api;
 pub mod client;
+mod files;
+pub mod keys;
+pub mod limits;
 mod server;
 mod store;
 pub mod tls;
 
-pub use server::{DEFAULT_CERT_TTL, Hub, run, serve};
+pub use server::{DEFAULT_CA_KEY_FILE, DEFAULT_CERT_TTL, Hub, HubOptions, STORE_FILE, run, serve};

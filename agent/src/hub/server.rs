@@ -1,60 +1,116 @@
 //! The hub server: axum handlers over an in-memory view (one [`Ledger`] per collaboration) backed
 //! by the redb [`Store`]. Every accepted document is checked the way a node would check it, plus
 //! what only the hub can check (who submitted it, replayed join tokens, approvals of unknown
-//! links), persisted, and only then acknowledged.
+//! links, quotas), persisted, and only then acknowledged.
+//!
+//! A document the hub already holds (the same signed payload, or one that changes nothing a
+//! node would compute) is answered with the sequence number it has and stores nothing. Every
+//! refusal is logged at WARN with its reason and who asked (SPIFFE ID and certificate serial
+//! over mutual TLS, else the address), one line per reason and identity per interval.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
+    path::{Path as FsPath, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use axum::{
     Extension, Json, Router,
-    extract::{DefaultBodyLimit, Path, Query, State, rejection::JsonRejection},
-    http::{HeaderMap, StatusCode},
+    extract::{Path, Query, Request, State, rejection::JsonRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use fedmesh_certs::{CollabCa, IssuancePolicy, TrustBundle, verify::Usage};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use fedmesh_certs::{CertInfo, CollabCa, IssuancePolicy, TrustBundle, verify::Usage};
 use fedmesh_documents::{
-    Collaboration, DocKind, Document, Envelope, JoinGrant, Ledger, NodeRef, RejectCode, Rejection,
-    jws,
+    Collaboration, DocKind, Document, Envelope, Ingested, JoinGrant, Ledger, NodeRef, RejectCode,
+    Rejection, jws,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::{
     net::TcpListener,
     sync::{Mutex, watch},
 };
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
     api::{
-        CaCreated, DocsPage, DocsQuery, EnrollRequest, Enrolled, ErrorBody, MAX_BODY_BYTES,
-        MAX_PAGE, MAX_WAIT_SECS, OWNER_TOKEN_AUDIENCE, OwnerToken, RenewRequest, SubmitDoc,
-        Submitted, secret_digest,
+        CA_REQUEST_AUDIENCE, CaCreated, CaRequest, DocsPage, DocsQuery, EnrollRequest, Enrolled,
+        ErrorBody, MAX_PAGE, MAX_WAIT_SECS, OWNER_TOKEN_AUDIENCE, OwnerToken, RenewRequest,
+        SubmitDoc, Submitted, secret_digest,
     },
-    store::{CaRecord, GrantRecord, Store},
+    files::private_dir,
+    keys::CaKey,
+    limits::{Limiter, Limits, StorageQuota},
+    store::{CaRecord, GrantRecord, Spent, Store},
+    tls::HubCert,
 };
+use crate::{serve::Peer, throttle::Throttle};
 
 /// Default lifetime of certificates the online CA issues.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The store's file name in the data directory.
+pub const STORE_FILE: &str = "hub.redb";
+/// The CA key file's name when `--ca-key-file` is not given.
+pub const DEFAULT_CA_KEY_FILE: &str = "ca.key";
+/// Longest an owner's signed CA request may be valid for.
+const MAX_CA_REQUEST_TTL: u64 = 600;
+
+/// How a hub runs.
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    /// Lifetime of the node certificates online CAs issue (at most 7 days).
+    pub cert_ttl: Duration,
+    /// The key online CA keys are sealed with; default `<data>/ca.key`.
+    pub ca_key_file: Option<PathBuf>,
+    /// Thumbprints of the owner keys that may create collaborations (empty: any owner).
+    pub allowed_owners: BTreeSet<String>,
+    /// What is bounded.
+    pub limits: Limits,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            cert_ttl: DEFAULT_CERT_TTL,
+            ca_key_file: None,
+            allowed_owners: BTreeSet::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl HubOptions {
+    fn ca_key_path(&self, data: &FsPath) -> PathBuf {
+        self.ca_key_file
+            .clone()
+            .unwrap_or_else(|| data.join(DEFAULT_CA_KEY_FILE))
+    }
+}
 
 /// An error answered to the client: a status and one line.
 #[derive(Debug)]
 pub(crate) struct HubError {
     status: StatusCode,
     message: String,
+    retry_after: Option<Duration>,
 }
+
+/// A refusal, attached to its response for the log.
+#[derive(Clone, Debug)]
+struct Refused(String);
 
 impl HubError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -63,6 +119,16 @@ impl HubError {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("hub storage failed: {e}"),
         )
+    }
+
+    fn too_many(what: String, wait: Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{what}; try again in {}s", wait.as_secs().max(1)),
+            )
+        }
     }
 }
 
@@ -87,17 +153,48 @@ impl From<JsonRejection> for HubError {
 
 impl IntoResponse for HubError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(ErrorBody {
-                error: self.message,
+                error: self.message.clone(),
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(wait) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+        {
+            response.headers_mut().insert(RETRY_AFTER, v);
+        }
+        response.extensions_mut().insert(Refused(self.message));
+        response
     }
 }
 
 type HubResult<T> = Result<T, HubError>;
+
+/// Documents and bytes stored.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stored {
+    docs: usize,
+    bytes: usize,
+}
+
+impl Stored {
+    fn add(&mut self, bytes: usize) {
+        self.docs += 1;
+        self.bytes += bytes;
+    }
+
+    /// Why storing `bytes` more would break `quota`, if it would.
+    fn over(&self, bytes: usize, quota: StorageQuota) -> Option<String> {
+        (self.docs + 1 > quota.docs || self.bytes + bytes > quota.bytes).then(|| {
+            format!(
+                "{} documents, {} bytes stored; the quota is {} documents, {} bytes",
+                self.docs, self.bytes, quota.docs, quota.bytes
+            )
+        })
+    }
+}
 
 /// One collaboration as the hub holds it.
 struct CollabState {
@@ -106,10 +203,35 @@ struct CollabState {
     docs: Vec<Envelope>,
     ca: Option<CollabCa>,
     grants: BTreeMap<String, GrantRecord>,
+    /// Join token secrets (SHA-256) that can never be used again.
+    spent: BTreeMap<String, Spent>,
     latest: watch::Sender<u64>,
+    /// SHA-256 of each stored payload → its sequence number.
+    payloads: HashMap<String, u64>,
+    /// (kind, subject) → the latest sequence number stored for it.
+    subjects: HashMap<(DocKind, String), u64>,
+    /// Storage per signer (`org/node`, or `owner`), and in all.
+    usage: HashMap<String, Stored>,
+    total: Stored,
 }
 
 impl CollabState {
+    fn new(ledger: Ledger, collab_jws: String) -> Self {
+        Self {
+            ledger,
+            collab_jws,
+            docs: Vec::new(),
+            ca: None,
+            grants: BTreeMap::new(),
+            spent: BTreeMap::new(),
+            latest: watch::channel(0).0,
+            payloads: HashMap::new(),
+            subjects: HashMap::new(),
+            usage: HashMap::new(),
+            total: Stored::default(),
+        }
+    }
+
     fn seq(&self) -> u64 {
         self.docs.last().map_or(0, |e| e.seq)
     }
@@ -119,6 +241,45 @@ impl CollabState {
             HubError::new(StatusCode::NOT_FOUND, "collaboration has no document yet")
         })
     }
+
+    /// Indexes a stored envelope.
+    fn index(&mut self, env: Envelope) {
+        self.payloads.insert(payload_digest(&env.jws), env.seq);
+        self.subjects
+            .insert((env.kind, env.subject.clone()), env.seq);
+        self.usage
+            .entry(signer_of(&env.jws))
+            .or_default()
+            .add(env.jws.len());
+        self.total.add(env.jws.len());
+        self.docs.push(env);
+    }
+}
+
+/// SHA-256 of a JWS's payload: the same document signed again has the same one.
+fn payload_digest(jws: &str) -> String {
+    let payload = jws.split('.').nth(1).unwrap_or(jws);
+    fedmesh_certs::fingerprint(payload.as_bytes())
+}
+
+/// Who a stored document counts against: the signing node (`org/node`), or `owner`.
+fn signer_of(jws: &str) -> String {
+    jws::peek(jws)
+        .ok()
+        .and_then(|(header, _)| header.x5c_der().ok().flatten())
+        .and_then(|chain| chain.into_iter().next())
+        .and_then(|der| CertInfo::parse(&der).ok())
+        .map_or_else(
+            || "owner".to_owned(),
+            |info| NodeRef::from(&info.spiffe_id).to_string(),
+        )
+}
+
+/// An online CA made before its collaboration document arrived.
+struct PendingCa {
+    ca: CollabCa,
+    owner: String,
+    created_at: u64,
 }
 
 struct Inner {
@@ -128,83 +289,179 @@ struct Inner {
     /// Lifetime of the certificates they issue.
     cert_ttl: Duration,
     collabs: BTreeMap<String, CollabState>,
-    /// Online CAs made before their collaboration document arrived.
-    pending_cas: BTreeMap<String, CollabCa>,
+    pending_cas: BTreeMap<String, PendingCa>,
+    /// Seals online CA keys; without it the hub keeps no online CAs.
+    ca_key: Option<CaKey>,
+    ca_key_path: PathBuf,
+}
+
+/// What the handlers share besides the state behind the lock.
+struct Shared {
+    options: HubOptions,
+    per_ip: Limiter,
+    per_identity: Limiter,
+    throttle: Throttle,
 }
 
 /// The hub: shared state behind the handlers.
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+    cert: Arc<HubCert>,
 }
 
-/// The client certificate chain of the connection a request came on, if any.
-#[derive(Clone, Default)]
-struct PeerCerts(Option<Arc<Vec<CertificateDer<'static>>>>);
+/// Whether `dir` holds nothing (or is not there).
+fn is_empty_dir(dir: &FsPath) -> Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
 
 impl Hub {
-    /// Opens the store in `data_dir` and rebuilds every collaboration's view from it.
-    pub fn open(data_dir: &std::path::Path) -> Result<Self> {
-        Self::open_with(data_dir, DEFAULT_CERT_TTL)
+    /// Makes a new hub in `data`, which must be absent or empty: the directory (`0700`), the
+    /// store, the hub certificate and key (SANs `names`), and the CA key file if it is not
+    /// there. Never replaces anything.
+    pub fn init(data: &FsPath, names: &[String], options: &HubOptions) -> Result<()> {
+        if !is_empty_dir(data)? {
+            bail!(
+                "{} is not empty: --init makes a new hub only in an empty data directory",
+                data.display()
+            );
+        }
+        private_dir(data)?;
+        let cert = HubCert::create(data, names)?;
+        let ca_key = options.ca_key_path(data);
+        if !ca_key.exists() {
+            CaKey::create(&ca_key)?;
+        }
+        Store::create(&data.join(STORE_FILE), &cert.pin())?;
+        warn!(
+            data = %data.display(),
+            pin = %cert.pin(),
+            ca_key = %ca_key.display(),
+            "initialised a new hub: owners and nodes trust it by this pin"
+        );
+        Ok(())
     }
 
-    /// Like [`Hub::open`], with online CAs issuing certificates valid for `cert_ttl` (at most
-    /// 7 days). notBefore is set back a quarter of that, at most 5 minutes, for clock skew.
-    pub fn open_with(data_dir: &std::path::Path, cert_ttl: Duration) -> Result<Self> {
-        let policy = IssuancePolicy::with_max_ttl(cert_ttl)?
-            .with_backdate((cert_ttl / 4).min(fedmesh_certs::policy::MAX_BACKDATE))?;
-        let store = Store::open(data_dir)?;
+    /// Opens the hub in `data` and rebuilds every collaboration's view from it. Refuses a
+    /// missing, empty, corrupted or exposed store, a missing hub certificate or key, a
+    /// certificate that is not the one the store was made with, and sealed CA keys without
+    /// their key.
+    pub fn open(data: &FsPath, options: HubOptions) -> Result<Self> {
+        if !data.exists() {
+            bail!(
+                "the hub data directory {} is missing: restore it from a backup, or start \
+                 with --init to make a new hub",
+                data.display()
+            );
+        }
+        private_dir(data)?;
+        let cert = HubCert::load(data)?;
+        let store = Store::open(&data.join(STORE_FILE))?;
+        let pin = store.hub_pin()?;
+        if pin != cert.pin() {
+            bail!(
+                "{} (pin {}) is not the certificate this hub's store was made with (pin \
+                 {pin}): restore the original hub-cert.pem and hub-key.pem",
+                data.join("hub-cert.pem").display(),
+                cert.pin()
+            );
+        }
         let snap = store.load()?;
+        let ca_key_path = options.ca_key_path(data);
+        let ca_key = if ca_key_path.exists() {
+            Some(CaKey::load(&ca_key_path)?)
+        } else if let Some(collab) = snap.cas.keys().next() {
+            bail!(
+                "the CA key file {} is missing, and the store holds sealed online CA keys \
+                 (of {collab}, ...): give the key they were sealed with (--ca-key-file)",
+                ca_key_path.display()
+            );
+        } else {
+            warn!(ca_key = %ca_key_path.display(), "no CA key file: this hub keeps no online CAs");
+            None
+        };
+        let policy = IssuancePolicy::with_max_ttl(options.cert_ttl)?
+            .with_backdate((options.cert_ttl / 4).min(fedmesh_certs::policy::MAX_BACKDATE))?;
         let now = SystemTime::now();
         let mut collabs = BTreeMap::new();
         let mut pending_cas = BTreeMap::new();
         for (id, record) in &snap.cas {
-            let ca = CollabCa::from_pem(&record.cert_pem, &record.key_pem)?;
-            pending_cas.insert(id.clone(), ca);
+            let key = ca_key.as_ref().context("unreachable: no CA key")?;
+            let key_pem = String::from_utf8(key.open(id, &record.key)?)
+                .with_context(|| format!("the sealed CA key of {id} is not PEM"))?;
+            let ca = CollabCa::from_pem(&record.cert_pem, &key_pem)?;
+            pending_cas.insert(
+                id.clone(),
+                PendingCa {
+                    ca,
+                    owner: record.owner.clone(),
+                    created_at: record.created_at,
+                },
+            );
         }
         for (id, collab_jws) in &snap.collabs {
             let (_, doc) = jws::peek(collab_jws)?;
             let Document::Collaboration(c) = doc else {
-                anyhow::bail!("stored collaboration {id} is not a collaboration document");
+                bail!("stored collaboration {id} is not a collaboration document");
             };
-            let mut ledger = Ledger::new(&jws::thumbprint(&c.owner_key));
-            let docs = snap.docs.get(id).cloned().unwrap_or_default();
-            for env in &docs {
+            let mut state = CollabState::new(
+                Ledger::new(&jws::thumbprint(&c.owner_key)),
+                collab_jws.clone(),
+            );
+            for env in snap.docs.get(id).cloned().unwrap_or_default() {
                 // Documents were verified on the way in; ones that no longer verify (for
                 // instance signed by a now-revoked certificate) are kept but not applied.
-                if let Err(r) = ledger.ingest(env, now) {
+                if let Err(r) = state.ledger.ingest(&env, now) {
                     debug!(collab = %id, %r, "stored document not applied");
                 }
+                state.index(env);
             }
-            let grants = snap
+            state.grants = snap
                 .grants
                 .iter()
                 .filter(|((c, _), _)| c == id)
                 .map(|((_, node), g)| (node.clone(), g.clone()))
                 .collect();
-            let seq = docs.last().map_or(0, |e| e.seq);
-            collabs.insert(
-                id.clone(),
-                CollabState {
-                    ledger,
-                    collab_jws: collab_jws.clone(),
-                    docs,
-                    ca: pending_cas.remove(id),
-                    grants,
-                    latest: watch::channel(seq).0,
-                },
-            );
+            state.spent = snap
+                .spent
+                .iter()
+                .filter(|((c, _), _)| c == id)
+                .map(|((_, digest), s)| (digest.clone(), s.clone()))
+                .collect();
+            state.latest.send_replace(state.seq());
+            state.ca = pending_cas.remove(id).map(|p| p.ca);
+            collabs.insert(id.clone(), state);
         }
-        info!(collaborations = collabs.len(), "hub store loaded");
+        info!(collaborations = collabs.len(), pin = %cert.pin(), "hub store loaded");
+        let limits = options.limits;
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
                 store,
                 policy,
-                cert_ttl,
+                cert_ttl: options.cert_ttl,
                 collabs,
                 pending_cas,
+                ca_key,
+                ca_key_path,
             })),
+            shared: Arc::new(Shared {
+                per_ip: Limiter::new(limits.requests_per_ip),
+                per_identity: Limiter::new(limits.writes_per_identity),
+                throttle: Throttle::default(),
+                options,
+            }),
+            cert: Arc::new(cert),
         })
+    }
+
+    /// The hub's TLS certificate (checked against the store).
+    pub fn cert(&self) -> &HubCert {
+        &self.cert
     }
 
     /// The HTTP routes.
@@ -216,9 +473,59 @@ impl Hub {
             .route("/v1/collabs/{id}/docs", post(submit_doc).get(list_docs))
             .route("/v1/collabs/{id}/enroll", post(enroll))
             .route("/v1/collabs/{id}/renew", post(renew))
-            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), guard))
             .with_state(self.clone())
     }
+
+    /// Counts a stored document against `who`'s write rate.
+    fn charge(&self, who: &str) -> HubResult<()> {
+        self.shared.per_identity.check(who).map_err(|wait| {
+            HubError::too_many(format!("{who} is storing documents too fast"), wait)
+        })
+    }
+}
+
+/// Who is asking, for the log: the certificate's SPIFFE ID and serial (not yet verified) over
+/// mutual TLS, and the address.
+fn who(peer: &Peer) -> String {
+    let cert = peer
+        .certs
+        .as_ref()
+        .and_then(|c| c.first())
+        .and_then(|der| CertInfo::parse(der).ok());
+    match cert {
+        Some(info) => format!(
+            "{} serial {} at {}",
+            info.spiffe_id, info.serial, peer.remote
+        ),
+        None => peer.remote.to_string(),
+    }
+}
+
+/// Every request: the per-address rate, then the handler; every refusal is logged.
+async fn guard(
+    State(hub): State<Hub>,
+    Extension(peer): Extension<Peer>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let response = match hub.shared.per_ip.check(&peer.remote.ip().to_string()) {
+        Err(wait) => {
+            HubError::too_many(format!("too many requests from {}", peer.remote.ip()), wait)
+                .into_response()
+        }
+        Ok(()) => next.run(req).await,
+    };
+    if let Some(Refused(reason)) = response.extensions().get::<Refused>() {
+        let status = response.status();
+        let class = status.canonical_reason().unwrap_or("refused");
+        let who = who(&peer);
+        if let Some(held_back) = hub.shared.throttle.admit(class, &who, Instant::now()) {
+            warn!(%who, %method, %path, status = status.as_u16(), %reason, held_back, "request refused");
+        }
+    }
+    response
 }
 
 /// Serves the hub on `listener` with TLS `config` until `shutdown` completes.
@@ -228,61 +535,26 @@ pub async fn run(
     config: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    serve(listener, hub.router(), config, shutdown).await
+    let bounds = hub.shared.options.limits.connections;
+    crate::serve::serve(listener, hub.router(), Some(config), bounds, shutdown).await
 }
 
-/// Serves `app` over TLS on `listener`, handing each request the connection's client
-/// certificates, until `shutdown` completes.
+/// Serves `app` over TLS on `listener` with the default bounds, handing each request the
+/// [`Peer`] it came from, until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let acceptor = TlsAcceptor::from(config);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return Ok(()),
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        debug!(%remote, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-            let service = hyper_util::service::TowerToHyperService::new(
-                app.layer(Extension(PeerCerts(peer))),
-            );
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                debug!(%remote, %error, "connection ended with an error");
-            }
-        });
-    }
+    crate::serve::serve(
+        listener,
+        app,
+        Some(config),
+        crate::serve::Bounds::default(),
+        shutdown,
+    )
+    .await
 }
 
 fn now() -> SystemTime {
@@ -296,34 +568,148 @@ fn not_found(id: &str) -> HubError {
     )
 }
 
-async fn create_ca(State(hub): State<Hub>, Path(id): Path<String>) -> HubResult<Json<CaCreated>> {
+/// The owner a collaboration id is reserved for may create it; anyone else may not.
+fn check_allowed(options: &HubOptions, owner: &str, id: &str) -> HubResult<()> {
+    if !options.allowed_owners.is_empty() && !options.allowed_owners.contains(owner) {
+        return Err(HubError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "owner key {owner} may not create collaborations on this hub (not in its \
+                 --allow-owner list; creating {id:?})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and verifies an owner's signed request to make the online CA of `id`; returns the
+/// owner key's thumbprint.
+fn verify_ca_request(body: Option<Json<SubmitDoc>>, id: &str, now: u64) -> HubResult<String> {
+    let unauthorized = |m: String| HubError::new(StatusCode::UNAUTHORIZED, m);
+    let Some(Json(SubmitDoc { jws: request })) = body else {
+        return Err(unauthorized(
+            "creating an online CA needs a request signed by the collaboration owner".into(),
+        ));
+    };
+    let claims: CaRequest = request
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .ok_or_else(|| unauthorized("the CA request is not an owner-signed JWS".into()))?;
+    let verified: CaRequest = jws::verify_owner_claims(&request, &claims.owner_key)
+        .map_err(|e| unauthorized(format!("the CA request is refused: {e}")))?;
+    if verified.collab != id || verified.aud != CA_REQUEST_AUDIENCE {
+        return Err(unauthorized(format!(
+            "the CA request is for {:?} ({}), not {id:?}",
+            verified.collab, verified.aud
+        )));
+    }
+    if verified.exp <= now || verified.exp > now + MAX_CA_REQUEST_TTL {
+        return Err(unauthorized(format!(
+            "the CA request expires at {}; it must be valid now ({now}) and for at most \
+             {MAX_CA_REQUEST_TTL}s",
+            verified.exp
+        )));
+    }
+    Ok(jws::thumbprint(&verified.owner_key))
+}
+
+async fn create_ca(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    body: Result<Json<SubmitDoc>, JsonRejection>,
+) -> HubResult<Json<CaCreated>> {
+    let now = jws::unix(now());
+    let owner = verify_ca_request(body.ok(), &id, now)?;
+    let options = &hub.shared.options;
+    check_allowed(options, &owner, &id)?;
     let mut inner = hub.inner.lock().await;
+    let inner = &mut *inner;
     if inner.collabs.contains_key(&id) {
         return Err(HubError::new(
             StatusCode::CONFLICT,
             format!("collaboration {id:?} already exists"),
         ));
     }
-    if let Some(ca) = inner.pending_cas.get(&id) {
+    // CAs whose collaboration never came are forgotten.
+    let ttl = options.limits.pending_ca_ttl.as_secs();
+    let expired: Vec<String> = inner
+        .pending_cas
+        .iter()
+        .filter(|(_, p)| p.created_at + ttl <= now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !expired.is_empty() {
+        inner
+            .store
+            .remove_cas(&expired)
+            .map_err(HubError::internal)?;
+        for id in &expired {
+            inner.pending_cas.remove(id);
+        }
+        info!(collabs = ?expired, "online CAs whose collaboration never came were dropped");
+    }
+    if let Some(pending) = inner.pending_cas.get(&id) {
+        if pending.owner != owner {
+            return Err(HubError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "collaboration id {id:?} is reserved by another owner key until {}",
+                    pending.created_at + ttl
+                ),
+            ));
+        }
         return Ok(Json(CaCreated {
-            ca_pem: ca.cert_pem().to_owned(),
+            ca_pem: pending.ca.cert_pem().to_owned(),
         }));
     }
-    let ca = CollabCa::generate(&id, now(), fedmesh_certs::ca::DEFAULT_CA_VALIDITY)
-        .map_err(|e| HubError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    if inner.pending_cas.len() >= options.limits.max_pending_cas {
+        return Err(HubError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} online CAs are waiting for their collaboration document; try again later",
+                inner.pending_cas.len()
+            ),
+        ));
+    }
+    let Some(key) = &inner.ca_key else {
+        return Err(HubError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "this hub keeps no online CAs (it has no CA key file {}); use an offline CA",
+                inner.ca_key_path.display()
+            ),
+        ));
+    };
+    let ca = CollabCa::generate(
+        &id,
+        SystemTime::now(),
+        fedmesh_certs::ca::DEFAULT_CA_VALIDITY,
+    )
+    .map_err(|e| HubError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let record = CaRecord {
+        cert_pem: ca.cert_pem().to_owned(),
+        key: key
+            .seal(&id, ca.key_pem().as_bytes())
+            .map_err(HubError::internal)?,
+        owner: owner.clone(),
+        created_at: now,
+    };
     inner
         .store
-        .put_ca(
-            &id,
-            &CaRecord {
-                cert_pem: ca.cert_pem().to_owned(),
-                key_pem: ca.key_pem(),
-            },
-        )
+        .put_ca(&id, &record)
         .map_err(HubError::internal)?;
     let ca_pem = ca.cert_pem().to_owned();
-    inner.pending_cas.insert(id.clone(), ca);
-    info!(collab = %id, "online CA created");
+    inner.pending_cas.insert(
+        id.clone(),
+        PendingCa {
+            ca,
+            owner: owner.clone(),
+            created_at: now,
+        },
+    );
+    info!(collab = %id, %owner, "online CA created");
     Ok(Json(CaCreated { ca_pem }))
 }
 
@@ -340,50 +726,95 @@ async fn create_collab(
             format!("expected a collaboration document, got a {}", doc.kind()),
         ));
     };
+    let owner = jws::thumbprint(&c.owner_key);
     let mut inner = hub.inner.lock().await;
     let inner = &mut *inner;
     if let Some(state) = inner.collabs.get_mut(&c.id) {
-        let seq = accept(&inner.store, &c.id, state, doc_jws, now())?;
-        return Ok((StatusCode::OK, Json(Submitted { seq })));
+        return accept(&hub, &inner.store, &c.id, state, doc_jws, now());
     }
-    if let Some(ca) = inner.pending_cas.get(&c.id)
-        && ca.cert_pem().trim() != c.ca_pem.trim()
-    {
-        return Err(HubError::new(
-            StatusCode::CONFLICT,
-            "the collaboration's CA is not the online CA the hub made for it",
-        ));
+    check_allowed(&hub.shared.options, &owner, &c.id)?;
+    if let Some(pending) = inner.pending_cas.get(&c.id) {
+        if pending.owner != owner {
+            return Err(HubError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "collaboration id {:?} is reserved for another owner key",
+                    c.id
+                ),
+            ));
+        }
+        if pending.ca.cert_pem().trim() != c.ca_pem.trim() {
+            return Err(HubError::new(
+                StatusCode::CONFLICT,
+                "the collaboration's CA is not the online CA the hub made for it",
+            ));
+        }
     }
-    let mut state = CollabState {
-        ledger: Ledger::new(&jws::thumbprint(&c.owner_key)),
-        collab_jws: doc_jws.clone(),
-        docs: Vec::new(),
-        ca: None,
-        grants: BTreeMap::new(),
-        latest: watch::channel(0).0,
-    };
-    let seq = accept(&inner.store, &c.id, &mut state, doc_jws, now())?;
-    state.ca = inner.pending_cas.remove(&c.id);
+    let mut state = CollabState::new(Ledger::new(&owner), doc_jws.clone());
+    let created = accept(&hub, &inner.store, &c.id, &mut state, doc_jws, now())?;
+    state.ca = inner.pending_cas.remove(&c.id).map(|p| p.ca);
+    info!(collab = %c.id, online_ca = state.ca.is_some(), "collaboration created");
     inner.collabs.insert(c.id.clone(), state);
-    info!(collab = %c.id, online_ca = inner.collabs[&c.id].ca.is_some(), "collaboration created");
-    Ok((StatusCode::CREATED, Json(Submitted { seq })))
+    Ok(created)
 }
 
-/// Checks `doc_jws` against a copy of the collaboration's ledger, persists it, then applies it.
+/// Checks `doc_jws` against a copy of the collaboration's ledger and the hub's rules and
+/// quotas, persists it, then applies it. A document that changes nothing is answered with the
+/// sequence number the hub already has for it (200) and stores nothing.
 fn accept(
+    hub: &Hub,
     store: &Store,
     id: &str,
     state: &mut CollabState,
     doc_jws: String,
     now: SystemTime,
-) -> HubResult<u64> {
+) -> HubResult<(StatusCode, Json<Submitted>)> {
     let env = Envelope::new(state.seq() + 1, doc_jws)
         .map_err(|e| HubError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let digest = payload_digest(&env.jws);
+    if let Some(&seq) = state.payloads.get(&digest) {
+        return Ok((StatusCode::OK, Json(Submitted { seq })));
+    }
     let mut next = state.ledger.clone();
-    next.ingest(&env, now)?;
-    let (_, doc) =
+    if next.ingest(&env, now)? == Ingested::Unchanged {
+        let seq = state
+            .subjects
+            .get(&(env.kind, env.subject.clone()))
+            .copied()
+            .unwrap_or_else(|| state.seq());
+        return Ok((StatusCode::OK, Json(Submitted { seq })));
+    }
+    let (header, doc) =
         jws::peek(&env.jws).map_err(|e| HubError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    check_hub_rules(&state.ledger, &doc, now)?;
+    let chain: Option<Vec<CertificateDer<'static>>> = header
+        .x5c_der()
+        .ok()
+        .flatten()
+        .map(|c| c.into_iter().map(CertificateDer::from).collect());
+    check_hub_rules(&state.ledger, chain.as_deref(), &doc, now)?;
+    let limits = &hub.shared.options.limits;
+    let signer = signer_of(&env.jws);
+    let size = env.jws.len();
+    if signer != "owner"
+        && let Some(why) = state
+            .usage
+            .get(&signer)
+            .copied()
+            .unwrap_or_default()
+            .over(size, limits.member_quota)
+    {
+        return Err(HubError::new(
+            StatusCode::FORBIDDEN,
+            format!("storage quota per member exceeded: {signer} has {why}"),
+        ));
+    }
+    if let Some(why) = state.total.over(size, limits.collab_quota) {
+        return Err(HubError::new(
+            StatusCode::FORBIDDEN,
+            format!("storage quota per collaboration exceeded: {id} has {why}"),
+        ));
+    }
+    hub.charge(&format!("{id}/{signer}"))?;
     let collab_jws = (env.kind == DocKind::Collaboration).then_some(env.jws.as_str());
     store
         .append(id, &env, collab_jws)
@@ -394,15 +825,15 @@ fn accept(
     state.ledger = next;
     let seq = env.seq;
     debug!(collab = %id, seq, kind = %env.kind, subject = %env.subject, "document accepted");
-    state.docs.push(env);
+    state.index(env);
     state.latest.send_replace(seq);
-    Ok(seq)
+    Ok((StatusCode::CREATED, Json(Submitted { seq })))
 }
 
 /// Verifies the connection's client certificate as a current, unrevoked member of `state`'s
 /// collaboration and returns who it is.
-fn member(peer: &PeerCerts, state: &CollabState, now: SystemTime) -> HubResult<NodeRef> {
-    let chain = peer.0.as_ref().ok_or_else(|| {
+fn member(peer: &Peer, state: &CollabState, now: SystemTime) -> HubResult<NodeRef> {
+    let chain = peer.certs.as_ref().ok_or_else(|| {
         HubError::new(
             StatusCode::UNAUTHORIZED,
             "this request needs the node's collaboration certificate (mutual TLS)",
@@ -437,7 +868,7 @@ fn member(peer: &PeerCerts, state: &CollabState, now: SystemTime) -> HubResult<N
 async fn submit_doc(
     State(hub): State<Hub>,
     Path(id): Path<String>,
-    Extension(peer): Extension<PeerCerts>,
+    Extension(peer): Extension<Peer>,
     body: Result<Json<SubmitDoc>, JsonRejection>,
 ) -> HubResult<(StatusCode, Json<Submitted>)> {
     let Json(SubmitDoc { jws: doc_jws }) = body?;
@@ -465,7 +896,7 @@ async fn submit_doc(
             .ok()
             .flatten()
             .and_then(|c| c.into_iter().next())
-            .and_then(|der| fedmesh_certs::CertInfo::parse(&der).ok())
+            .and_then(|der| CertInfo::parse(&der).ok())
             .map(|info| NodeRef::from(&info.spiffe_id));
         if signer.as_ref() != Some(&submitter) {
             return Err(HubError::new(
@@ -479,15 +910,27 @@ async fn submit_doc(
         }
     }
     if let Document::JoinGrant(grant) = &doc {
-        return store_grant(&inner.store, state, grant, doc_jws)
-            .map(|()| (StatusCode::CREATED, Json(Submitted { seq: state.seq() })));
+        return store_grant(&hub, &inner.store, state, grant, doc_jws);
     }
-    let seq = accept(&inner.store, &id, state, doc_jws, now)?;
-    Ok((StatusCode::CREATED, Json(Submitted { seq })))
+    accept(&hub, &inner.store, &id, state, doc_jws, now)
 }
 
-/// What only the hub checks: links must not be born expired, approvals need a request.
-fn check_hub_rules(ledger: &Ledger, doc: &Document, now: SystemTime) -> HubResult<()> {
+/// What only the hub checks: links must not be born expired, approvals need a request, a node
+/// signs with a certificate valid now (nodes reading history later check the signing time).
+fn check_hub_rules(
+    ledger: &Ledger,
+    chain: Option<&[CertificateDer<'static>]>,
+    doc: &Document,
+    now: SystemTime,
+) -> HubResult<()> {
+    if let (Some(bundle), Some(chain)) = (ledger.trust_bundle(), chain) {
+        bundle.verify(chain, now, Usage::Client).map_err(|e| {
+            HubError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("signed with a certificate that is not valid now: {e}"),
+            )
+        })?;
+    }
     let unix_now = jws::unix(now);
     match doc {
         Document::LinkRequest(r) if r.terms.not_after <= unix_now => Err(HubError::new(
@@ -519,15 +962,24 @@ fn check_hub_rules(ledger: &Ledger, doc: &Document, now: SystemTime) -> HubResul
     }
 }
 
+/// Stores the owner's grant of a join token. The same signed grant again changes nothing (its
+/// used mark stays); a grant whose secret was used or replaced is refused; a new grant for the
+/// node voids the secret of the grant it replaces.
 fn store_grant(
+    hub: &Hub,
     store: &Store,
     state: &mut CollabState,
     grant: &JoinGrant,
     doc_jws: String,
-) -> HubResult<()> {
+) -> HubResult<(StatusCode, Json<Submitted>)> {
     let collab = state.collab()?;
     jws::verify_owner(&doc_jws, &collab.owner_key)
         .map_err(|e| HubError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+    let node = grant.node.to_string();
+    let seq = state.seq();
+    if state.grants.get(&node).is_some_and(|g| g.jws == doc_jws) {
+        return Ok((StatusCode::OK, Json(Submitted { seq })));
+    }
     if collab.member(&grant.node).is_none() {
         return Err(HubError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -537,25 +989,61 @@ fn store_grant(
             ),
         ));
     }
+    if let Some(spent) = state.spent.get(&grant.secret_sha256) {
+        return Err(HubError::new(
+            StatusCode::CONFLICT,
+            match spent.used_at {
+                Some(at) => format!(
+                    "the join token secret for {} was already used (at {at}); issue a new token",
+                    spent.node
+                ),
+                None => format!(
+                    "the join token secret for {} was replaced by a newer grant; issue a new \
+                     token",
+                    spent.node
+                ),
+            },
+        ));
+    }
+    let collab_id = collab.id.clone();
+    let replaced = state
+        .grants
+        .get(&node)
+        .filter(|old| old.used_at.is_none())
+        .and_then(|old| jws::peek(&old.jws).ok())
+        .and_then(|(_, d)| match d {
+            Document::JoinGrant(g) => Some(g.secret_sha256),
+            _ => None,
+        })
+        .filter(|digest| *digest != grant.secret_sha256);
+    let voided = Spent {
+        node: node.clone(),
+        used_at: None,
+    };
+    let spent: Vec<(&str, &Spent)> = replaced.iter().map(|d| (d.as_str(), &voided)).collect();
+    hub.charge(&format!("{collab_id}/owner"))?;
     let record = GrantRecord {
         jws: doc_jws,
         used_at: None,
     };
     store
-        .put_grant(&collab.id, &grant.node.to_string(), &record)
+        .put_grant(&collab_id, &node, &record, &spent)
         .map_err(HubError::internal)?;
-    state.grants.insert(grant.node.to_string(), record);
-    Ok(())
+    if let Some(digest) = replaced {
+        state.spent.insert(digest, voided.clone());
+    }
+    state.grants.insert(node, record);
+    Ok((StatusCode::CREATED, Json(Submitted { seq })))
 }
 
 async fn list_docs(
     State(hub): State<Hub>,
     Path(id): Path<String>,
-    Extension(peer): Extension<PeerCerts>,
+    Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     query: Result<Query<DocsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> HubResult<Json<DocsPage>> {
-    let Query(DocsQuery { since, wait }) =
+    let Query(DocsQuery { since, wait, limit }) =
         query.map_err(|e| HubError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let mut latest = {
         let inner = hub.inner.lock().await;
@@ -572,7 +1060,11 @@ async fn list_docs(
     // A cursor from the future (the hub lost data, or another hub) starts over from the top.
     let since = if since > state.seq() { 0 } else { since };
     let start = state.docs.partition_point(|e| e.seq <= since);
-    let docs: Vec<Envelope> = state.docs[start..].iter().take(MAX_PAGE).cloned().collect();
+    let limit = match limit {
+        0 => MAX_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let docs: Vec<Envelope> = state.docs[start..].iter().take(limit).cloned().collect();
     let cursor = docs.last().map_or(since, |e| e.seq);
     Ok(Json(DocsPage {
         collab_jws: state.collab_jws.clone(),
@@ -583,12 +1075,12 @@ async fn list_docs(
 
 /// A reader is a member node (mutual TLS) or the owner (a short-lived owner-signed token).
 fn authorize_reader(
-    peer: &PeerCerts,
+    peer: &Peer,
     headers: &HeaderMap,
     state: &CollabState,
     now: SystemTime,
 ) -> HubResult<()> {
-    if peer.0.is_some() {
+    if peer.certs.is_some() {
         return member(peer, state, now).map(|_| ());
     }
     let token = headers
@@ -653,7 +1145,7 @@ async fn enroll(
             req.node
         )));
     }
-    if record.used_at.is_some() {
+    if record.used_at.is_some() || state.spent.contains_key(&grant.secret_sha256) {
         return Err(HubError::new(
             StatusCode::CONFLICT,
             format!("the join token for {} was already used", req.node),
@@ -691,14 +1183,20 @@ async fn enroll(
             ));
         }
     };
+    let used_at = jws::unix(now);
     let used = GrantRecord {
         jws: record.jws,
-        used_at: Some(jws::unix(now)),
+        used_at: Some(used_at),
+    };
+    let spent = Spent {
+        node: node_key.clone(),
+        used_at: Some(used_at),
     };
     inner
         .store
-        .put_grant(&id, &node_key, &used)
+        .put_grant(&id, &node_key, &used, &[(&grant.secret_sha256, &spent)])
         .map_err(HubError::internal)?;
+    state.spent.insert(grant.secret_sha256, spent);
     state.grants.insert(node_key, used);
     info!(collab = %id, node = %req.node, "node enrolled");
     Ok(Json(Enrolled {
@@ -711,7 +1209,7 @@ async fn enroll(
 async fn renew(
     State(hub): State<Hub>,
     Path(id): Path<String>,
-    Extension(peer): Extension<PeerCerts>,
+    Extension(peer): Extension<Peer>,
     body: Result<Json<RenewRequest>, JsonRejection>,
 ) -> HubResult<Json<Enrolled>> {
     let Json(req) = body?;

@@ -24,30 +24,56 @@ pub struct HubCert {
 }
 
 impl HubCert {
-    /// Loads `<dir>/hub-cert.pem` and `<dir>/hub-key.pem`, creating them (self-signed, key
-    /// `0600`) on first start with the given DNS names and IP addresses as SANs.
-    pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self> {
-        let (cert_path, key_path) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
-        if !cert_path.exists() {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let mut params = rcgen::CertificateParams::new(names.to_vec())?;
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "fedmesh hub");
-            let now = SystemTime::now();
-            params.not_before = now.into();
-            params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 86_400)).into();
-            let cert = params.self_signed(&key)?;
-            files::write_secret(&key_path, key.serialize_pem().as_bytes())?;
-            files::write_public(&cert_path, cert.pem().as_bytes())?;
+    /// Makes `<dir>/hub-cert.pem` and `<dir>/hub-key.pem` (self-signed, key `0600`) with the
+    /// given DNS names and IP addresses as SANs. Refuses to replace either: the certificate's
+    /// pin is what every node and owner trusts the hub by.
+    pub fn create(dir: &Path, names: &[String]) -> Result<Self> {
+        let (cert_path, key_path) = paths(dir);
+        files::refuse_existing(&cert_path)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fedmesh hub");
+        let now = SystemTime::now();
+        params.not_before = now.into();
+        params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 86_400)).into();
+        let cert = params.self_signed(&key)?;
+        files::create_secret(&key_path, key.serialize_pem().as_bytes())?;
+        files::write_public(&cert_path, cert.pem().as_bytes())?;
+        Self::load(dir)
+    }
+
+    /// Loads `<dir>/hub-cert.pem` and `<dir>/hub-key.pem`. A missing one is an error naming
+    /// it, never a new certificate: that would change the pin every node trusts.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let (cert_path, key_path) = paths(dir);
+        for path in [&cert_path, &key_path] {
+            if !path.exists() {
+                anyhow::bail!(
+                    "{} is missing: restore it from a backup (a new hub certificate changes the \
+                     pin every node and owner trusts; `fedmesh hub --init` makes a new hub in \
+                     an empty data directory)",
+                    path.display()
+                );
+            }
         }
+        super::files::check_private(&key_path)?;
         let cert_pem = files::read_to_string(&cert_path)?;
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .with_context(|| format!("{} is not a PEM certificate", cert_path.display()))?;
-        Ok(Self {
+        let hub = Self {
             cert,
             key_pem: files::read_to_string(&key_path)?,
-        })
+        };
+        hub.server_config().with_context(|| {
+            format!(
+                "{} and {} do not make a usable TLS identity",
+                cert_path.display(),
+                key_path.display()
+            )
+        })?;
+        Ok(hub)
     }
 
     /// SHA-256 of the certificate: the pin clients check.
@@ -69,6 +95,10 @@ impl HubCert {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
+}
+
+fn paths(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    (dir.join("hub-cert.pem"), dir.join("hub-key.pem"))
 }
 
 /// A client config that trusts exactly the hub certificate with SHA-256 `pin`, optionally

@@ -1,5 +1,10 @@
 //! The agent's admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/peers`, and the
 //! vantage6-compatible `/vpn/algorithm/addresses`.
+//!
+//! Everything here is read-only and holds no secret: health, counters, and the peers' names
+//! and local addresses (what DNS and `FEDMESH_PEERS` give algorithms anyway). It is served with
+//! [`crate::serve`]'s bounds (header and body deadlines, connection caps), so a slow or
+//! flooding client cannot keep the probes from being answered.
 
 use std::{future::Future, sync::Arc, time::SystemTime};
 
@@ -47,10 +52,14 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(node, snapshot, metrics))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    crate::serve::serve(
+        listener,
+        router(node, snapshot, metrics),
+        None,
+        crate::serve::Bounds::default(),
+        shutdown,
+    )
+    .await
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -209,7 +209,8 @@ fn hub_chart_renders_valid_objects() {
         &json!([
             "hub",
             "--listen=0.0.0.0:8443",
-            "--data=/var/lib/fedmesh-hub",
+            "--data=/var/lib/fedmesh-hub/data",
+            "--init",
             "--name=hub.example.org",
             "--name=192.0.2.1"
         ])

@@ -130,7 +130,7 @@ async fn tampered_documents_are_refused_and_the_last_verified_state_kept() {
 
     // The double, with its own certificate; org-b's agent is pointed at it.
     let double_dir = tempfile::tempdir().unwrap();
-    let cert = HubCert::load_or_create(double_dir.path(), &["localhost".into()]).unwrap();
+    let cert = HubCert::create(double_dir.path(), &["localhost".into()]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let app = Router::new()
@@ -271,7 +271,7 @@ fn owner_token(key: &OwnerKey) -> String {
 async fn an_oversized_answer_from_the_hub_is_refused() {
     fedmesh_tests::subscribe();
     let dir = tempfile::tempdir().unwrap();
-    let cert = HubCert::load_or_create(dir.path(), &["localhost".into()]).unwrap();
+    let cert = HubCert::create(dir.path(), &["localhost".into()]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     // A page padded past the client's bound with whitespace (valid JSON, just too much of it).
