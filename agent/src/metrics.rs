@@ -57,6 +57,9 @@ pub struct Metrics {
     pub peer_rtt_us: Family<PeerLabels, Gauge>,
     /// Current path MTU (UDP payload bytes) to each peer.
     pub peer_path_mtu: Family<PeerLabels, Gauge>,
+    /// Answers from the hub that an honest hub does not give, by kind (see
+    /// `node::follow::Anomaly`).
+    pub hub_anomalies: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,6 +75,7 @@ impl Default for Metrics {
         let refused = Family::<ReasonLabels, Counter>::default();
         let peer_rtt_us = Family::<PeerLabels, Gauge>::default();
         let peer_path_mtu = Family::<PeerLabels, Gauge>::default();
+        let hub_anomalies = Family::<ReasonLabels, Counter>::default();
         let mut registry = Registry::with_prefix("fedmesh");
         registry.register(
             "links_active",
@@ -114,8 +118,14 @@ impl Default for Metrics {
             "Current path MTU to each peer",
             peer_path_mtu.clone(),
         );
+        registry.register(
+            "hub_anomalies",
+            "Answers from the hub an honest hub does not give (the agent backs off), by kind",
+            hub_anomalies.clone(),
+        );
         Self {
             registry,
+            hub_anomalies,
             peer_rtt_us,
             peer_path_mtu,
             links_active,
@@ -143,6 +153,13 @@ impl Metrics {
     /// Counts a refused stream.
     pub fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts a misbehaving answer from the hub.
+    pub fn hub_anomaly(&self, reason: &'static str) {
+        self.hub_anomalies
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -34,6 +34,12 @@ pub enum ClientError {
     /// The hub could not be reached or answered garbage.
     #[error("hub unreachable: {0}")]
     Transport(String),
+    /// The hub's answer is over the bound it is read up to.
+    #[error("the hub's answer exceeds {max} bytes")]
+    TooLarge {
+        /// The bound.
+        max: usize,
+    },
     /// The client could not be built.
     #[error("hub client setup failed: {0}")]
     Setup(String),
@@ -111,9 +117,7 @@ impl HubClient {
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > max {
-                return Err(ClientError::Transport(format!(
-                    "the hub's answer exceeds {max} bytes"
-                )));
+                return Err(ClientError::TooLarge { max });
             }
             body.extend_from_slice(&chunk);
         }
@@ -162,6 +166,23 @@ impl HubClient {
             .await
             .map_err(transport)?;
         Self::parse(resp).await
+    }
+
+    /// Whether the hub answers its health check.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/health", self.base))
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(ClientError::Refused {
+            status: resp.status().as_u16(),
+            message: resp.text().await.unwrap_or_default(),
+        })
     }
 
     /// Asks the hub to make and keep a CA for `collab` (online CA), with the owner's signed

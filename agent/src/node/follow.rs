@@ -1,23 +1,108 @@
 //! Following the hub: long-poll for documents after the ledger's cursor and verify each one into
 //! the ledger. A document that does not verify is reported and skipped; everything verified
-//! before stays. The hub is untrusted: it can withhold or garble, but not forge.
+//! before stays. The hub is untrusted: it can withhold or garble, but not forge, and it cannot
+//! keep the agent busy either.
+//!
+//! ```text
+//!  page ──triage──▶ fresh envelopes (seq above everything seen) ──verify──▶ ledger
+//!          │
+//!          └─▶ anomalies: cursor went back, old envelopes served again, more than asked for,
+//!              nothing new at once (the long poll did not wait), only forgeries, an answer
+//!              over the size bound ──▶ metric + throttled WARN + back off (1 s .. 60 s)
+//! ```
+//!
+//! Old envelopes are skipped without being verified again, a page holds at most [`PAGE_LIMIT`]
+//! envelopes and is read only up to what that many of the largest size take, so one answer
+//! costs bounded CPU and memory, and a misbehaving hub is asked at most about once a minute.
 
 use std::{
+    collections::BTreeSet,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
-use fedmesh_documents::Ledger;
+use fedmesh_documents::{Envelope, Ledger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::Snapshot;
-use crate::{enroll::NodeState, hub::client::HubClient};
+use crate::{
+    enroll::NodeState,
+    hub::{
+        api::DocsPage,
+        client::{ClientError, HubClient},
+    },
+    metrics::Metrics,
+    throttle::Throttle,
+};
 
 /// How long one long-poll waits at the hub.
 const POLL_WAIT: Duration = Duration::from_secs(25);
+/// Most envelopes asked for in one page.
+pub(crate) const PAGE_LIMIT: usize = 100;
+/// An answer with nothing new sooner than this did not wait for news: the hub is not long
+/// polling.
+const QUICK: Duration = Duration::from_secs(1);
+/// The first and the longest pause after a misbehaving answer.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Something a hub did that an honest hub does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Anomaly {
+    /// The page's cursor is below the one asked from.
+    CursorRegression,
+    /// Envelopes at or below what was already seen, served again.
+    Replayed,
+    /// More envelopes than asked for, or an answer over the size bound.
+    OversizedPage,
+    /// Nothing new, answered at once instead of after the long poll.
+    NotAdvancing,
+    /// New envelopes, none of which verified.
+    OnlyForgeries,
+}
+
+impl Anomaly {
+    /// The metric label.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::CursorRegression => "cursor_regression",
+            Self::Replayed => "replayed_documents",
+            Self::OversizedPage => "oversized_page",
+            Self::NotAdvancing => "not_advancing",
+            Self::OnlyForgeries => "only_forgeries",
+        }
+    }
+}
+
+/// The envelopes of `page` worth verifying (above `cursor`, in increasing order, at most
+/// `limit`), and what was wrong with the page.
+pub(crate) fn triage(
+    page: &DocsPage,
+    cursor: u64,
+    limit: usize,
+) -> (Vec<&Envelope>, BTreeSet<Anomaly>) {
+    let mut anomalies = BTreeSet::new();
+    if page.docs.len() > limit {
+        anomalies.insert(Anomaly::OversizedPage);
+    }
+    if page.cursor < cursor {
+        anomalies.insert(Anomaly::CursorRegression);
+    }
+    let mut seen = cursor;
+    let mut fresh = Vec::new();
+    for env in page.docs.iter().take(limit) {
+        if env.seq <= seen {
+            anomalies.insert(Anomaly::Replayed);
+            continue;
+        }
+        seen = env.seq;
+        fresh.push(env);
+    }
+    (fresh, anomalies)
+}
 
 /// Follows the hub: long-polls for documents and verifies each into the ledger. A document that
 /// does not verify is reported and skipped; everything verified before stays.
@@ -26,11 +111,22 @@ pub(super) async fn follow(
     mut hub: HubClient,
     ledger_tx: watch::Sender<Arc<Ledger>>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut ledger = (**ledger_tx.borrow()).clone();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = MIN_BACKOFF;
     let mut serial = state.identity()?.info().serial.clone();
+    let throttle = Throttle::default();
+    let report = |anomaly: Anomaly, detail: &str| {
+        metrics.hub_anomaly(anomaly.name());
+        if let Some(held_back) = throttle.admit(anomaly.name(), "hub", Instant::now()) {
+            warn!(
+                anomaly = anomaly.name(),
+                detail, held_back, "the hub misbehaves; backing off"
+            );
+        }
+    };
     loop {
         // After a renewal, talk to the hub with the new certificate.
         if let Ok(identity) = state.identity()
@@ -39,19 +135,27 @@ pub(super) async fn follow(
             hub = state.hub_client()?;
             serial = identity.info().serial.clone();
         }
+        let cursor = ledger.cursor();
+        let asked = Instant::now();
         let page = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            page = hub.docs(&state.config.collab, ledger.cursor(), POLL_WAIT) => page,
+            page = hub.docs_limited(&state.config.collab, cursor, POLL_WAIT, PAGE_LIMIT) => page,
         };
-        match page {
+        let misbehaved = match page {
             Ok(page) => {
-                backoff = Duration::from_millis(200);
+                let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
                 let mut rejected = Vec::new();
-                for env in &page.docs {
+                for env in &fresh {
                     if let Err(rejection) = ledger.ingest(env, SystemTime::now()) {
                         warn!(%rejection, "document refused; keeping the last verified state");
                         rejected.push(rejection);
                     }
+                }
+                if fresh.is_empty() && asked.elapsed() < QUICK {
+                    anomalies.insert(Anomaly::NotAdvancing);
+                }
+                if !fresh.is_empty() && rejected.len() == fresh.len() {
+                    anomalies.insert(Anomaly::OnlyForgeries);
                 }
                 if !rejected.is_empty() {
                     snapshot_tx.send_modify(|s| {
@@ -61,16 +165,102 @@ pub(super) async fn follow(
                         s.rejections.drain(..excess);
                     });
                 }
-                ledger_tx.send_replace(Arc::new(ledger.clone()));
+                if !fresh.is_empty() {
+                    ledger_tx.send_replace(Arc::new(ledger.clone()));
+                }
+                for &anomaly in &anomalies {
+                    let detail = format!(
+                        "asked after {cursor}, got {} envelopes ({} new) and cursor {}",
+                        page.docs.len(),
+                        fresh.len(),
+                        page.cursor
+                    );
+                    report(anomaly, &detail);
+                }
+                !anomalies.is_empty()
+            }
+            Err(ClientError::TooLarge { max }) => {
+                report(
+                    Anomaly::OversizedPage,
+                    &format!("an answer over {max} bytes"),
+                );
+                true
             }
             Err(error) => {
-                warn!(%error, retry_in = ?backoff, "cannot fetch documents from the hub");
-                tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+                if let Some(held_back) = throttle.admit("unreachable", "hub", Instant::now()) {
+                    warn!(%error, retry_in = ?backoff, held_back, "cannot fetch documents from the hub");
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                true
             }
+        };
+        if misbehaved {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        } else {
+            backoff = MIN_BACKOFF;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedmesh_documents::DocKind;
+
+    use super::*;
+
+    fn page(seqs: &[u64], cursor: u64) -> DocsPage {
+        DocsPage {
+            collab_jws: String::new(),
+            docs: seqs
+                .iter()
+                .map(|&seq| Envelope {
+                    seq,
+                    kind: DocKind::Advertisement,
+                    subject: String::new(),
+                    jws: String::new(),
+                })
+                .collect(),
+            cursor,
+        }
+    }
+
+    fn seqs(fresh: &[&Envelope]) -> Vec<u64> {
+        fresh.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn an_honest_page_has_no_anomaly() {
+        let p = page(&[6, 7, 8], 8);
+        let (fresh, anomalies) = triage(&p, 5, 10);
+        assert_eq!(seqs(&fresh), [6, 7, 8]);
+        assert!(anomalies.is_empty());
+    }
+
+    #[test]
+    fn old_envelopes_are_skipped_and_reported() {
+        let p = page(&[1, 2, 6, 6, 3, 7], 7);
+        let (fresh, anomalies) = triage(&p, 5, 10);
+        assert_eq!(
+            seqs(&fresh),
+            [6, 7],
+            "nothing at or below the cursor is verified again"
+        );
+        assert_eq!(anomalies, BTreeSet::from([Anomaly::Replayed]));
+    }
+
+    #[test]
+    fn a_cursor_going_back_and_an_oversized_page_are_reported() {
+        let p = page(&[], 2);
+        assert_eq!(
+            triage(&p, 5, 10).1,
+            BTreeSet::from([Anomaly::CursorRegression])
+        );
+        let p = page(&(6..30).collect::<Vec<_>>(), 29);
+        let (fresh, anomalies) = triage(&p, 5, 10);
+        assert_eq!(fresh.len(), 10, "at most the limit is verified");
+        assert_eq!(anomalies, BTreeSet::from([Anomaly::OversizedPage]));
     }
 }

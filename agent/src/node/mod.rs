@@ -328,6 +328,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             hub,
             ledger_tx,
             snapshot_tx.clone(),
+            metrics.clone(),
             c,
         ));
     }

@@ -1,9 +1,14 @@
-//! A compromised hub: a test double that serves the genuine documents, then tampered ones. The
-//! node agent must refuse each tampered document with its reason and keep what it verified.
+//! A compromised hub: a test double that serves the genuine documents, then tampered ones, then
+//! misbehaves (a cursor that never advances or goes back, old documents served again, floods of
+//! forgeries, oversized answers). The node agent must refuse each tampered document with its
+//! reason, keep what it verified, and spend bounded requests, CPU and memory on a bad hub.
 
 use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
@@ -28,11 +33,31 @@ fn n(s: &str) -> NodeRef {
     s.parse().unwrap()
 }
 
+/// How the double answers `GET .../docs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Mode {
+    /// Like the hub (after a short wait).
+    #[default]
+    Honest,
+    /// At once, nothing new, the cursor asked for: a cursor that never advances.
+    Stuck,
+    /// At once, every document from the start, cursor 0: old documents again, cursor back.
+    Replay,
+    /// At once, 300 new envelopes (more than the agent asks for) of one forged document.
+    Flood,
+    /// At once, an answer over the size bound the agent reads.
+    Huge,
+}
+
 /// The double's mailbox: whatever the test puts in it, served like the hub would.
 #[derive(Clone, Default)]
 struct Mailbox {
     collab_jws: Arc<Mutex<String>>,
     docs: Arc<Mutex<Vec<Envelope>>>,
+    mode: Arc<Mutex<Mode>>,
+    /// A forged envelope (for [`Mode::Flood`]).
+    forged: Arc<Mutex<Option<Envelope>>>,
+    requests: Arc<AtomicUsize>,
 }
 
 impl Mailbox {
@@ -47,22 +72,52 @@ async fn docs(
     State(m): State<Mailbox>,
     Path(_): Path<String>,
     Query(q): Query<DocsQuery>,
-) -> Json<DocsPage> {
-    // A short poll is enough here: the node asks again at once.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let docs: Vec<Envelope> = m
-        .docs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.seq > q.since)
-        .cloned()
-        .collect();
-    Json(DocsPage {
-        collab_jws: m.collab_jws.lock().unwrap().clone(),
-        cursor: docs.last().map_or(q.since, |e| e.seq),
-        docs,
-    })
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    m.requests.fetch_add(1, Ordering::Relaxed);
+    let collab_jws = m.collab_jws.lock().unwrap().clone();
+    let mode = *m.mode.lock().unwrap();
+    let page = |docs: Vec<Envelope>, cursor| {
+        Json(DocsPage {
+            collab_jws: collab_jws.clone(),
+            docs,
+            cursor,
+        })
+        .into_response()
+    };
+    match mode {
+        Mode::Honest => {
+            // A short poll is enough here: the node asks again at once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let docs: Vec<Envelope> = m
+                .docs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.seq > q.since)
+                .cloned()
+                .collect();
+            let cursor = docs.last().map_or(q.since, |e| e.seq);
+            page(docs, cursor)
+        }
+        Mode::Stuck => page(Vec::new(), q.since),
+        Mode::Replay => page(m.docs.lock().unwrap().clone(), 0),
+        Mode::Flood => {
+            let forged = m.forged.lock().unwrap().clone().unwrap();
+            let docs = (1..=300)
+                .map(|i| Envelope {
+                    seq: q.since + i,
+                    ..forged.clone()
+                })
+                .collect();
+            page(docs, q.since + 300)
+        }
+        Mode::Huge => format!(
+            r#"{{"collab_jws":"","docs":[],"cursor":0}}{}"#,
+            " ".repeat(hub::client::page_bytes(100) + 1)
+        )
+        .into_response(),
+    }
 }
 
 /// Takes whatever is submitted (the node's advertisement) without looking.
@@ -70,8 +125,33 @@ async fn submit() -> Json<Submitted> {
     Json(Submitted { seq: 0 })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_documents_are_refused_and_the_last_verified_state_kept() {
+/// A collaboration on a real hub with one approved link (org-a → org-b) and two revocation
+/// lists, whose org-b agent follows a double of the hub serving the same documents.
+struct Setup {
+    mesh: fedmesh_agent::mesh::LocalMesh,
+    mailbox: Mailbox,
+    agent: node::NodeHandle,
+    options: NodeOptions,
+    good: String,
+    genuine: fedmesh_documents::Ledger,
+    owner_key: OwnerKey,
+    _tmp: tempfile::TempDir,
+    _double_dir: tempfile::TempDir,
+}
+
+/// Starts org-b's agent and waits until it has the approved link.
+async fn start_synced(options: &NodeOptions, good: &str) -> node::NodeHandle {
+    let agent = node::start(options.clone()).await.unwrap();
+    agent
+        .wait_for(Duration::from_secs(10), |s| {
+            s.links.iter().any(|l| l.terms.id == good)
+        })
+        .await
+        .unwrap();
+    agent
+}
+
+async fn setup() -> Setup {
     fedmesh_tests::subscribe();
     // A real hub for the setup: collaboration, enrollment, one approved link.
     let tmp = tempfile::tempdir().unwrap();
@@ -161,7 +241,7 @@ async fn tampered_documents_are_refused_and_the_last_verified_state_kept() {
         serde_json::to_vec(&config).unwrap(),
     )
     .unwrap();
-    let agent = node::start(NodeOptions {
+    let options = NodeOptions {
         state,
         relay_listen: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
@@ -173,16 +253,35 @@ async fn tampered_documents_are_refused_and_the_last_verified_state_kept() {
         admin_listen: None,
         relay: RelayOptions::default(),
         kubernetes: None,
-    })
-    .await
-    .unwrap();
-    agent
-        .wait_for(Duration::from_secs(10), |s| {
-            s.links.iter().any(|l| l.terms.id == good)
-        })
-        .await
-        .unwrap();
+    };
+    let agent = start_synced(&options, &good).await;
+    Setup {
+        mesh,
+        mailbox,
+        agent,
+        options,
+        good,
+        genuine,
+        owner_key,
+        _tmp: tmp,
+        _double_dir: double_dir,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_documents_are_refused_and_the_last_verified_state_kept() {
+    let Setup {
+        mesh,
+        mailbox,
+        agent,
+        good,
+        genuine,
+        owner_key,
+        _tmp,
+        _double_dir,
+        ..
+    } = setup().await;
+    let hour = Duration::from_secs(3600);
     let now = jws::unix(SystemTime::now());
     let sign = |doc: &Document, key: &OwnerKey| jws::sign(doc, &Signer::Owner(key)).unwrap();
     let revoke_good = Document::Revocation(Revocation {
@@ -295,4 +394,98 @@ async fn an_oversized_answer_from_the_hub_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("exceeds"), "{err}");
+}
+
+/// CPU time this process has used.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(usage.user_time()) + tv(usage.system_time())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_hub_gets_few_requests_little_cpu_and_nothing_forged_in() {
+    let Setup {
+        mesh,
+        mailbox,
+        agent,
+        good,
+        owner_key,
+        options,
+        _tmp,
+        _double_dir,
+        ..
+    } = setup().await;
+    // A forged approval of a link org-c -> org-b: the owner's key id, a broken signature.
+    let terms = owner::terms(
+        "collab-x",
+        &n("org-c/n1"),
+        &n("org-b/n1"),
+        &["23".parse().unwrap()],
+        Duration::from_secs(3600),
+        None,
+    )
+    .unwrap();
+    let approval = Document::Approval(Approval {
+        terms: terms.clone(),
+        approved_by: "owner@fedmesh.demo".into(),
+        approved_at: jws::unix(SystemTime::now()),
+    });
+    let mut forged = jws::sign(&approval, &Signer::Owner(&owner_key))
+        .unwrap()
+        .into_bytes();
+    let at = forged.len() - 10;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    *mailbox.forged.lock().unwrap() =
+        Some(Envelope::new(0, String::from_utf8(forged).unwrap()).unwrap());
+
+    // Each way of misbehaving against a fresh agent (so that none inherits another's back-off):
+    // synced with the honest double first, then 15 s of the hostile one.
+    agent.shutdown().await.unwrap();
+    let window = Duration::from_secs(15);
+    let mut report = Vec::new();
+    for (mode, kinds) in [
+        (Mode::Stuck, &["not_advancing"][..]),
+        (
+            Mode::Replay,
+            &["replayed_documents", "cursor_regression"][..],
+        ),
+        (Mode::Flood, &["oversized_page", "only_forgeries"][..]),
+        (Mode::Huge, &["oversized_page"][..]),
+    ] {
+        *mailbox.mode.lock().unwrap() = Mode::Honest;
+        let agent = start_synced(&options, &good).await;
+        *mailbox.mode.lock().unwrap() = mode;
+        let (requests, cpu, started) = (
+            mailbox.requests.load(Ordering::Relaxed),
+            cpu_time(),
+            Instant::now(),
+        );
+        tokio::time::sleep(window).await;
+        let requests = mailbox.requests.load(Ordering::Relaxed) - requests;
+        let cpu = cpu_time() - cpu;
+        report.push(format!(
+            "{mode:?}: {requests} requests, {cpu:?} CPU in {:?}",
+            started.elapsed()
+        ));
+        // An agent asking at once again and again makes hundreds of requests and holds a core.
+        assert!((1..=12).contains(&requests), "{report:?}");
+        assert!(cpu < Duration::from_secs(5), "{report:?}");
+        let snap = agent.snapshot.borrow().clone();
+        assert_eq!(snap.links.len(), 1, "{mode:?}: {:?}", snap.links);
+        assert_eq!(snap.links[0].terms.id, good, "nothing forged is in force");
+        let metrics = agent.metrics.render();
+        for kind in kinds {
+            assert!(
+                metrics.contains(&format!("fedmesh_hub_anomalies_total{{reason=\"{kind}\"}}")),
+                "{mode:?}: {kind} not reported:\n{metrics}"
+            );
+        }
+        agent.shutdown().await.unwrap();
+    }
+    eprintln!("{report:#?}");
+    mesh.shutdown().await.unwrap();
 }
