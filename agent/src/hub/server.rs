@@ -206,8 +206,8 @@ struct CollabState {
     /// Join token secrets (SHA-256) that can never be used again.
     spent: BTreeMap<String, Spent>,
     latest: watch::Sender<u64>,
-    /// SHA-256 of each stored payload → its sequence number.
-    payloads: HashMap<String, u64>,
+    /// SHA-256 of each stored JWS → its sequence number (exact replays).
+    stored: HashMap<String, u64>,
     /// (kind, subject) → the latest sequence number stored for it.
     subjects: HashMap<(DocKind, String), u64>,
     /// Storage per signer (`org/node`, or `owner`), and in all.
@@ -225,7 +225,7 @@ impl CollabState {
             grants: BTreeMap::new(),
             spent: BTreeMap::new(),
             latest: watch::channel(0).0,
-            payloads: HashMap::new(),
+            stored: HashMap::new(),
             subjects: HashMap::new(),
             usage: HashMap::new(),
             total: Stored::default(),
@@ -244,7 +244,7 @@ impl CollabState {
 
     /// Indexes a stored envelope.
     fn index(&mut self, env: Envelope) {
-        self.payloads.insert(payload_digest(&env.jws), env.seq);
+        self.stored.insert(digest(&env.jws), env.seq);
         self.subjects
             .insert((env.kind, env.subject.clone()), env.seq);
         self.usage
@@ -256,10 +256,8 @@ impl CollabState {
     }
 }
 
-/// SHA-256 of a JWS's payload: the same document signed again has the same one.
-fn payload_digest(jws: &str) -> String {
-    let payload = jws.split('.').nth(1).unwrap_or(jws);
-    fedmesh_certs::fingerprint(payload.as_bytes())
+fn digest(jws: &str) -> String {
+    fedmesh_certs::fingerprint(jws.as_bytes())
 }
 
 /// Who a stored document counts against: the signing node (`org/node`), or `owner`.
@@ -486,7 +484,7 @@ impl Hub {
 }
 
 /// Who is asking, for the log: the certificate's SPIFFE ID and serial (not yet verified) over
-/// mutual TLS, and the address.
+/// mutual TLS, else the IP address.
 fn who(peer: &Peer) -> String {
     let cert = peer
         .certs
@@ -494,11 +492,8 @@ fn who(peer: &Peer) -> String {
         .and_then(|c| c.first())
         .and_then(|der| CertInfo::parse(der).ok());
     match cert {
-        Some(info) => format!(
-            "{} serial {} at {}",
-            info.spiffe_id, info.serial, peer.remote
-        ),
-        None => peer.remote.to_string(),
+        Some(info) => format!("{} serial {}", info.spiffe_id, info.serial),
+        None => peer.remote.ip().to_string(),
     }
 }
 
@@ -522,7 +517,10 @@ async fn guard(
         let class = status.canonical_reason().unwrap_or("refused");
         let who = who(&peer);
         if let Some(held_back) = hub.shared.throttle.admit(class, &who, Instant::now()) {
-            warn!(%who, %method, %path, status = status.as_u16(), %reason, held_back, "request refused");
+            warn!(
+                %who, remote = %peer.remote, %method, %path, status = status.as_u16(), %reason,
+                held_back, "request refused"
+            );
         }
     }
     response
@@ -759,8 +757,9 @@ async fn create_collab(
 }
 
 /// Checks `doc_jws` against a copy of the collaboration's ledger and the hub's rules and
-/// quotas, persists it, then applies it. A document that changes nothing is answered with the
-/// sequence number the hub already has for it (200) and stores nothing.
+/// quotas, persists it, then applies it. A document that changes nothing (an exact replay, the
+/// same document signed again, an older version) is answered with the sequence number the hub
+/// already has for it (200) and stores nothing.
 fn accept(
     hub: &Hub,
     store: &Store,
@@ -771,8 +770,8 @@ fn accept(
 ) -> HubResult<(StatusCode, Json<Submitted>)> {
     let env = Envelope::new(state.seq() + 1, doc_jws)
         .map_err(|e| HubError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let digest = payload_digest(&env.jws);
-    if let Some(&seq) = state.payloads.get(&digest) {
+    // An exact replay of a stored document needs no second look.
+    if let Some(&seq) = state.stored.get(&digest(&env.jws)) {
         return Ok((StatusCode::OK, Json(Submitted { seq })));
     }
     let mut next = state.ledger.clone();

@@ -318,6 +318,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_flipped_bit_is_found_by_the_record_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let store = Store::create(&path, "pin").unwrap();
+        let env = Envelope {
+            seq: 1,
+            kind: fedmesh_documents::DocKind::Revocation,
+            subject: "1".into(),
+            jws: "eyJhbGciOiJFUzI1NiJ9.eyJudW1iZXIiOjF9.c2lnbmF0dXJlLXNpZ25hdHVyZQ".into(),
+        };
+        store.append("collab-x", &env, None).unwrap();
+        drop(store);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let needle = b"eyJudW1iZXIiOjF9";
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap();
+        bytes[at + 3] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let err = match Store::open(&path).and_then(|s| s.load()) {
+            Ok(_) => panic!("a flipped bit went unnoticed"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("record docs/collab-x/1 does not match its checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn records_are_checked_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");

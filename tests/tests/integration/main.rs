@@ -7,6 +7,7 @@ mod chart;
 mod cli_certs;
 mod examples;
 mod hub;
+mod hub_hardening;
 mod relay;
 mod tampering;
 mod tls;
