@@ -166,10 +166,13 @@ pub async fn serve(
         per_ip = bounds.max_connections_per_ip,
         "connection caps"
     );
-    let app = app.layer(axum::middleware::from_fn_with_state(bounds, bounded_body));
+    let throttle = Arc::new(Throttle::default());
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        (bounds, throttle.clone()),
+        bounded_body,
+    ));
     let acceptor = tls.map(TlsAcceptor::from);
     let counts = Arc::new(Mutex::new(Counts::default()));
-    let throttle = Arc::new(Throttle::default());
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -266,9 +269,21 @@ where
 
 /// Reads the whole request body within the body deadline and size bound before the handler
 /// sees it.
-async fn bounded_body(State(bounds): State<Bounds>, req: Request, next: Next) -> Response {
+async fn bounded_body(
+    State((bounds, throttle)): State<(Bounds, Arc<Throttle>)>,
+    Extension(peer): Extension<Peer>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
     let refuse = |status: StatusCode, error: String| {
+        let reason = status.canonical_reason().unwrap_or("refused");
+        if let Some(held_back) =
+            throttle.admit(reason, &peer.remote.ip().to_string(), Instant::now())
+        {
+            warn!(remote = %peer.remote, %path, %error, held_back, "request refused");
+        }
         (status, Json(serde_json::json!({ "error": error }))).into_response()
     };
     match tokio::time::timeout(

@@ -55,7 +55,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            connections: Bounds::default(),
+            connections: Bounds {
+                max_body_bytes: super::api::MAX_BODY_BYTES,
+                ..Bounds::default()
+            },
             requests_per_ip: Rate {
                 burst: 200,
                 every: Duration::from_millis(20),

@@ -293,6 +293,28 @@ struct Inner {
     ca_key_path: PathBuf,
 }
 
+impl Inner {
+    /// Forgets online CAs whose collaboration did not come within `ttl` seconds.
+    fn drop_expired_cas(&mut self, now: u64, ttl: u64) -> HubResult<()> {
+        let expired: Vec<String> = self
+            .pending_cas
+            .iter()
+            .filter(|(_, p)| p.created_at + ttl <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !expired.is_empty() {
+            self.store
+                .remove_cas(&expired)
+                .map_err(HubError::internal)?;
+            for id in &expired {
+                self.pending_cas.remove(id);
+            }
+            info!(collabs = ?expired, "online CAs whose collaboration never came were dropped");
+        }
+        Ok(())
+    }
+}
+
 /// What the handlers share besides the state behind the lock.
 struct Shared {
     options: HubOptions,
@@ -731,6 +753,8 @@ async fn create_collab(
         return accept(&hub, &inner.store, &c.id, state, doc_jws, now());
     }
     check_allowed(&hub.shared.options, &owner, &c.id)?;
+    let ttl = hub.shared.options.limits.pending_ca_ttl.as_secs();
+    inner.drop_expired_cas(jws::unix(now()), ttl)?;
     if let Some(pending) = inner.pending_cas.get(&c.id) {
         if pending.owner != owner {
             return Err(HubError::new(

@@ -48,6 +48,9 @@ const QUICK: Duration = Duration::from_secs(1);
 /// The first and the longest pause after a misbehaving answer.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The first and the longest pause after the hub could not be reached (a restart is over soon).
+const MIN_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Something a hub did that an honest hub does not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -116,6 +119,7 @@ pub(super) async fn follow(
 ) -> Result<()> {
     let mut ledger = (**ledger_tx.borrow()).clone();
     let mut backoff = MIN_BACKOFF;
+    let mut retry = MIN_RETRY;
     let mut serial = state.identity()?.info().serial.clone();
     let throttle = Throttle::default();
     let report = |anomaly: Anomaly, detail: &str| {
@@ -141,7 +145,7 @@ pub(super) async fn follow(
             () = cancel.cancelled() => return Ok(()),
             page = hub.docs_limited(&state.config.collab, cursor, POLL_WAIT, PAGE_LIMIT) => page,
         };
-        let misbehaved = match page {
+        let pause = match page {
             Ok(page) => {
                 let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
                 let mut rejected = Vec::new();
@@ -177,32 +181,38 @@ pub(super) async fn follow(
                     );
                     report(anomaly, &detail);
                 }
-                !anomalies.is_empty()
+                retry = MIN_RETRY;
+                (!anomalies.is_empty()).then(|| next(&mut backoff, MAX_BACKOFF))
             }
             Err(ClientError::TooLarge { max }) => {
                 report(
                     Anomaly::OversizedPage,
                     &format!("an answer over {max} bytes"),
                 );
-                true
+                Some(next(&mut backoff, MAX_BACKOFF))
             }
             Err(error) => {
                 if let Some(held_back) = throttle.admit("unreachable", "hub", Instant::now()) {
-                    warn!(%error, retry_in = ?backoff, held_back, "cannot fetch documents from the hub");
+                    warn!(%error, retry_in = ?retry, held_back, "cannot fetch documents from the hub");
                 }
-                true
+                Some(next(&mut retry, MAX_RETRY))
             }
         };
-        if misbehaved {
-            tokio::select! {
+        match pause {
+            Some(pause) => tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        } else {
-            backoff = MIN_BACKOFF;
+                () = tokio::time::sleep(pause) => {}
+            },
+            None => backoff = MIN_BACKOFF,
         }
     }
+}
+
+/// The pause to take now; the next one is twice as long, up to `max`.
+fn next(pause: &mut Duration, max: Duration) -> Duration {
+    let now = *pause;
+    *pause = (now * 2).min(max);
+    now
 }
 
 #[cfg(test)]

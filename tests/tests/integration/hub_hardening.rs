@@ -626,7 +626,7 @@ async fn slow_clients_cannot_starve_the_hub_under_a_low_file_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_admin_server_closes_slow_headers() {
+async fn the_admin_server_closes_slow_headers_and_bodies() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(fedmesh_agent::node::Snapshot::default()));
@@ -647,6 +647,23 @@ async fn the_admin_server_closes_slow_headers() {
     assert!(
         closed.is_ok(),
         "slow headers held the connection open for 30 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // A body that never finishes: 408 after the 10 s body deadline.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), slow.read(&mut answer))
+        .await
+        .expect("a slow body held the connection for 30 s")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
     );
     assert!(started.elapsed() < Duration::from_secs(20));
     // The probes still answer.
