@@ -32,9 +32,9 @@ use tokio::{
 };
 
 use crate::{
-    cli::owner::print_table,
     mesh::{LocalMesh, MeshOptions, NodeSpec},
     node::Expose,
+    output::table,
 };
 
 /// The demo's vantage6 task id (every demo link serves it).
@@ -176,14 +176,17 @@ pub async fn print_overview(mesh: &LocalMesh) -> Result<()> {
                 l.terms
                     .ports
                     .iter()
-                    .map(port_text)
+                    .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
                 l.state.to_string(),
             ]
         })
         .collect();
-    print_table(&["LINK", "FROM", "TO", "PORTS", "STATE"], &rows);
+    print!(
+        "{}",
+        table(&["LINK", "FROM", "TO", "PORTS", "STATE"], &rows)
+    );
     for (node, handle) in &mesh.nodes {
         let snap = handle.snapshot.borrow().clone();
         println!("\n{node} sees (FEDMESH_PEERS):");
@@ -195,17 +198,10 @@ pub async fn print_overview(mesh: &LocalMesh) -> Result<()> {
         if rows.is_empty() {
             println!("  (no peers it may dial)");
         } else {
-            print_table(&["PEER NAME", "ADDRESS"], &rows);
+            print!("{}", table(&["PEER NAME", "ADDRESS"], &rows));
         }
     }
     Ok(())
-}
-
-fn port_text(p: &PortSpec) -> String {
-    match &p.label {
-        Some(l) => format!("{}:{l}", p.port),
-        None => p.port.to_string(),
-    }
 }
 
 /// Sends 64 KiB through every link to an echo server at the target and checks it comes back.
@@ -242,7 +238,7 @@ pub async fn prove_traffic(mesh: &LocalMesh, links: &[DemoLink]) -> Result<()> {
                 "  {} -> {} {:<12} via {addr:<20} {n} bytes echoed intact in {:.1} ms",
                 from.node,
                 to.node,
-                port_text(&l.port),
+                l.port.to_string(),
                 elapsed.as_secs_f64() * 1e3
             ),
             Err(e) => bail!("{} -> {} port {}: {e:#}", from.node, to.node, l.port.port),

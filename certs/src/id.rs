@@ -59,6 +59,14 @@ impl TrustDomain {
         })
     }
 
+    /// Parses the domain `<collab>.fedmesh`; `None` when it is not a fedmesh trust domain.
+    pub fn from_domain(domain: &str) -> Option<Result<Self>> {
+        let collab = domain
+            .strip_suffix(TRUST_DOMAIN_SUFFIX)?
+            .strip_suffix('.')?;
+        Some(Self::new(collab))
+    }
+
     /// The collaboration id.
     pub fn collab(&self) -> &str {
         &self.collab
@@ -114,9 +122,8 @@ impl SpiffeId {
         let (domain, path) = rest
             .split_once('/')
             .ok_or_else(|| fail("has no path; expected /org/<org>/node/<node>"))?;
-        let collab = domain
-            .strip_suffix(".fedmesh")
-            .ok_or_else(|| fail("trust domain must be <collab>.fedmesh"))?;
+        let domain = TrustDomain::from_domain(domain)
+            .ok_or_else(|| fail("trust domain must be <collab>.fedmesh"))??;
         let parts: Vec<&str> = path.split('/').collect();
         let [org_kw, org, node_kw, node] = parts[..] else {
             return Err(fail("path must be /org/<org>/node/<node>"));
@@ -124,7 +131,7 @@ impl SpiffeId {
         if org_kw != "org" || node_kw != "node" {
             return Err(fail("path must be /org/<org>/node/<node>"));
         }
-        Self::new(collab, org, node)
+        Self::new(&domain.collab, org, node)
     }
 
     /// Parses the node DNS name `<node>.<org>.<collab>.fedmesh`.

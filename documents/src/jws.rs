@@ -8,7 +8,7 @@
 //! - a **node**: header `x5c` = its certificate chain, verified to the collaboration CA at the
 //!   time the document says it was signed, and bound to the node the document speaks for.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_certs::{CertInfo, NodeKey, TrustBundle, verify::Usage};
@@ -237,7 +237,7 @@ pub fn verify_node(
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    let signed_at = UNIX_EPOCH + Duration::from_secs(signed_at(&doc));
+    let signed_at = fedmesh_certs::time::from_unix(signed_at(&doc));
     if signed_at > now + MAX_CLOCK_SKEW {
         return Err(Error::Signature(format!(
             "document claims to be signed {}s in the future",
@@ -265,7 +265,4 @@ pub fn signed_at(doc: &Document) -> u64 {
     }
 }
 
-/// Unix seconds of `t`.
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
+pub use fedmesh_certs::time::unix;

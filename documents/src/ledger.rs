@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use fedmesh_certs::{CertInfo, TrustBundle};
+use fedmesh_certs::{CertInfo, TrustBundle, id::TRUST_DOMAIN_SUFFIX};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -498,7 +498,7 @@ impl Ledger {
             return refuse(
                 Invalid,
                 format!(
-                    "CA is for trust domain {}, not {}.fedmesh",
+                    "CA is for trust domain {}, not {}.{TRUST_DOMAIN_SUFFIX}",
                     bundle.trust_domain(),
                     c.id
                 ),

@@ -33,10 +33,13 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use fedmesh_certs::{SpiffeId, id::validate_label};
+use fedmesh_certs::{
+    SpiffeId,
+    id::{TRUST_DOMAIN_SUFFIX, validate_label},
+    time::rfc3339_unix as rfc3339,
+};
 use fedmesh_documents::{EffectiveLink, NodeRef};
 use serde_json::{Map, Value, json};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     Error, Result,
@@ -841,7 +844,7 @@ fn pods_in(ns: &str, key: &str, value: &str) -> Value {
 /// `<src-node>.<src-org>.p<port>.<dst-node>.<dst-org>.<collab>.fedmesh`.
 pub fn sni(collab: &str, src: &NodeRef, port: u16, dst: &NodeRef) -> Result<String> {
     let name = format!(
-        "{}.{}.p{port}.{}.{}.{collab}.fedmesh",
+        "{}.{}.p{port}.{}.{}.{collab}.{TRUST_DOMAIN_SUFFIX}",
         src.node, src.org, dst.node, dst.org
     );
     if name.len() > 253 {
@@ -883,12 +886,6 @@ fn join<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
 
 fn as_text(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
-}
-
-/// RFC 3339 in UTC, when the time can be written so.
-fn rfc3339(unix: u64) -> Option<String> {
-    let t = OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
-    t.format(&Rfc3339).ok()
 }
 
 #[cfg(test)]

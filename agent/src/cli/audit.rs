@@ -25,6 +25,7 @@ use crate::{
         desired::Memory,
         plan::{self, Report},
     },
+    output::table,
     owner,
 };
 
@@ -154,29 +155,6 @@ pub fn format(report: &Report, output: AuditOutput) -> Result<String> {
         ));
     }
     Ok(out)
-}
-
-/// Left-aligned columns, two spaces apart.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let cells: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        format!("{}\n", cells.join("  ").trim_end())
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -3,14 +3,14 @@
 //! certificates move.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use fedmesh_certs::{
-    CertInfo, CollabCa, IssuancePolicy, NodeKey, SpiffeId, TrustBundle, files, verify::Usage,
+    CertInfo, IssuancePolicy, SpiffeId, TrustBundle, files, time::rfc3339, verify::Usage,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Serialize;
@@ -96,46 +96,6 @@ pub enum CertCommand {
     },
 }
 
-/// The CA certificate's path in a CA directory.
-pub fn ca_cert_path(dir: &Path) -> PathBuf {
-    dir.join("ca.pem")
-}
-
-/// The CA key's path in a CA directory.
-pub fn ca_key_path(dir: &Path) -> PathBuf {
-    dir.join("ca-key.pem")
-}
-
-/// Loads the CA in `dir`.
-pub fn load_ca(dir: &Path) -> Result<CollabCa> {
-    let cert = files::read_to_string(&ca_cert_path(dir))?;
-    let key = files::read_to_string(&ca_key_path(dir))?;
-    Ok(CollabCa::from_pem(&cert, &key)?)
-}
-
-/// Creates a CA in `dir`, refusing to overwrite one.
-pub fn init_ca(collab: &str, dir: &Path, validity: Duration) -> Result<CollabCa> {
-    let (cert_path, key_path) = (ca_cert_path(dir), ca_key_path(dir));
-    for p in [&cert_path, &key_path] {
-        files::refuse_existing(p).context("a CA is already initialised there")?;
-    }
-    let ca = CollabCa::generate(collab, SystemTime::now(), validity)?;
-    files::create_secret(&key_path, ca.key_pem().as_bytes())?;
-    files::write_public(&cert_path, ca.cert_pem().as_bytes())?;
-    Ok(ca)
-}
-
-/// Loads the node key at `path`, or makes one there (0600).
-pub fn load_or_create_key(path: &Path) -> Result<NodeKey> {
-    if path.exists() {
-        return NodeKey::from_pem(&files::read_to_string(path)?)
-            .with_context(|| format!("{} is not a usable node key", path.display()));
-    }
-    let key = NodeKey::generate()?;
-    files::create_secret(path, key.private_pem().as_bytes())?;
-    Ok(key)
-}
-
 pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
     match cmd {
         CaCommand::Init {
@@ -143,7 +103,7 @@ pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
             dir,
             validity,
         } => {
-            let ca = init_ca(&collab, &dir, validity)?;
+            let ca = files::init_ca(&collab, &dir, SystemTime::now(), validity)?;
             println!(
                 "created CA for trust domain {} in {}\nfingerprint sha256:{}",
                 ca.trust_domain(),
@@ -158,7 +118,7 @@ pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
             ttl,
             max_ttl,
         } => {
-            let ca = load_ca(&dir)?;
+            let ca = files::load_ca(&dir)?;
             let policy = IssuancePolicy::with_max_ttl(max_ttl)?;
             let csr_pem = files::read_to_string(&csr)?;
             let issued = ca.sign_csr_pem(&csr_pem, &policy, ttl, SystemTime::now())?;
@@ -183,7 +143,7 @@ pub(crate) fn run_csr(args: CsrArgs) -> Result<()> {
         out,
     } = args;
     let id = SpiffeId::new(&collab, &org, &node)?;
-    let node_key = load_or_create_key(&key)?;
+    let node_key = files::load_or_create_key(&key)?;
     let csr = node_key.csr(&id)?;
     files::write_public(&out, csr.pem.as_bytes())?;
     println!("wrote CSR for {id} to {}", out.display());
@@ -287,9 +247,4 @@ fn print_text(r: &Inspection) {
             Some(e) => println!("{:<12} FAILED: {e}", "verified"),
         }
     }
-}
-
-/// Formats a time as RFC 3339 (UTC, seconds).
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -11,10 +11,13 @@ use fedmesh_documents::{
     Verdict, jws,
 };
 
-use super::certs::{Output, rfc3339};
+use fedmesh_certs::time::rfc3339;
+
+use super::certs::Output;
 use crate::{
     enroll::{self, NodeState},
     hub::api::JoinToken,
+    output::table,
     owner::{self, HubAddress, NewCollab, Owner},
 };
 
@@ -339,7 +342,7 @@ async fn decide(args: DecideArgs, verdict: Verdict) -> Result<()> {
 fn when(t: Option<u64>) -> String {
     t.map_or_else(
         || "-".to_owned(),
-        |s| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s)),
+        |s| rfc3339(fedmesh_certs::time::from_unix(s)),
     )
 }
 
@@ -351,15 +354,7 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
     let rows: Vec<[String; 9]> = links
         .iter()
         .map(|l| {
-            let ports: Vec<String> = l
-                .terms
-                .ports
-                .iter()
-                .map(|p| match &p.label {
-                    Some(label) => format!("{}:{label}", p.port),
-                    None => p.port.to_string(),
-                })
-                .collect();
+            let ports: Vec<String> = l.terms.ports.iter().map(ToString::to_string).collect();
             [
                 l.terms.id.clone(),
                 l.terms.from.to_string(),
@@ -397,28 +392,6 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
         "APPROVED",
         "DECIDED",
     ];
-    print_table(&header, &rows);
+    print!("{}", table(&header, &rows));
     Ok(())
-}
-
-/// Prints left-aligned columns.
-pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
 }

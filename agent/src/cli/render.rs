@@ -7,15 +7,15 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
+use fedmesh_certs::time::{self, parse_rfc3339};
 use fedmesh_documents::NodeRef;
 use fedmesh_mesh_config::{
     CollabFile, ObjectKey, Rendered,
-    collab_file::parse_time,
     render::{COLLABORATION, MANAGED_BY, to_yaml},
 };
 use serde_json::Value;
@@ -40,7 +40,7 @@ pub struct RenderArgs {
 }
 
 fn parse_now(s: &str) -> Result<SystemTime, String> {
-    parse_time(s).map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+    parse_rfc3339(s).map(time::from_unix)
 }
 
 /// Runs `fedmesh render`.
