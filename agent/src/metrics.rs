@@ -57,6 +57,8 @@ pub struct Metrics {
     pub peer_rtt_us: Family<PeerLabels, Gauge>,
     /// Current path MTU (UDP payload bytes) to each peer.
     pub peer_path_mtu: Family<PeerLabels, Gauge>,
+    /// Peers whose advertised relay host name does not resolve.
+    pub peers_unresolved: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +74,7 @@ impl Default for Metrics {
         let refused = Family::<ReasonLabels, Counter>::default();
         let peer_rtt_us = Family::<PeerLabels, Gauge>::default();
         let peer_path_mtu = Family::<PeerLabels, Gauge>::default();
+        let peers_unresolved = Gauge::default();
         let mut registry = Registry::with_prefix("fedmesh");
         registry.register(
             "links_active",
@@ -114,8 +117,14 @@ impl Default for Metrics {
             "Current path MTU to each peer",
             peer_path_mtu.clone(),
         );
+        registry.register(
+            "peers_unresolved",
+            "Peers whose advertised relay host name does not resolve",
+            peers_unresolved.clone(),
+        );
         Self {
             registry,
+            peers_unresolved,
             peer_rtt_us,
             peer_path_mtu,
             links_active,

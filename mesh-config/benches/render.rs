@@ -40,6 +40,7 @@ fn view(peers: usize) -> NodeView {
     let mut view = NodeView {
         collab: "bench".into(),
         local: local.clone(),
+        members: (0..=peers).map(node).collect(),
         peers: BTreeMap::new(),
         links: Vec::new(),
         services: BTreeMap::new(),

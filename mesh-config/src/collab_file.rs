@@ -328,6 +328,7 @@ impl CollabFile {
         Ok(NodeView {
             collab: self.collab.clone(),
             local: local.clone(),
+            members: self.members.keys().cloned().collect(),
             peers,
             links,
             services,

@@ -34,8 +34,8 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use fedmesh_certs::{
-    SpiffeId,
-    id::{TRUST_DOMAIN_SUFFIX, validate_label},
+    SpiffeId, TrustDomain,
+    id::{PeerNames, TRUST_DOMAIN_SUFFIX, validate_label},
     time::rfc3339_unix as rfc3339,
 };
 use fedmesh_documents::{EffectiveLink, NodeRef};
@@ -202,18 +202,20 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
     let mut objects = r.baseline()?;
     // Growing a large Vec frees large blocks, which is costly with some allocators.
     objects.reserve(6 * outbound.len() + 5 * inbound.len());
-    let mut per_org: BTreeMap<&str, usize> = BTreeMap::new();
-    for peer in outbound.keys() {
-        *per_org.entry(peer.org.as_str()).or_default() += 1;
-    }
+    let names = PeerNames::new(
+        TrustDomain::new(&view.collab)?,
+        view.members
+            .iter()
+            .map(|m| (m.org.as_str(), m.node.as_str())),
+    );
     let services = default_services(&inbound, &view.services);
     let peers: BTreeSet<&NodeRef> = outbound.keys().chain(inbound.keys()).copied().collect();
     for peer in peers {
         if let (Some(links), Some(info), Some(vip)) =
             (outbound.get(peer), view.peers.get(peer), vips.get(peer))
         {
-            let alias = per_org.get(peer.org.as_str()) == Some(&1);
-            objects.extend(r.outbound(peer, info, *vip, alias, links)?);
+            let hosts = names.of(&peer.org, &peer.node);
+            objects.extend(r.outbound(peer, info, *vip, hosts, links)?);
         }
         if let Some(links) = inbound.get(peer) {
             objects.extend(r.inbound(peer, links, &services)?);
@@ -472,7 +474,7 @@ impl Renderer<'_> {
         peer: &NodeRef,
         info: &Peer,
         vip: Ipv4Addr,
-        alias: bool,
+        hosts: Vec<String>,
         links: &[&EffectiveLink],
     ) -> Result<Vec<Value>> {
         let o = self.options;
@@ -480,10 +482,6 @@ impl Renderer<'_> {
         let collab = self.collab();
         let id = SpiffeId::new(collab, &peer.org, &peer.node)?;
         let host = id.dns_name();
-        let mut hosts = vec![host.clone()];
-        if alias {
-            hosts.push(format!("{}.{collab}.fedmesh", peer.org));
-        }
         let ports = Ports::of(links);
         let out = peer_name(collab, "out", peer, None);
         let egress = peer_name(collab, "egress", peer, None);
@@ -913,6 +911,7 @@ mod tests {
         NodeView {
             collab: "c".into(),
             local: n("a/n1"),
+            members: ["a/n1", "b/n1", "b/n2"].into_iter().map(n).collect(),
             peers: BTreeMap::from([
                 (n("b/n1"), peer("gw.b.example:443")),
                 (n("b/n2"), peer("192.0.2.1:8443")),
@@ -1019,7 +1018,7 @@ mod tests {
         assert_eq!(
             se["spec"],
             json!({
-                "hosts": ["n2.b.c.fedmesh", "b.c.fedmesh"],
+                "hosts": ["n2.b.c.fedmesh"],
                 "addresses": ["240.241.0.9"],
                 "ports": [{"number": 11366, "name": "tcp-mpc", "protocol": "TCP"}],
                 "location": "MESH_EXTERNAL",

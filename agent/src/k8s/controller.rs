@@ -44,7 +44,7 @@ use super::{
     resources::{PEERLINK, Scope},
     selector,
 };
-use crate::enroll::NodeState;
+use crate::{enroll::NodeState, node::identity::IdentityWatch};
 
 /// The API groups (at version v1) whose presence means Istio.
 pub const ISTIO_GROUPS: [&str; 2] = ["networking.istio.io", "security.istio.io"];
@@ -355,7 +355,7 @@ impl Controller {
                 addresses,
                 listeners: desired.listeners.clone(),
             },
-            next_expiry: desired::next_expiry(&desired.links),
+            next_expiry: Ledger::next_expiry(&desired.links),
             memory: desired.memory,
             to_report,
             writes,
@@ -413,6 +413,7 @@ impl Controller {
         self,
         state: Arc<NodeState>,
         mut ledger: watch::Receiver<Arc<Ledger>>,
+        mut identity: IdentityWatch,
         placement: watch::Sender<Arc<Placement>>,
         resync: Duration,
         cancel: CancellationToken,
@@ -423,6 +424,7 @@ impl Controller {
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
+        let ca_pem = files::read_to_string(&state.ca_path())?;
         let mut reported = BTreeSet::new();
         let mut peerlink_changes = std::pin::pin!(self.peerlink_changes());
         info!(mode = %self.settings.mode, namespace = %self.settings.namespace, "Kubernetes controller started");
@@ -431,18 +433,12 @@ impl Controller {
             let now = SystemTime::now();
             let mut wake = resync;
             let credentials = match self.settings.mode {
-                Mode::Istio => read_credentials(&state).map(Some),
-                Mode::Relay => Ok(None),
+                Mode::Istio => Some(identity.borrow_and_update().credentials(&ca_pem)),
+                Mode::Relay => None,
             };
-            let pass = match credentials {
-                Ok(credentials) => {
-                    self.reconcile(&current, &node, credentials.as_ref(), &memory, now)
-                        .await
-                }
-                Err(error) => Err(Error::Options(format!(
-                    "reading this node's credentials: {error:#}"
-                ))),
-            };
+            let pass = self
+                .reconcile(&current, &node, credentials.as_ref(), &memory, now)
+                .await;
             match pass {
                 Ok(Some(outcome)) => {
                     if outcome.writes > 0 {
@@ -484,6 +480,8 @@ impl Controller {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 changed = ledger.changed() => if changed.is_err() { return Ok(()) },
+                // A renewed certificate goes into the credentials Secret.
+                changed = identity.changed() => if changed.is_err() { return Ok(()) },
                 Some(()) = peerlink_changes.next() => {
                     // One pass for a burst of changes (kubectl applying several, this agent's
                     // own status writes).

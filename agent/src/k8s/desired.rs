@@ -13,7 +13,7 @@ use std::{
     fmt,
     net::{Ipv4Addr, SocketAddr},
     str::FromStr,
-    time::{SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use fedmesh_documents::{EffectiveLink, Ledger, NodeRef};
@@ -138,8 +138,9 @@ pub fn compute(
     let Some(collab) = inputs.ledger.collaboration() else {
         return Ok(None);
     };
-    let (mut links, _) = inputs.ledger.effective_links(inputs.node, inputs.now);
-    links.retain(|l| !inputs.vetoed.contains(&l.terms.id));
+    let (links, _) = inputs
+        .ledger
+        .links_in_force(inputs.node, inputs.vetoed, inputs.now);
     let mut desired = Desired {
         collab: collab.id.clone(),
         objects: Vec::new(),
@@ -178,6 +179,12 @@ fn istio(
     let view = NodeView {
         collab: desired.collab.clone(),
         local: inputs.node.clone(),
+        members: ledger
+            .collaboration()
+            .into_iter()
+            .flat_map(|c| &c.members)
+            .map(fedmesh_documents::Member::node_ref)
+            .collect(),
         peers,
         links: desired.links.clone(),
         services: BTreeMap::new(),
@@ -347,14 +354,6 @@ fn peerlinks(settings: &Settings, inputs: &Inputs<'_>) -> Vec<DesiredPeerLink> {
             }
         })
         .collect()
-}
-
-/// When the next link in force expires (the objects change then).
-pub fn next_expiry(links: &[EffectiveLink]) -> Option<SystemTime> {
-    links
-        .iter()
-        .map(|l| UNIX_EPOCH + std::time::Duration::from_secs(l.terms.not_after))
-        .min()
 }
 
 #[cfg(test)]

@@ -70,12 +70,20 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// The content type of `/metrics`: the body is OpenMetrics text (it ends in `# EOF`).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    // A countdown is current when it is read, not when the agent last looked at its certificate.
+    if let Some(not_after) = s.snapshot.borrow().cert_not_after {
+        let left = match not_after.duration_since(SystemTime::now()) {
+            Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+        };
+        s.metrics.cert_expiry_seconds.set(left);
+    }
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, OPENMETRICS)],
         s.metrics.render(),
     )
 }
