@@ -20,7 +20,7 @@ use super::node::KubeArgs;
 use crate::{
     enroll::NodeState,
     k8s::{
-        Controller, Mode,
+        Controller,
         controller::read_credentials,
         desired::Memory,
         plan::{self, Report},
@@ -71,9 +71,10 @@ pub(crate) async fn run_audit(args: AuditArgs) -> Result<()> {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
-    let credentials = match controller.settings().mode {
-        Mode::Istio => Some(read_credentials(&node)?),
-        Mode::Relay => None,
+    let credentials = if controller.settings().mode.needs_credentials() {
+        Some(read_credentials(&node)?)
+    } else {
+        None
     };
     let report = audit(
         &controller,
@@ -166,6 +167,7 @@ mod tests {
 
     use super::*;
     use crate::k8s::{
+        Mode,
         desired::{self, Inputs},
         fixtures::*,
     };

@@ -8,7 +8,10 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{
+    Args, Subcommand, ValueEnum,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
 use fedmesh_certs::files;
 use fedmesh_mesh_config::{RenderOptions, addresses::Pool};
 
@@ -19,30 +22,29 @@ use super::{
 use crate::{
     enroll,
     hub::api::JoinToken,
-    k8s::{self, PortRange},
+    k8s::{self, Mode, PortRange},
     node::{self, Expose, NodeOptions},
     relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
 };
 
-/// How the agent carries links.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// In Kubernetes: Istio when the cluster serves its APIs, else the relay. On a machine:
-    /// the relay.
-    #[default]
-    Auto,
-    /// Apply Istio objects (Kubernetes only).
-    Istio,
-    /// Carry the traffic with fedmesh's own QUIC relay.
-    Relay,
+/// `--mode`: a mesh backend ([`Mode`]), or `auto` (`None`): in Kubernetes, Istio when the
+/// cluster serves its APIs, else the relay; on a machine, the relay.
+fn mode_parser() -> impl TypedValueParser<Value = Option<Mode>> {
+    let auto = PossibleValue::new("auto")
+        .help("In Kubernetes: Istio when the cluster serves its APIs, else the relay");
+    let modes = Mode::value_variants()
+        .iter()
+        .filter_map(ValueEnum::to_possible_value);
+    PossibleValuesParser::new(std::iter::once(auto).chain(modes))
+        .map(|name| Mode::ALL.into_iter().find(|m| m.as_str() == name))
 }
 
 /// Where and how the agent works in a cluster (`fedmesh node --kubernetes`, `fedmesh audit`).
 #[derive(Debug, Args)]
 pub struct KubeArgs {
     /// How links are carried.
-    #[arg(long, env = "FEDMESH_MODE", value_enum, default_value_t)]
-    pub(crate) mode: Mode,
+    #[arg(long, env = "FEDMESH_MODE", default_value = "auto", value_parser = mode_parser())]
+    pub(crate) mode: AutoMode,
     /// The agent's namespace (credentials, gateway objects, Services, PeerLinks); default: the
     /// pod's own.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -73,6 +75,10 @@ pub struct KubeArgs {
     resync: Duration,
 }
 
+/// A mode, or none to detect it (`--mode auto`). An alias, so clap reads the argument as one
+/// value that is always present (its default is `auto`), not as an optional argument.
+type AutoMode = Option<Mode>;
+
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .map(|pair| {
@@ -93,11 +99,7 @@ impl KubeArgs {
             None => RenderOptions::default(),
         };
         Ok(k8s::Options {
-            mode: match self.mode {
-                Mode::Auto => None,
-                Mode::Istio => Some(k8s::Mode::Istio),
-                Mode::Relay => Some(k8s::Mode::Relay),
-            },
+            mode: self.mode,
             namespace: self.namespace.clone(),
             render,
             pod_labels: self.pod_selector.clone(),
@@ -198,7 +200,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     };
     let kubernetes = match (kubernetes, kube.mode) {
         (true, _) => Some(kube.options()?),
-        (false, Mode::Istio) => bail!("--mode istio needs --kubernetes"),
+        (false, Some(mode)) if !mode.relay_carries() => {
+            bail!("--mode {mode} needs --kubernetes")
+        }
         (false, _) => None,
     };
     if let Some(token) = join_token

@@ -46,9 +46,6 @@ use super::{
 };
 use crate::{enroll::NodeState, node::identity::IdentityWatch};
 
-/// The API groups (at version v1) whose presence means Istio.
-pub const ISTIO_GROUPS: [&str; 2] = ["networking.istio.io", "security.istio.io"];
-
 /// What the node agent's relay, DNS and snapshot need from the cluster side.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -107,16 +104,16 @@ pub struct Outcome {
     pub next_expiry: Option<SystemTime>,
 }
 
-/// Whether the cluster serves Istio's `networking.istio.io/v1` and `security.istio.io/v1`.
+/// The backend the cluster supports, from the API groups it serves ([`Mode::detect`]).
 pub async fn detect(client: &Client) -> Result<Mode> {
-    let groups = client.list_api_groups().await?;
-    let istio = ISTIO_GROUPS.iter().all(|name| {
-        groups
-            .groups
-            .iter()
-            .any(|g| g.name == *name && g.versions.iter().any(|v| v.version == "v1"))
-    });
-    Ok(if istio { Mode::Istio } else { Mode::Relay })
+    let groups: Vec<(String, Vec<String>)> = client
+        .list_api_groups()
+        .await?
+        .groups
+        .into_iter()
+        .map(|g| (g.name, g.versions.into_iter().map(|v| v.version).collect()))
+        .collect();
+    Ok(Mode::detect(&groups))
 }
 
 /// The Kubernetes side of the agent.
@@ -143,16 +140,7 @@ impl Controller {
             Some(mode) => mode,
             None => detect(&client).await?,
         };
-        if mode == Mode::Istio {
-            options.render.validate()?;
-            if options.render.mesh_namespace != namespace {
-                return Err(Error::Options(format!(
-                    "the render options put the gateways and credentials in {:?}, but the agent \
-                     runs in {namespace:?}; set mesh_namespace: {namespace}",
-                    options.render.mesh_namespace
-                )));
-            }
-        }
+        mode.check(&options.render, &namespace)?;
         let settings = Settings {
             mode,
             namespace,
@@ -329,15 +317,7 @@ impl Controller {
         }
         writes += self.write_peerlinks(&desired, &peerlinks).await?;
 
-        let addresses = match self.settings.mode {
-            Mode::Istio => desired
-                .memory
-                .vips
-                .iter()
-                .map(|(peer, ip)| (peer.clone(), IpAddr::V4(*ip)))
-                .collect(),
-            Mode::Relay => cluster_ips(&desired, &served),
-        };
+        let addresses = self.settings.mode.addresses(&desired, &served);
         let to_report = vetoed
             .iter()
             .filter(|(id, _)| {
@@ -432,10 +412,11 @@ impl Controller {
             let current = ledger.borrow_and_update().clone();
             let now = SystemTime::now();
             let mut wake = resync;
-            let credentials = match self.settings.mode {
-                Mode::Istio => Some(identity.borrow_and_update().credentials(&ca_pem)),
-                Mode::Relay => None,
-            };
+            let credentials = self
+                .settings
+                .mode
+                .needs_credentials()
+                .then(|| identity.borrow_and_update().credentials(&ca_pem));
             let pass = self
                 .reconcile(&current, &node, credentials.as_ref(), &memory, now)
                 .await;
@@ -496,22 +477,6 @@ impl Controller {
 
 /// How long the controller lets a burst of PeerLink changes settle before its pass.
 const PEERLINK_SETTLE: Duration = Duration::from_millis(200);
-
-/// The ClusterIP of each peer's Service, from the apply responses or the live objects.
-fn cluster_ips(
-    desired: &Desired,
-    served: &BTreeMap<ObjectKey, Value>,
-) -> BTreeMap<NodeRef, IpAddr> {
-    served
-        .iter()
-        .filter(|(key, _)| key.kind == "Service")
-        .filter_map(|(key, object)| {
-            let peer = desired.services.get(&key.name)?;
-            let ip = object["spec"]["clusterIP"].as_str()?.parse().ok()?;
-            Some((peer.clone(), ip))
-        })
-        .collect()
-}
 
 fn key_object(key: &ObjectKey) -> Value {
     serde_json::json!({

@@ -254,9 +254,9 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         ),
         None => None,
     };
-    let istio = controller
+    let relay_carries = controller
         .as_ref()
-        .is_some_and(|c| c.settings().mode == k8s::Mode::Istio);
+        .is_none_or(|c| c.settings().mode.relay_carries());
     let identity = Arc::new(Identity::load(&state)?);
     let bundle = state.trust_bundle()?;
     let metrics = Arc::new(Metrics::default());
@@ -284,7 +284,15 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let mut tasks = JoinSet::new();
 
     let hub = identity.hub_client(&state)?;
-    publish_advertisement(&state, &identity, &hub, &advertise, &opts.exposes, istio).await?;
+    publish_advertisement(
+        &state,
+        &identity,
+        &hub,
+        &advertise,
+        &opts.exposes,
+        relay_carries,
+    )
+    .await?;
     info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
 
     let (identity_tx, identity_rx) = watch::channel(identity);
@@ -411,20 +419,21 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     })
 }
 
-/// Publishes where peers reach this node: the relay, or (Istio mode) the ingress gateway.
+/// Publishes where peers reach this node: the relay, or (a backend that does not use the
+/// relay, such as Istio) the ingress gateway.
 async fn publish_advertisement(
     state: &NodeState,
     identity: &Identity,
     hub: &HubClient,
     address: &str,
     exposes: &[Expose],
-    istio: bool,
+    relay_carries: bool,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        relay: (!istio).then(|| address.to_owned()),
-        gateway: istio.then(|| address.to_owned()),
+        relay: relay_carries.then(|| address.to_owned()),
+        gateway: (!relay_carries).then(|| address.to_owned()),
         exposes: exposes
             .iter()
             .map(|e| Exposure {

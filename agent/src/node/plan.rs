@@ -30,7 +30,7 @@ use fedmesh_mesh_config::addresses::{self, Pool};
 use super::{Expose, PeerView, Snapshot};
 use crate::{
     dns::NameMap,
-    k8s::{Mode, Placement},
+    k8s::Placement,
     relay::{Policy, RelayConfig},
 };
 
@@ -125,7 +125,7 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
             .map(|(peer, ip)| (peer.clone(), *ip))
             .collect(),
     };
-    let relay_carries = inputs.placement.is_none_or(|p| p.mode == Mode::Relay);
+    let relay_carries = inputs.placement.is_none_or(|p| p.mode.relay_carries());
 
     let names = PeerNames::new(
         TrustDomain::new(&collab.id)?,
@@ -292,6 +292,7 @@ mod tests {
 
     use super::*;
     use crate::k8s::{
+        Mode,
         desired::{self, Memory},
         fixtures::{credentials, settings},
     };

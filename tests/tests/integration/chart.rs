@@ -375,6 +375,42 @@ fn rbac_is_exactly_what_the_agent_writes() {
     }
 }
 
+/// Each mode's Roles grant exactly what its mesh backend says it writes (plus the PeerLinks
+/// every mode writes): the RBAC rows sit beside the backends, and the chart follows them.
+#[test]
+fn each_backend_s_kinds_are_its_rbac() {
+    use fedmesh_agent::k8s::{
+        Mode,
+        backend::{self, VERBS},
+        resources::Place,
+    };
+    for mode in Mode::ALL {
+        let docs = documents(&template(
+            "charts/fedmesh-agent",
+            &[ADVERTISE, &format!("mode={mode}")],
+        ));
+        let mut expected = table(&[
+            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE_AND_WATCH),
+            ("Role fedmesh", "fedmesh.io", "peerlinks/status", "patch"),
+        ]);
+        for rule in backend::rules(mode) {
+            let namespace = match rule.place {
+                Place::Agent => "fedmesh",
+                Place::Algorithm => "vantage6-tasks",
+            };
+            for resource in &rule.resources {
+                expected.insert((
+                    format!("Role {namespace}"),
+                    rule.group.to_owned(),
+                    (*resource).to_owned(),
+                    VERBS.join(","),
+                ));
+            }
+        }
+        assert_eq!(permissions(&docs), expected, "{mode}");
+    }
+}
+
 #[test]
 fn the_agent_pod_is_locked_down() {
     let docs = documents(&template("charts/fedmesh-agent", &[ADVERTISE]));
