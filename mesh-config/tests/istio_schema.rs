@@ -7,7 +7,8 @@ mod common;
 use std::{collections::BTreeSet, sync::OnceLock};
 
 use common::{NODES, example, now, rendered, view};
-use fedmesh_mesh_config::{Credentials, Error, RenderOptions, render, schema::Schemas};
+use fedmesh_istio_schema::{Error, Schemas};
+use fedmesh_mesh_config::{Credentials, RenderOptions, render};
 use serde_json::{Value, json};
 
 fn schemas() -> &'static Schemas {

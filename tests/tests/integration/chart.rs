@@ -1,6 +1,6 @@
 //! The Helm charts (`charts/fedmesh-agent`, `charts/fedmesh-hub`), checked offline: `helm lint
 //! --strict`, `helm template`, the rendered objects validated against Kubernetes 1.30's schemas
-//! (`kubernetes-validate --strict`), Istio objects against Istio's CRD schemas (mesh-config),
+//! (`kubernetes-validate --strict`), Istio objects against Istio's CRD schemas (fedmesh-istio-schema),
 //! the agent's RBAC against a literal table, its pod's lock-down, and its arguments against the
 //! `fedmesh` command line.
 //!
@@ -15,7 +15,8 @@ use std::{
 };
 
 use clap::Parser;
-use fedmesh_mesh_config::{RenderOptions, schema::Schemas};
+use fedmesh_istio_schema::Schemas;
+use fedmesh_mesh_config::RenderOptions;
 use serde_json::{Value, json};
 
 const ADVERTISE: &str = "advertise=relay.hospital-a.example:4433";

@@ -18,7 +18,7 @@
 //! reuse it. [`ISTIO_CRDS`] is the bundle checked into `mesh-config/istio/`.
 //!
 //! ```
-//! use fedmesh_mesh_config::schema::Schemas;
+//! use fedmesh_istio_schema::Schemas;
 //! use serde_json::json;
 //!
 //! let schemas = Schemas::istio()?;
@@ -30,7 +30,7 @@
 //! let err = schemas.validate(&se).unwrap_err().to_string();
 //! assert!(err.contains("spec.hosts[0]: hostname cannot be wildcard"));
 //! assert!(err.contains(r#"spec.location: "MESH_SOMEWHERE" is not one of "MESH_EXTERNAL" or "MESH_INTERNAL""#));
-//! # Ok::<(), fedmesh_mesh_config::Error>(())
+//! # Ok::<(), fedmesh_istio_schema::Error>(())
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,9 +38,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use jsonschema::{Draft, Validator, paths::LocationSegment};
 use serde_json::{Map, Value};
 
-use crate::{Error, Result, Violation, cel::Check};
+pub use error::{Error, Result, Violation};
 
-/// Istio's CRD bundle (`crd-all.gen.yaml`, Apache-2.0), as checked into `mesh-config/istio/`.
+use crate::cel::Check;
+
+mod cel;
+mod error;
+
+/// Istio's CRD bundle (`crd-all.gen.yaml`, Apache-2.0), as checked into `istio-schema/istio/`.
 pub const ISTIO_CRDS: &str = include_str!("../istio/crds.gen.yaml");
 
 /// Validators for every (apiVersion, kind) of a CRD bundle.
