@@ -20,13 +20,20 @@ pub fn subscribe() {
 
 /// Runs the built `fedmesh` with `args` in `dir`; returns (success, stdout, stderr).
 pub fn fedmesh(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = fedmesh_exit(dir, args);
+    (code == 0, stdout, stderr)
+}
+
+/// Runs the built `fedmesh` with `args` in `dir` (logs filtered by `RUST_LOG` only as the
+/// caller's environment says); returns (exit code, stdout, stderr).
+pub fn fedmesh_exit(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(fedmesh_bin())
         .args(args)
         .current_dir(dir)
         .output()
         .expect("run fedmesh (build the workspace first: cargo build --workspace)");
     (
-        out.status.success(),
+        out.status.code().expect("fedmesh exits with a code"),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )

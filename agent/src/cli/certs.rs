@@ -7,23 +7,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
 use fedmesh_certs::{
     CertInfo, IssuancePolicy, SpiffeId, TrustBundle, files, time::rfc3339, verify::Usage,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Serialize;
 
-/// Output format of inspecting and listing commands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// Human-readable text.
-    #[default]
-    Text,
-    /// JSON.
-    Json,
-}
+use super::Status;
+use crate::output::Format;
 
 /// `fedmesh ca ...`
 #[derive(Debug, Subcommand)]
@@ -33,8 +26,8 @@ pub enum CaCommand {
         /// Collaboration id (a lowercase DNS label); the trust domain is <collab>.fedmesh.
         #[arg(long)]
         collab: String,
-        /// Directory to write the CA into.
-        #[arg(long)]
+        /// Directory to write the CA into (ca.pem, ca-key.pem).
+        #[arg(long = "ca-dir", visible_alias = "dir")]
         dir: PathBuf,
         /// How long the CA is valid.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
@@ -43,7 +36,7 @@ pub enum CaCommand {
     /// Sign a node's CSR under the issuance policy.
     Sign {
         /// Directory holding ca.pem and ca-key.pem.
-        #[arg(long)]
+        #[arg(long = "ca-dir", visible_alias = "dir")]
         dir: PathBuf,
         /// The CSR (PEM).
         #[arg(long)]
@@ -92,7 +85,7 @@ pub enum CertCommand {
         ca: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        output: Format,
     },
 }
 
@@ -176,7 +169,8 @@ struct Verification {
     error: Option<String>,
 }
 
-pub(crate) fn run_cert(cmd: CertCommand) -> Result<()> {
+/// Exit 1 when `--ca` is given and the certificate does not verify.
+pub(crate) fn run_cert(cmd: CertCommand) -> Result<Status> {
     let CertCommand::Inspect { cert, ca, output } = cmd;
     let pem = files::read_to_string(&cert)?;
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
@@ -211,14 +205,14 @@ pub(crate) fn run_cert(cmd: CertCommand) -> Result<()> {
         fingerprint: info.fingerprint.clone(),
         verification,
     };
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print_text(&report),
+    match output.render(&report)? {
+        Some(text) => print!("{text}"),
+        None => print_text(&report),
     }
-    if let Some(error) = failed {
-        bail!("verification failed: {error}");
-    }
-    Ok(())
+    Ok(match failed {
+        Some(error) => Status::Differs(format!("verification failed: {error}")),
+        None => Status::Success,
+    })
 }
 
 fn print_text(r: &Inspection) {

@@ -5,7 +5,12 @@
 //! when the cluster serves Istio's APIs (`--mode auto`, the default) or `--mode istio`, else
 //! the relay behind one Service per peer.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{
@@ -24,6 +29,7 @@ use crate::{
     hub::api::JoinToken,
     k8s::{self, Mode, PortRange},
     node::{self, Expose, NodeOptions},
+    output::{Format, table},
     relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
 };
 
@@ -124,11 +130,15 @@ pub struct NodeArgs {
 pub enum NodeCommand {
     /// Enroll with a join token: make the node key here, get a certificate.
     Enroll(EnrollArgs),
-    /// Print this node's peer map (FEDMESH_PEERS: name -> IP:ports) as JSON.
+    /// Print this node's peer map (FEDMESH_PEERS: name -> IP:ports), as the running agent last
+    /// wrote it.
     Peers {
         /// Node state directory.
-        #[arg(long)]
+        #[arg(long, env = "FEDMESH_STATE")]
         state: PathBuf,
+        /// Output format (text: one line per peer name; json: the FEDMESH_PEERS value).
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
     },
 }
 
@@ -173,12 +183,44 @@ pub struct RunArgs {
 pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
         Some(NodeCommand::Enroll(args)) => owner::run_enroll(args).await,
-        Some(NodeCommand::Peers { state }) => {
-            println!("{}", files::read_to_string(&state.join("peers.json"))?);
-            Ok(())
-        }
+        Some(NodeCommand::Peers { state, output }) => print_peers(&state, output),
         None => run_agent(args.run).await,
     }
+}
+
+/// Prints `peers.json`, or says why there is none yet.
+fn print_peers(state: &Path, output: Format) -> Result<()> {
+    let path = state.join("peers.json");
+    if !path.exists() {
+        if !state.join("node.json").exists() {
+            bail!(
+                "{} is not a node state directory; enroll first: `fedmesh node enroll --token \
+                 <token> --state {}`",
+                state.display(),
+                state.display()
+            );
+        }
+        bail!(
+            "no peer map in {} yet: the agent writes it once it has synced with the hub; start \
+             it with `fedmesh node --state {}`",
+            state.display(),
+            state.display()
+        );
+    }
+    let peers: BTreeMap<String, Vec<String>> = serde_json::from_str(&files::read_to_string(&path)?)
+        .with_context(|| format!("{} is not a peer map", path.display()))?;
+    match output.render(&peers)? {
+        Some(text) => print!("{text}"),
+        None if peers.is_empty() => println!("no peers: no link in force lets this node dial one"),
+        None => {
+            let rows: Vec<[String; 2]> = peers
+                .into_iter()
+                .map(|(name, addrs)| [name, addrs.join(", ")])
+                .collect();
+            print!("{}", table(&["PEER NAME", "ADDRESS"], &rows));
+        }
+    }
+    Ok(())
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {

@@ -20,6 +20,8 @@ use fedmesh_mesh_config::{
 };
 use serde_json::Value;
 
+use crate::output::Format;
+
 /// `fedmesh render`
 #[derive(Debug, Args)]
 pub struct RenderArgs {
@@ -37,6 +39,10 @@ pub struct RenderArgs {
     /// Render as of this time (RFC 3339) instead of now; links expired by then are left out.
     #[arg(long, value_parser = parse_now)]
     now: Option<SystemTime>,
+    /// Output format: text and yaml print a YAML stream (`---` before each object), json a
+    /// JSON array of the objects.
+    #[arg(long, value_enum, default_value_t, conflicts_with = "out_dir")]
+    output: Format,
 }
 
 fn parse_now(s: &str) -> Result<SystemTime, String> {
@@ -50,12 +56,17 @@ pub(crate) fn run_render(args: RenderArgs) -> Result<()> {
         node,
         out_dir,
         now,
+        output,
     } = args;
     let (file, rendered) = render_file(&collab_file, &node, now.unwrap_or_else(SystemTime::now))?;
     for (peer, reason) in &rendered.skipped {
         eprintln!("warning: nothing outbound rendered for {peer}: {reason}");
     }
     match out_dir {
+        None if output == Format::Json => print!(
+            "{}",
+            Format::Json.render(&rendered.objects)?.unwrap_or_default()
+        ),
         None => print!("{}", rendered.to_yaml()?),
         Some(dir) => {
             let (written, removed) = write_dir(&dir, &file.collab, &rendered)?;

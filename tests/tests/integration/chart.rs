@@ -476,6 +476,7 @@ fn argv(container: &Value) -> Vec<String> {
         "FEDMESH_POD_PORTS" => Some("--pod-ports"),
         "FEDMESH_RESYNC" => Some("--resync"),
         "FEDMESH_LOG" => Some("--log"),
+        "FEDMESH_LOG_FORMAT" => Some("--log-format"),
         _ => None,
     };
     let mut argv = vec!["fedmesh".to_owned()];

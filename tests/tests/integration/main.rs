@@ -5,6 +5,7 @@
 
 mod chart;
 mod cli_certs;
+mod cli_contract;
 mod examples;
 mod hub;
 mod relay;
