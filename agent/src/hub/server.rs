@@ -231,8 +231,14 @@ pub async fn run(
     serve(listener, hub.router(), config, shutdown).await
 }
 
+/// How long shutdown waits for open connections to finish their requests (a long-poll is cut
+/// short) before it closes them.
+const DRAIN: Duration = Duration::from_secs(2);
+
 /// Serves `app` over TLS on `listener`, handing each request the connection's client
-/// certificates, until `shutdown` completes.
+/// certificates, until `shutdown` completes. Then it stops accepting, lets every connection
+/// finish its request in flight (at most [`DRAIN`]) and closes them all before returning, so
+/// nothing outlives the hub.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -240,8 +246,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Forget connections that have ended.
+        while connections.try_join_next().is_some() {}
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -251,10 +261,10 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), stop.clone());
+        connections.spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -275,14 +285,35 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(
                 app.layer(Extension(PeerCerts(peer))),
             );
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 debug!(%remote, %error, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    stop.cancel();
+    let drained = tokio::time::timeout(DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(
+            open = connections.len(),
+            "closing connections still busy at shutdown"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
 }
 
 fn now() -> SystemTime {
