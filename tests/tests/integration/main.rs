@@ -9,6 +9,7 @@ mod cli_contract;
 mod examples;
 mod hub;
 mod relay;
+mod shutdown;
 mod tampering;
 mod tls;
 mod vantage6;
