@@ -6,6 +6,7 @@
 mod chart;
 mod cli_certs;
 mod cli_contract;
+mod container;
 mod examples;
 mod hub;
 mod relay;
