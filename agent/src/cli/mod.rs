@@ -7,6 +7,8 @@
 //!   verify), 2 on an error (bad input, a file or hub that cannot be read, usage errors);
 //! - an error is one line on stderr, each cause in it once ([`error_line`]);
 //! - logs go to stderr, filtered by `--log`, `FEDMESH_LOG` or `RUST_LOG`, as text or JSON.
+// The argument docs are `--help` text, where `<placeholder>` is the convention, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

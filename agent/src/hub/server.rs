@@ -237,7 +237,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 /// Serves `app` over TLS on `listener`, handing each request the connection's client
 /// certificates, until `shutdown` completes. Then it stops accepting, lets every connection
-/// finish its request in flight (at most [`DRAIN`]) and closes them all before returning, so
+/// finish its request in flight (at most 2 s) and closes them all before returning, so
 /// nothing outlives the hub.
 pub async fn serve(
     listener: TcpListener,

@@ -1,6 +1,6 @@
 //! The thin async shell around the Kubernetes API: detect Istio, list what fedmesh manages,
 //! apply what differs, delete what is no longer wanted, write PeerLinks. Everything it decides
-//! comes from the pure [`desired`](super::desired) and [`plan`](super::plan) modules.
+//! comes from the pure [`desired`] and [`plan`] modules.
 //!
 //! One pass:
 //!
