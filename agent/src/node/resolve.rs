@@ -55,9 +55,19 @@ fn advertised_names(ledger: &Ledger, local: &NodeRef) -> BTreeMap<NodeRef, Strin
         .collect()
 }
 
+/// The address `advertised` (`host:port`) names: an IPv4 one when there is one (the relay's
+/// socket is IPv4 unless it was bound to an IPv6 address), else the first.
 async fn lookup(advertised: &str) -> Result<SocketAddr, String> {
     match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host(advertised)).await {
-        Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| "no address".to_owned()),
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or_else(|| "no address".to_owned())
+        }
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!("no answer within {LOOKUP_TIMEOUT:?}")),
     }
@@ -150,8 +160,77 @@ mod tests {
 
     #[tokio::test]
     async fn lookups_answer_or_say_why() {
-        assert_eq!(lookup("localhost:4433").await.map(|a| a.port()), Ok(4433));
+        assert_eq!(
+            lookup("localhost:4433").await,
+            Ok("127.0.0.1:4433".parse().unwrap()),
+            "IPv4 first"
+        );
         let error = lookup("localhost").await.unwrap_err();
         assert!(error.contains("invalid socket address"), "{error}");
+    }
+
+    /// Names that resolve are published; one that does not is published with why, counted in
+    /// the gauge, and looked up again; literals are left to the plan.
+    #[tokio::test]
+    async fn advertised_names_are_resolved_and_failures_reported() {
+        use fedmesh_documents::{Advertisement, Document, fixtures::Fixture, jws};
+
+        let fx = Fixture::new("c", &["a/n1", "b/n1", "c/n1", "d/n1"]);
+        let mut ledger = Ledger::new(&fx.pin());
+        ledger.ingest_jws(&fx.collab_jws(), fx.now).unwrap();
+        for (node, relay) in [
+            ("b/n1", "localhost:4433"),
+            ("c/n1", "localhost"),
+            ("d/n1", "192.0.2.4:4433"),
+        ] {
+            let doc = Document::Advertisement(Advertisement {
+                collab: "c".into(),
+                node: node.parse().unwrap(),
+                relay: Some(relay.into()),
+                gateway: None,
+                exposes: Vec::new(),
+                issued_at: jws::unix(fx.now),
+            });
+            let env = fx.envelope(fx.node_sign(node, &doc));
+            ledger.ingest(&env, fx.now).unwrap();
+        }
+        let (_ledger_tx, ledger_rx) = watch::channel(Arc::new(ledger));
+        let (out_tx, mut out_rx) = watch::channel(Arc::new(Resolved::new()));
+        let metrics = Arc::new(Metrics::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            "a/n1".parse().unwrap(),
+            ledger_rx,
+            out_tx,
+            metrics.clone(),
+            cancel.clone(),
+        ));
+        let resolved =
+            tokio::time::timeout(Duration::from_secs(10), out_rx.wait_for(|r| r.len() == 2))
+                .await
+                .unwrap()
+                .unwrap()
+                .clone();
+        let b = &resolved[&"b/n1".parse().unwrap()];
+        assert_eq!(b.advertised, "localhost:4433");
+        assert_eq!(b.addr, Ok("127.0.0.1:4433".parse().unwrap()));
+        let c = &resolved[&"c/n1".parse().unwrap()];
+        assert!(
+            c.addr
+                .as_ref()
+                .is_err_and(|e| e.contains("invalid socket address")),
+            "{c:?}"
+        );
+        assert!(
+            !resolved.contains_key(&"d/n1".parse().unwrap()),
+            "a literal needs no lookup"
+        );
+        assert!(
+            metrics.render().contains("fedmesh_peers_unresolved 1"),
+            "{}",
+            metrics.render()
+        );
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod advertise;
 mod chart;
 mod cli_certs;
 mod cli_contract;
