@@ -22,12 +22,12 @@ use std::{
 };
 
 use anyhow::Result;
-use fedmesh_documents::{Envelope, Ledger};
+use fedmesh_documents::{Envelope, Ingested, Ledger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::Snapshot;
+use super::{Snapshot, identity::IdentityWatch};
 use crate::{
     enroll::NodeState,
     hub::{
@@ -108,10 +108,12 @@ pub(crate) fn triage(
 }
 
 /// Follows the hub: long-polls for documents and verifies each into the ledger. A document that
-/// does not verify is reported and skipped; everything verified before stays.
+/// does not verify is reported and skipped; everything verified before stays. The ledger is
+/// published only when a document changed it (a long-poll that returns empty wakes nobody).
 pub(super) async fn follow(
     state: Arc<NodeState>,
     mut hub: HubClient,
+    mut identity: IdentityWatch,
     ledger_tx: watch::Sender<Arc<Ledger>>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
@@ -120,7 +122,6 @@ pub(super) async fn follow(
     let mut ledger = (**ledger_tx.borrow()).clone();
     let mut backoff = MIN_BACKOFF;
     let mut retry = MIN_RETRY;
-    let mut serial = state.identity()?.info().serial.clone();
     let throttle = Throttle::default();
     let report = |anomaly: Anomaly, detail: &str| {
         metrics.hub_anomaly(anomaly.name());
@@ -133,11 +134,8 @@ pub(super) async fn follow(
     };
     loop {
         // After a renewal, talk to the hub with the new certificate.
-        if let Ok(identity) = state.identity()
-            && identity.info().serial != serial
-        {
-            hub = state.hub_client()?;
-            serial = identity.info().serial.clone();
+        if identity.has_changed().unwrap_or(false) {
+            hub = identity.borrow_and_update().hub_client(&state)?;
         }
         let cursor = ledger.cursor();
         let asked = Instant::now();
@@ -149,10 +147,15 @@ pub(super) async fn follow(
             Ok(page) => {
                 let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
                 let mut rejected = Vec::new();
+                let mut changed = false;
                 for env in &fresh {
-                    if let Err(rejection) = ledger.ingest(env, SystemTime::now()) {
-                        warn!(%rejection, "document refused; keeping the last verified state");
-                        rejected.push(rejection);
+                    match ledger.ingest(env, SystemTime::now()) {
+                        Ok(Ingested::Changed) => changed = true,
+                        Ok(Ingested::Unchanged) => {}
+                        Err(rejection) => {
+                            warn!(%rejection, "document refused; keeping the last verified state");
+                            rejected.push(rejection);
+                        }
                     }
                 }
                 if fresh.is_empty() && asked.elapsed() < QUICK {
@@ -165,11 +168,14 @@ pub(super) async fn follow(
                     snapshot_tx.send_modify(|s| {
                         let s = Arc::make_mut(s);
                         s.rejections.extend(rejected);
-                        let excess = s.rejections.len().saturating_sub(100);
+                        let excess = s
+                            .rejections
+                            .len()
+                            .saturating_sub(super::plan::MAX_REJECTIONS);
                         s.rejections.drain(..excess);
                     });
                 }
-                if !fresh.is_empty() {
+                if changed {
                     ledger_tx.send_replace(Arc::new(ledger.clone()));
                 }
                 for &anomaly in &anomalies {
