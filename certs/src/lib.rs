@@ -12,7 +12,10 @@
 //! - [`csr`]: node key pairs and certificate signing requests.
 //! - [`policy`]: what the CA will sign, checked over a parsed CSR (pure).
 //! - [`verify`]: chain verification to the collaboration CA at a given `now` (pure).
-//! - [`tls`]: rustls server and client configs for mutual TLS pinned to one collaboration.
+//! - [`standing`]: whether a verified peer may still connect: revoked serials and nodes,
+//!   membership (pure).
+//! - [`tls`]: rustls server and client configs for mutual TLS pinned to one collaboration, with a
+//!   gate that checks each peer's standing.
 //! - [`renew`]: when to renew (two thirds of the lifetime).
 //! - [`files`]: PEM files, private keys written `0600` atomically.
 //!
@@ -34,6 +37,7 @@ pub mod files;
 pub mod id;
 pub mod policy;
 pub mod renew;
+pub mod standing;
 pub mod tls;
 pub mod verify;
 
@@ -47,7 +51,8 @@ pub use csr::{Csr, NodeKey};
 pub use error::{Error, Result};
 pub use id::{SpiffeId, TrustDomain};
 pub use policy::IssuancePolicy;
-pub use tls::{NodeIdentity, TrustBundle};
+pub use standing::Standing;
+pub use tls::{NodeIdentity, PeerGate, TrustBundle};
 pub use verify::CertInfo;
 
 /// Lower-case hex SHA-256 of DER bytes: how fedmesh names certificates and keys in tokens.
