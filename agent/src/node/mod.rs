@@ -20,6 +20,7 @@
 
 pub mod admin;
 mod follow;
+pub mod selfcheck;
 pub mod v6;
 
 use std::{
@@ -35,8 +36,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fedmesh_certs::{NodeKey, files, renew, verify::Usage};
 use fedmesh_documents::{
-    Advertisement, Document, EffectiveLink, Exposure, Ledger, NodeRef, PortSpec, Rejection, Signer,
-    jws,
+    Advertisement, Document, EffectiveLink, Endpoint, Exposure, Ledger, NodeRef, PortSpec,
+    Rejection, Signer, jws,
 };
 use fedmesh_mesh_config::addresses::{self, Pool};
 use serde::Serialize;
@@ -50,7 +51,7 @@ use crate::{
     hub::client::HubClient,
     k8s::{self, Placement},
     metrics::Metrics,
-    relay::{Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
+    relay::{self, Budgets, DirectUdp, Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
 };
 
 /// A port this node's algorithms expose to peers, and where inbound streams for it go.
@@ -169,8 +170,8 @@ impl Snapshot {
 pub struct NodeHandle {
     /// This node.
     pub node: NodeRef,
-    /// The relay's UDP address.
-    pub relay_addr: SocketAddr,
+    /// The relay's UDP address (none in Istio mode: Istio carries the links).
+    pub relay_addr: Option<SocketAddr>,
     /// The DNS server's address, if any.
     pub dns_addr: Option<SocketAddr>,
     /// The admin server's address, if any.
@@ -257,33 +258,50 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         .is_some_and(|c| c.settings().mode == k8s::Mode::Istio);
     let identity = state.identity()?;
     let bundle = state.trust_bundle()?;
+    selfcheck::check_ca(&state, &identity, &bundle)?;
+    let instance = selfcheck::Instance::start(&state)?;
     let metrics = Arc::new(Metrics::default());
-    let relay = Relay::bind(
-        opts.relay_listen,
-        node.clone(),
-        &TlsMaterial {
-            identity: &identity,
-            bundle: &bundle,
-        },
-        opts.relay,
-        metrics.clone(),
-    )?;
-    let relay_addr = relay.local_addr()?;
-    let advertise = match &opts.advertise {
-        Some(a) => a.clone(),
-        None if relay_addr.ip().is_unspecified() => {
-            bail!(
-                "the relay listens on {relay_addr}; give --advertise <host:port> for peers to dial"
-            )
+    // The relay carries links only outside Istio mode; in Istio mode it is not started at all.
+    let relay = match istio {
+        true => None,
+        false => {
+            let budgets = Budgets::load(&state.dir.join("budgets.json"), metrics.clone())?;
+            Some(Arc::new(Relay::new(
+                Arc::new(DirectUdp::bind(opts.relay_listen)?),
+                node.clone(),
+                &TlsMaterial {
+                    identity: &identity,
+                    bundle: &bundle,
+                },
+                opts.relay,
+                metrics.clone(),
+                Arc::new(budgets),
+            )?))
         }
-        None => relay_addr.to_string(),
+    };
+    let relay_addr = relay.as_ref().map(|r| r.local_addr()).transpose()?;
+    let advertise = match (&opts.advertise, relay_addr) {
+        (Some(a), _) => a.clone(),
+        (None, None) => bail!("in Istio mode give --advertise <host:port> of the ingress gateway"),
+        (None, Some(addr)) if addr.ip().is_unspecified() => {
+            bail!("the relay listens on {addr}; give --advertise <host:port> for peers to dial")
+        }
+        (None, Some(addr)) => addr.to_string(),
     };
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
     let hub = state.hub_client()?;
-    publish_advertisement(&state, &hub, &advertise, &opts.exposes, istio).await?;
-    info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
+    let endpoint = match istio {
+        true => Endpoint::IstioGateway {
+            address: advertise.clone(),
+        },
+        false => Endpoint::Quic {
+            address: advertise.clone(),
+        },
+    };
+    publish_advertisement(&state, &hub, endpoint, &opts.exposes, &instance.id).await?;
+    info!(%node, relay = ?relay_addr, advertise = %advertise, instance = %instance.id, "node agent started");
 
     let (ledger_tx, ledger_rx) = watch::channel(Arc::new(Ledger::new(&state.config.owner_pin)));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -331,8 +349,22 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             c,
         ));
     }
+    {
+        let c = cancel.clone();
+        tasks.spawn(selfcheck::watch_instances(
+            node.clone(),
+            instance,
+            ledger_rx.clone(),
+            metrics.clone(),
+            c,
+        ));
+    }
     let placement = match (controller, &opts.kubernetes) {
         (Some(controller), Some(options)) => {
+            let controller = match &relay {
+                Some(relay) => controller.with_budgets(relay.budgets()),
+                None => controller,
+            };
             let (tx, rx) = watch::channel(Arc::new(Placement::new(controller.settings().mode)));
             let c = cancel.clone();
             tasks.spawn(controller.run(
@@ -346,8 +378,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         }
         _ => None,
     };
-    let listening = relay.listening();
-    let relay = Arc::new(relay);
+    let listening = match &relay {
+        Some(relay) => relay.listening(),
+        None => watch::channel(Arc::new(BTreeSet::new())).1,
+    };
     {
         let reconciler = Reconciler {
             state: shared_state.clone(),
@@ -365,9 +399,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         let c = cancel.clone();
         tasks.spawn(reconciler.run(ledger_rx, c));
     }
-    {
+    if let Some(relay) = relay.clone() {
         let c = cancel.clone();
-        let relay = relay.clone();
         tasks.spawn(async move { relay.run(c.cancelled()).await });
     }
     {
@@ -387,19 +420,20 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     })
 }
 
-/// Publishes where peers reach this node: the relay, or (Istio mode) the ingress gateway.
+/// Publishes where peers reach this node (the relay, or in Istio mode the ingress gateway), and
+/// which agent instance says so.
 async fn publish_advertisement(
     state: &NodeState,
     hub: &HubClient,
-    address: &str,
+    endpoint: Endpoint,
     exposes: &[Expose],
-    istio: bool,
+    instance: &str,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        relay: (!istio).then(|| address.to_owned()),
-        gateway: istio.then(|| address.to_owned()),
+        endpoints: vec![endpoint],
+        instance: Some(instance.to_owned()),
         exposes: exposes
             .iter()
             .map(|e| Exposure {
@@ -434,7 +468,7 @@ struct Reconciler {
     node: NodeRef,
     pool: Pool,
     exposes: Vec<Expose>,
-    relay: Arc<Relay>,
+    relay: Option<Arc<Relay>>,
     names: watch::Sender<Arc<NameMap>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
@@ -519,11 +553,11 @@ impl Reconciler {
         }
         let relay_config = RelayConfig {
             policy,
+            standing: relay::standing(ledger),
             peers: ports
                 .keys()
                 .filter_map(|peer| {
-                    let relay = ledger.advertisement(peer)?.relay.as_deref()?;
-                    Some((peer.clone(), resolve(relay).ok()?))
+                    Some((peer.clone(), ledger.advertisement(peer)?.endpoints.clone()))
                 })
                 .collect(),
             listeners: match &placement {
@@ -543,7 +577,9 @@ impl Reconciler {
                 .map(|e| (e.port, e.target.clone()))
                 .collect(),
         };
-        self.relay.update(relay_config);
+        if let Some(relay) = &self.relay {
+            relay.update(relay_config);
+        }
 
         let mut names = NameMap::new();
         for view in peers.values() {
@@ -632,20 +668,12 @@ fn merge_rejections(old: &[Rejection], new: &[Rejection]) -> Vec<Rejection> {
     out
 }
 
-/// Resolves an advertised `host:port` (an IP address, or a name via the system resolver).
-fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, addr.to_owned()))
-}
-
 /// Renews the node certificate at two thirds of its life (online CA): a CSR for the node's key,
 /// the hub's signature, then the relay's TLS. The key stays; only the certificate file is
 /// replaced (atomically), so a crash never leaves a key without its certificate.
 async fn renew_loop(
     state: Arc<NodeState>,
-    relay: Arc<Relay>,
+    relay: Option<Arc<Relay>>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<()> {
@@ -671,10 +699,12 @@ async fn renew_loop(
             Ok(()) => {
                 let identity = state.identity()?;
                 let bundle = state.trust_bundle()?;
-                relay.set_tls(&TlsMaterial {
-                    identity: &identity,
-                    bundle: &bundle,
-                })?;
+                if let Some(relay) = &relay {
+                    relay.set_tls(&TlsMaterial {
+                        identity: &identity,
+                        bundle: &bundle,
+                    })?;
+                }
                 info!(serial = %identity.info().serial, "certificate renewed");
             }
             Err(error) => warn!(%error, "certificate renewal failed; will retry"),

@@ -72,6 +72,7 @@ fn fast_refusals() -> RelayOptions {
     RelayOptions {
         max_udp_payload: 65_000,
         target_deadline: SECOND,
+        ..RelayOptions::default()
     }
 }
 
@@ -324,7 +325,7 @@ async fn streams_without_a_link_and_bad_headers_are_refused() {
     let conn = raw_client(
         &a_state.identity().unwrap(),
         &a_state.trust_bundle().unwrap(),
-        mesh.node(&b()).relay_addr,
+        mesh.node(&b()).relay_addr.unwrap(),
         &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
     )
     .await
@@ -420,7 +421,7 @@ async fn a_peer_of_another_collaboration_fails_the_handshake() {
     let err = match raw_client(
         &stranger,
         &b_bundle,
-        mesh.node(&b()).relay_addr,
+        mesh.node(&b()).relay_addr.unwrap(),
         &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
     )
     .await
