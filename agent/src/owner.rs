@@ -185,6 +185,19 @@ impl Owner {
         })
     }
 
+    /// Removes `node` from the collaboration's members (its certificates stop being accepted
+    /// anywhere once the new collaboration document reaches the nodes).
+    pub async fn remove_member(&mut self, node: &NodeRef) -> Result<()> {
+        let before = self.collab.members.len();
+        self.collab.members.retain(|m| m.node_ref() != *node);
+        if self.collab.members.len() == before {
+            bail!("{node} is not a member of {}", self.collab.id);
+        }
+        self.collab.version += 1;
+        self.collab.issued_at = unix(SystemTime::now());
+        self.publish_collab().await
+    }
+
     /// Everything the hub holds, verified here against the owner's own key.
     pub async fn ledger(&self) -> Result<Ledger> {
         fetch_ledger(&self.hub, &self.collab.id, &self.pin()).await

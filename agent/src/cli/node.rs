@@ -185,6 +185,9 @@ pub struct RelayCaps {
     /// Most relay handshakes in flight from one source address.
     #[arg(long, default_value_t = Caps::default().handshakes_per_source)]
     relay_max_handshakes_per_source: u32,
+    /// Most relay connections one peer node may hold, whatever its addresses.
+    #[arg(long, default_value_t = Caps::default().connections_per_peer)]
+    relay_max_connections_per_peer: u32,
     /// How long a relay connection is kept while its peer has no link with this node.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
     relay_unlinked_idle: Duration,
@@ -197,6 +200,7 @@ impl RelayCaps {
             relay_max_connections_per_source,
             relay_max_handshakes,
             relay_max_handshakes_per_source,
+            relay_max_connections_per_peer,
             relay_unlinked_idle,
         } = *self;
         RelayOptions {
@@ -206,6 +210,7 @@ impl RelayCaps {
                 connections_per_source: relay_max_connections_per_source,
                 handshakes: relay_max_handshakes,
                 handshakes_per_source: relay_max_handshakes_per_source,
+                connections_per_peer: relay_max_connections_per_peer,
             },
             unlinked_idle: relay_unlinked_idle,
             ..RelayOptions::default()

@@ -22,6 +22,9 @@ pub struct Caps {
     pub handshakes: u32,
     /// Handshakes in flight from one source address.
     pub handshakes_per_source: u32,
+    /// Connections one peer node (one SPIFFE ID, whatever its addresses) may hold; one each way
+    /// is the norm.
+    pub connections_per_peer: u32,
 }
 
 impl Default for Caps {
@@ -31,6 +34,7 @@ impl Default for Caps {
             connections_per_source: 64,
             handshakes: 128,
             handshakes_per_source: 16,
+            connections_per_peer: 8,
         }
     }
 }
@@ -157,6 +161,7 @@ mod tests {
             connections_per_source: 3,
             handshakes: 4,
             handshakes_per_source: 2,
+            connections_per_peer: 8,
         }
     }
 

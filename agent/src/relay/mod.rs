@@ -78,8 +78,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the dialling side waits for a peer connection before giving up on a client.
 const DIAL_DEADLINE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Most connections one peer node may hold at once (one each way is the norm).
-const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// Streams a peer may open at once without an inbound link (enough to be told why not).
 const UNLINKED_STREAMS: u32 = 8;
 /// Streams a peer may open at once under inbound links without a stream budget.
@@ -557,9 +555,10 @@ impl Shared {
     fn track(&self, conn: &Connection, peer: &PeerId) -> Result<(), String> {
         let mut conns = lock(&self.conns);
         let held = conns.values().filter(|t| t.peer.node == peer.node).count();
-        if held >= MAX_CONNECTIONS_PER_PEER {
+        let max = self.options.caps.connections_per_peer as usize;
+        if held >= max {
             return Err(format!(
-                "{} already holds {held} connections (at most {MAX_CONNECTIONS_PER_PEER})",
+                "{} already holds {held} connections (at most {max})",
                 peer.node
             ));
         }

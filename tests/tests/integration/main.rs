@@ -8,6 +8,7 @@ mod cli_certs;
 mod examples;
 mod hub;
 mod relay;
+mod relay_security;
 mod tampering;
 mod tls;
 mod vantage6;
