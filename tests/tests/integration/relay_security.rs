@@ -833,3 +833,63 @@ async fn a_copy_of_a_nodes_state_started_elsewhere_is_reported() {
     copy.shutdown().await.unwrap();
     mesh.shutdown().await.unwrap();
 }
+
+/// 250 idle connections from one member's certificate, against a real agent process whose
+/// caps let them all in: each costs tens of KiB (QUIC state for few streams and a small
+/// window), not the 1.36 MB each cost when every connection got 16,384 streams up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_memory_stays_bounded_under_250_idle_connections_from_one_certificate() {
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let specs = [NodeSpec {
+        node: a(),
+        organization_id: None,
+        exposes: vec![],
+    }];
+    let mut mesh = LocalMesh::start(tmp.path(), &fedmesh_tests::mesh_options(), &specs)
+        .await
+        .unwrap();
+    let token = mesh
+        .owner
+        .join_token(&b(), None, 3600 * SECOND)
+        .await
+        .unwrap();
+    let b_state = fedmesh_agent::enroll::enroll(&token, &tmp.path().join("org-b"), None)
+        .await
+        .unwrap();
+    let extra = [
+        "--relay-max-connections-per-source",
+        "1000",
+        "--relay-max-connections-per-peer",
+        "1000",
+        "--relay-unlinked-idle",
+        "1h",
+    ]
+    .map(String::from);
+    let agent =
+        fedmesh_tests::AgentProcess::start(&fedmesh_tests::fedmesh_bin(), &b_state.dir, &extra);
+    let (identity, bundle) = a_identity(&mesh);
+    // Once the agent knows its members, org-a gets in.
+    let deadline = Instant::now() + 20 * SECOND;
+    while handshake_from("127.0.0.1", &identity, &bundle, agent.relay)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the agent never admitted org-a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(SECOND).await;
+    let idle = fedmesh_tests::rss_mib(agent.pid());
+    let (held, refused) =
+        fedmesh_tests::connect_many(&identity, &bundle, agent.relay, &b_id(), 250).await;
+    assert_eq!((held.len(), refused), (250, 0));
+    tokio::time::sleep(2 * SECOND).await;
+    let grown = fedmesh_tests::rss_mib(agent.pid()) - idle;
+    assert!(
+        grown < 64.0,
+        "{grown:.1} MiB for 250 idle connections (340 MiB before connections were sized)"
+    );
+    drop(held);
+    drop(agent);
+    mesh.shutdown().await.unwrap();
+}
