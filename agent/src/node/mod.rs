@@ -13,7 +13,7 @@
 //! them.
 //!
 //! In Kubernetes ([`NodeOptions::kubernetes`]) a [`k8s::Controller`] runs beside the reconciler:
-//! it applies the Istio objects (and the relay then admits nothing), or one Service per peer in
+//! it applies the Istio objects (and no relay runs), or one Service per peer in
 //! front of the pod, and publishes a [`Placement`]: the sysadmin's vetoes (left out of
 //! everything), the peers' addresses (Service ClusterIPs or VIPs) and the pod ports the relay
 //! listens on.
