@@ -924,10 +924,7 @@ async fn inbound_stream(
         ticket.as_ref(),
     );
     let counters = counters(&shared, &grant, ticket.as_ref());
-    run_stream(
-        &shared, "inbound", &peer.id, tcp, send, recv, counters, cancel,
-    )
-    .await;
+    run_stream(&shared, "inbound", &peer, tcp, send, recv, counters, cancel).await;
 }
 
 /// Connects the local target, retrying until `within` has passed: the peer's client is held
@@ -962,7 +959,7 @@ fn counters(shared: &Shared, grant: &policy::Grant, ticket: Option<&Ticket>) -> 
 async fn run_stream(
     shared: &Shared,
     direction: &'static str,
-    peer: &SpiffeId,
+    peer: &PeerId,
     tcp: TcpStream,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -980,11 +977,9 @@ async fn run_stream(
     if let Ended::Cancelled(code) = ended {
         let reason = pump::reset_reason(code);
         shared.metrics.reset_stream(reason);
-        if let Some(held_back) = shared
-            .throttle
-            .admit(reason, &peer.to_string(), Instant::now())
-        {
-            info!(direction, %peer, reason, held_back, "stream reset: its link is no longer in force or its budget is spent");
+        let who = peer.id.to_string();
+        if let Some(held_back) = shared.throttle.admit(reason, &who, Instant::now()) {
+            info!(direction, peer = %peer.id, serial = %peer.serial, reason, held_back, "stream reset: its link is no longer in force or its budget is spent");
         }
     }
 }
@@ -1139,44 +1134,55 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         return;
     };
     let who = id.to_string();
-    let refused = |reason: &'static str, detail: &str| {
+    let refused = |reason: &'static str, serial: &str, detail: &str| {
         shared.metrics.refuse(reason);
         if let Some(held_back) = shared.throttle.admit(reason, &who, Instant::now()) {
-            warn!(peer = %who, port, reason, detail, held_back, "stream refused; closing the client connection");
+            warn!(peer = %who, serial, port, reason, detail, held_back, "stream refused; closing the client connection");
         }
     };
     // The budget is enforced here as well as at the peer: a spent link costs the peer nothing.
     let ticket = match shared.budgets.open(&grant) {
         Ok(ticket) => ticket,
-        Err((refusal, detail)) => return refused(refusal.as_str(), &detail),
+        Err((refusal, detail)) => return refused(refusal.as_str(), "(not dialled)", &detail),
     };
     let result = tokio::time::timeout(DIAL_DEADLINE, open(&shared, &peer, port, &grant)).await;
+    // Dropping `tcp` on a refusal closes the client connection.
     let (send, recv, serial) = match result {
         Ok(Ok(streams)) => streams,
-        // Dropping `tcp` closes the client connection.
-        Ok(Err((reason, detail))) => return refused(reason, &detail),
-        Err(_) => return refused("peer_unreachable", "peer unreachable before the deadline"),
+        Ok(Err((reason, serial, detail))) => return refused(reason, &serial, &detail),
+        Err(_) => {
+            let detail = "peer unreachable before the deadline";
+            return refused("peer_unreachable", "(no handshake)", detail);
+        }
     };
     debug!(peer = %who, %serial, port, link = %grant.link_id, "outbound stream connected");
+    let peer = PeerId {
+        node: peer,
+        id,
+        serial,
+    };
     let counters = counters(&shared, &grant, ticket.as_ref());
     let cancel = until_cut(
         shared.config.clone(),
-        peer.clone(),
+        peer.node.clone(),
         port,
         Direction::Outbound,
         ticket.as_ref(),
     );
-    run_stream(&shared, "outbound", &id, tcp, send, recv, counters, cancel).await;
+    run_stream(
+        &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
+    )
+    .await;
 }
 
 /// Opens a stream to `peer` for `port` and waits for the peer's answer; returns the streams and
-/// the serial of the peer's certificate.
+/// the serial of the peer's certificate, or the refusal's reason, that serial and the detail.
 async fn open(
     shared: &Arc<Shared>,
     peer: &NodeRef,
     port: u16,
     grant: &policy::Grant,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String)> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
     // Retry the dial (with backoff) until the deadline around this call cuts it short.
     let conn = loop {
         match shared.connection(peer).await {
@@ -1185,33 +1191,29 @@ async fn open(
         }
     };
     let serial = PeerId::of(&conn).map(|p| p.serial).unwrap_or_default();
+    let fail = |reason: &'static str, detail: String| (reason, serial.clone(), detail);
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| ("peer_unreachable", describe_connection_error(&e)))?;
+        .map_err(|e| fail("peer_unreachable", describe_connection_error(&e)))?;
     let request = Request {
         port,
         label: grant.label.clone(),
     };
     send.write_all(&request.encode())
         .await
-        .map_err(|e| ("peer_unreachable", e.to_string()))?;
+        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
     let mut prefix = [0u8; 2];
     recv.read_exact(&mut prefix)
         .await
-        .map_err(|e| ("peer_unreachable", e.to_string()))?;
-    match Response::decode_prefix(prefix).map_err(|e| ("bad_response", e))? {
+        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
+    match Response::decode_prefix(prefix).map_err(|e| fail("bad_response", e))? {
         None => Ok((send, recv, serial)),
         Some((refusal, len)) => {
             let mut reason = vec![0u8; len];
             let _ = recv.read_exact(&mut reason).await;
-            Err((
-                refusal.as_str(),
-                format!(
-                    "peer (certificate serial {serial}): {}",
-                    String::from_utf8_lossy(&reason)
-                ),
-            ))
+            let reason = String::from_utf8_lossy(&reason).into_owned();
+            Err(fail(refusal.as_str(), reason))
         }
     }
 }
