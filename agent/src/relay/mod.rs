@@ -796,7 +796,8 @@ async fn serve_connection(
         return;
     }
     // Size it for the peer's links now, not at the next sweep.
-    shared.sweep(&shared.config.borrow().clone(), Instant::now());
+    let config = shared.config.borrow().clone();
+    shared.sweep(&config, Instant::now());
     shared.metrics.peer_connections.inc();
     let path = tokio::spawn(report_path(shared.clone(), conn.clone(), peer.node.clone()));
     loop {

@@ -211,8 +211,9 @@ fn capped(caps: Caps) -> RelayOptions {
 async fn connections_beyond_the_caps_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let caps = Caps {
-        connections: 4,
+        connections: 5,
         connections_per_source: 3,
+        connections_per_peer: 4,
         ..Caps::default()
     };
     let mesh = two_nodes(tmp.path(), 7101, echo().await, capped(caps)).await;
@@ -221,44 +222,62 @@ async fn connections_beyond_the_caps_are_refused() {
         .await
         .unwrap();
     let b_relay = mesh.node(&b()).relay_addr.unwrap();
-    let (identity, bundle) = a_identity(&mesh);
+    let (a_id, a_ca) = a_identity(&mesh);
+    // org-b's own certificate: another member, to fill the relay past one peer's cap.
+    let b_state = mesh.state(&b()).unwrap();
+    let (b_id_, b_ca) = (b_state.identity().unwrap(), b_state.trust_bundle().unwrap());
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(
-            handshake_from("127.0.0.1", &identity, &bundle, b_relay)
+            handshake_from("127.0.0.1", &a_id, &a_ca, b_relay)
                 .await
                 .unwrap(),
         );
     }
-    let err = handshake_from("127.0.0.1", &identity, &bundle, b_relay)
+    let err = handshake_from("127.0.0.1", &a_id, &a_ca, b_relay)
         .await
         .expect_err("a fourth connection from one source");
     assert!(err.contains("refused"), "{err}");
     held.push(
-        handshake_from("127.0.0.2", &identity, &bundle, b_relay)
+        handshake_from("127.0.0.2", &a_id, &a_ca, b_relay)
             .await
             .expect("another source still gets in"),
     );
-    let err = handshake_from("127.0.0.3", &identity, &bundle, b_relay)
+    // One peer node holds at most 4 connections, from whatever addresses.
+    let err = handshake_from("127.0.0.3", &a_id, &a_ca, b_relay)
         .await
-        .expect_err("a fifth connection overall");
+        .expect_err("a fifth connection of one peer node");
+    assert!(err.contains("too many connections"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.push(
+        handshake_from("127.0.0.3", &b_id_, &b_ca, b_relay)
+            .await
+            .expect("another peer node gets in"),
+    );
+    let err = handshake_from("127.0.0.4", &b_id_, &b_ca, b_relay)
+        .await
+        .expect_err("a sixth connection overall");
     assert!(err.contains("refused"), "{err}");
     // A slot freed is a slot to take.
     held.pop().unwrap().close(0u32.into(), b"done");
     tokio::time::sleep(Duration::from_millis(300)).await;
     held.push(
-        handshake_from("127.0.0.3", &identity, &bundle, b_relay)
+        handshake_from("127.0.0.4", &b_id_, &b_ca, b_relay)
             .await
             .unwrap(),
     );
     let metrics = mesh.node(&b()).metrics.render();
-    for (reason, n) in [("connections_per_source", 1), ("connections", 1)] {
+    for reason in [
+        "connections_per_source",
+        "connections_per_peer",
+        "connections",
+    ] {
         assert_eq!(
             metric(
                 &metrics,
                 &format!("fedmesh_relay_connections_refused_total{{reason=\"{reason}\"}} ")
             ),
-            Some(n),
+            Some(1),
             "{reason}: {metrics}"
         );
     }
