@@ -20,9 +20,9 @@
 //! closed with their streams. What a connection may hold follows the links its peer has: few
 //! streams and a small receive window until it has one, what its links need once it does, and it
 //! is closed after [`RelayOptions::unlinked_idle`] without one. Unauthenticated sources are
-//! bounded by [`limits`]. Refusals are logged through the shared
-//! [`Throttle`](crate::throttle::Throttle), one line per reason and peer per interval, each
-//! naming the peer's SPIFFE ID and certificate serial; metrics count every one.
+//! bounded by [`limits`]. Refusals are logged through the shared [`Throttle`], one line per
+//! reason and peer per interval, each naming the peer's SPIFFE ID and certificate serial;
+//! metrics count every one.
 //!
 //! The relay is a thin shell: what it may do comes in as a [`RelayConfig`] on a watch channel;
 //! where its datagrams travel is its [`Transport`].
