@@ -1146,7 +1146,8 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         Ok(ticket) => ticket,
         Err((refusal, detail)) => return refused(refusal.as_str(), "(not dialled)", &detail),
     };
-    let result = tokio::time::timeout(DIAL_DEADLINE, open(&shared, &peer, port, &grant)).await;
+    let result = tokio::time::timeout(DIAL_DEADLINE, open_patiently(&shared, &peer, port, &grant));
+    let result = result.await;
     // Dropping `tcp` on a refusal closes the client connection.
     let (send, recv, serial) = match result {
         Ok(Ok(streams)) => streams,
@@ -1174,6 +1175,35 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
     )
     .await;
+}
+
+/// [`open`], asked again while the peer answers that no link allows the stream but this node's
+/// links still do: each end learns of a link from the hub on its own schedule, so a peer that has
+/// not seen a new link yet holds the client a moment instead of failing it.
+async fn open_patiently(
+    shared: &Arc<Shared>,
+    peer: &NodeRef,
+    port: u16,
+    grant: &policy::Grant,
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match open(shared, peer, port, grant).await {
+            Err((reason, ..))
+                if reason == Refusal::NoLink.as_str()
+                    && shared
+                        .config
+                        .borrow()
+                        .policy
+                        .admits_outbound(peer, port)
+                        .is_some() =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Opens a stream to `peer` for `port` and waits for the peer's answer; returns the streams and
