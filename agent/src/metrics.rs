@@ -22,6 +22,15 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of per-link budget gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// The link id.
+    pub link: String,
+    /// `bytes_limit`, `bytes_spent`, `streams_limit` or `streams_active`.
+    pub measure: &'static str,
+}
+
 /// Labels of per-peer gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -49,6 +58,20 @@ pub struct Metrics {
     pub bytes: Family<LinkLabels, Counter>,
     /// Streams refused, by reason.
     pub refused: Family<ReasonLabels, Counter>,
+    /// Peers refused at the TLS handshake, by reason (revoked, not a member, untrusted).
+    pub peers_refused: Family<ReasonLabels, Counter>,
+    /// Connection attempts refused before the handshake, by the cap that refused them.
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Open peer connections the relay closed, by reason.
+    pub connections_closed: Family<ReasonLabels, Counter>,
+    /// Open streams the relay reset, by reason (revoked link, spent budget).
+    pub streams_reset: Family<ReasonLabels, Counter>,
+    /// Links' budgets: limits and use.
+    pub link_budgets: Family<BudgetLabels, Gauge>,
+    /// Times another instance of this node was seen advertising it (a copied state directory).
+    pub foreign_instances: Counter,
+    /// 1 while this node's latest advertisement is another instance's.
+    pub advertised_by_another_instance: Gauge,
     /// QUIC connections to peers currently open.
     pub peer_connections: Gauge,
     /// Seconds until the node certificate expires.
@@ -75,6 +98,13 @@ impl Default for Metrics {
         let streams_total = Family::<DirectionLabels, Counter>::default();
         let bytes = Family::<LinkLabels, Counter>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
+        let peers_refused = Family::<ReasonLabels, Counter>::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
+        let streams_reset = Family::<ReasonLabels, Counter>::default();
+        let link_budgets = Family::<BudgetLabels, Gauge>::default();
+        let foreign_instances = Counter::default();
+        let advertised_by_another_instance = Gauge::default();
         let peer_rtt_us = Family::<PeerLabels, Gauge>::default();
         let peer_path_mtu = Family::<PeerLabels, Gauge>::default();
         let hub_anomalies = Family::<ReasonLabels, Counter>::default();
@@ -100,6 +130,41 @@ impl Default for Metrics {
             "streams_refused",
             "Relay streams refused, by reason",
             refused.clone(),
+        );
+        registry.register(
+            "peers_refused",
+            "Peers refused at the relay's TLS handshake, by reason",
+            peers_refused.clone(),
+        );
+        registry.register(
+            "relay_connections_refused",
+            "Relay connection attempts refused before the handshake, by cap",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "relay_connections_closed",
+            "Open relay connections closed by the relay, by reason",
+            connections_closed.clone(),
+        );
+        registry.register(
+            "streams_reset",
+            "Open relay streams reset by the relay, by reason",
+            streams_reset.clone(),
+        );
+        registry.register(
+            "link_budget",
+            "Link budgets: bytes_limit, bytes_spent, streams_limit, streams_active",
+            link_budgets.clone(),
+        );
+        registry.register(
+            "node_foreign_instances",
+            "Other agents seen advertising this node (a copy of its state directory)",
+            foreign_instances.clone(),
+        );
+        registry.register(
+            "node_advertised_by_another_instance",
+            "1 while this node's latest advertisement comes from another agent",
+            advertised_by_another_instance.clone(),
         );
         registry.register(
             "peer_connections",
@@ -142,6 +207,13 @@ impl Default for Metrics {
             streams_total,
             bytes,
             refused,
+            peers_refused,
+            connections_refused,
+            connections_closed,
+            streams_reset,
+            link_budgets,
+            foreign_instances,
+            advertised_by_another_instance,
             peer_connections,
             cert_expiry_seconds,
         }
@@ -169,6 +241,59 @@ impl Metrics {
         self.hub_anomalies
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts a peer refused at the handshake.
+    pub fn refuse_peer(&self, reason: &'static str) {
+        self.peers_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a connection attempt refused by a cap.
+    pub fn refuse_connection(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an open connection the relay closed.
+    pub fn close_connection(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an open stream the relay reset.
+    pub fn reset_stream(&self, reason: &'static str) {
+        self.streams_reset
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// One measure of `link`'s budget.
+    pub fn link_budget(&self, link: &str, measure: &'static str) -> Gauge {
+        self.link_budgets
+            .get_or_create(&BudgetLabels {
+                link: link.to_owned(),
+                measure,
+            })
+            .clone()
+    }
+
+    /// Drops an expired link's budget gauges.
+    pub fn forget_link_budget(&self, link: &str) {
+        for measure in [
+            "bytes_limit",
+            "bytes_spent",
+            "streams_limit",
+            "streams_active",
+        ] {
+            self.link_budgets.remove(&BudgetLabels {
+                link: link.to_owned(),
+                measure,
+            });
+        }
     }
 
     /// The Prometheus text exposition.

@@ -187,6 +187,19 @@ impl Owner {
         })
     }
 
+    /// Removes `node` from the collaboration's members (its certificates stop being accepted
+    /// anywhere once the new collaboration document reaches the nodes).
+    pub async fn remove_member(&mut self, node: &NodeRef) -> Result<()> {
+        let before = self.collab.members.len();
+        self.collab.members.retain(|m| m.node_ref() != *node);
+        if self.collab.members.len() == before {
+            bail!("{node} is not a member of {}", self.collab.id);
+        }
+        self.collab.version += 1;
+        self.collab.issued_at = unix(SystemTime::now());
+        self.publish_collab().await
+    }
+
     /// Everything the hub holds, verified here against the owner's own key.
     pub async fn ledger(&self) -> Result<Ledger> {
         fetch_ledger(&self.hub, &self.collab.id, &self.pin()).await
@@ -205,17 +218,38 @@ impl Owner {
 
     /// Approves the requested link `id`, exactly as requested.
     pub async fn approve(&self, id: &str) -> Result<LinkTerms> {
+        self.approve_with_budget(id, None, None).await
+    }
+
+    /// Approves the requested link `id` with a budget: `max_bytes` and `max_streams` replace
+    /// what the request asked for where given. A budget other than the requested one makes other
+    /// terms, so the approved link has its own id (returned); the request stays unapproved.
+    pub async fn approve_with_budget(
+        &self,
+        id: &str,
+        max_bytes: Option<u64>,
+        max_streams: Option<u32>,
+    ) -> Result<LinkTerms> {
         let ledger = self.ledger().await?;
         let status = ledger
             .status(id, SystemTime::now())
             .with_context(|| format!("no link {id} is known to the hub"))?;
+        let requested = status.terms;
+        let terms = match (max_bytes, max_streams) {
+            (None, None) => requested,
+            _ => {
+                let max_bytes = max_bytes.or(requested.max_bytes);
+                let max_streams = max_streams.or(requested.max_streams);
+                requested.with_budget(max_bytes, max_streams)?
+            }
+        };
         let doc = Document::Approval(Approval {
-            terms: status.terms.clone(),
+            terms: terms.clone(),
             approved_by: self.collab.owner_name.clone(),
             approved_at: unix(SystemTime::now()),
         });
         self.hub.submit(&self.collab.id, self.sign(&doc)?).await?;
-        Ok(status.terms)
+        Ok(terms)
     }
 
     /// Revokes link `id` (and everything already revoked) in a new, higher-numbered list.

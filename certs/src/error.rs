@@ -130,6 +130,16 @@ pub enum Error {
         /// Identity presented.
         found: String,
     },
+    /// A peer with a valid chain whose standing refuses it (revoked, or not a member).
+    #[error("peer {id} (certificate serial {serial}) is refused: {why}")]
+    PeerRefused {
+        /// The peer's SPIFFE ID.
+        id: String,
+        /// Its certificate's serial (hex).
+        serial: String,
+        /// Why.
+        why: crate::standing::Refused,
+    },
     /// A certificate meant as a collaboration CA is not one.
     #[error("not a collaboration CA certificate: {0}")]
     InvalidCa(String),

@@ -12,7 +12,10 @@
 //! - [`csr`]: node key pairs and certificate signing requests.
 //! - [`policy`]: what the CA will sign, checked over a parsed CSR (pure).
 //! - [`verify`]: chain verification to the collaboration CA at a given `now` (pure).
-//! - [`tls`]: rustls server and client configs for mutual TLS pinned to one collaboration.
+//! - [`standing`]: whether a verified peer may still connect: revoked serials and nodes,
+//!   membership (pure).
+//! - [`tls`]: rustls server and client configs for mutual TLS pinned to one collaboration, with a
+//!   gate that checks each peer's standing.
 //! - [`renew`]: when to renew (two thirds of the lifetime).
 //! - [`files`]: PEM files, private keys written `0600` atomically.
 //! - [`time`]: Unix seconds and RFC 3339, the one place time is converted.
@@ -35,6 +38,7 @@ pub mod files;
 pub mod id;
 pub mod policy;
 pub mod renew;
+pub mod standing;
 pub mod time;
 pub mod tls;
 pub mod verify;
@@ -48,7 +52,8 @@ pub use csr::{Csr, NodeKey};
 pub use error::{Error, Result};
 pub use id::{SpiffeId, TrustDomain};
 pub use policy::IssuancePolicy;
-pub use tls::{NodeIdentity, TrustBundle};
+pub use standing::Standing;
+pub use tls::{NodeIdentity, PeerGate, TrustBundle};
 pub use verify::CertInfo;
 
 /// Lower-case hex SHA-256 of DER bytes: how fedmesh names certificates and keys in tokens.

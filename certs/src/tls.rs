@@ -5,9 +5,22 @@
 //! checks that the server is the node it dialled: the TLS server name is the node's DNS name
 //! (`<node>.<org>.<collab>.fedmesh`) and must match the SPIFFE ID in the certificate.
 //!
+//! A [`PeerGate`] adds the peer's [`Standing`]: a revoked serial or node, or a node that is not
+//! a member, cannot complete a handshake. The gate's owner replaces the standing whenever its
+//! verified ledger changes; every later handshake sees the new one.
+//!
+//! ```text
+//!  handshake ──▶ chain to the CA, SPIFFE ID of the trust domain ──▶ gate: Standing::check
+//!                      │ refused                                        │ refused
+//!                      └──────────────▶ gate's observer (logs, metrics) ◀┘
+//! ```
+//!
 //! Only TLS 1.3 and the *ring* provider are used.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
 
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
@@ -22,6 +35,7 @@ use rustls_pki_types::{
 
 use crate::{
     CertInfo, Error, NodeKey, Result, SpiffeId, TrustDomain,
+    standing::Standing,
     verify::{self, Usage},
 };
 
@@ -176,14 +190,101 @@ impl std::fmt::Debug for NodeIdentity {
     }
 }
 
+/// Called with every refusal a gated verifier makes: the error, and what the peer's leaf
+/// certificate claims when it parses (unverified when the chain was the problem).
+pub type RefusalObserver = Arc<dyn Fn(&Error, Option<&CertInfo>) + Send + Sync>;
+
+/// The standing every handshake of a config is checked against, shared with whoever keeps it
+/// current. Cloning shares the same gate.
+#[derive(Clone)]
+pub struct PeerGate {
+    standing: Option<Arc<RwLock<Arc<Standing>>>>,
+    observer: Option<RefusalObserver>,
+}
+
+impl PeerGate {
+    /// A gate holding `standing`, to be replaced with [`PeerGate::set`].
+    pub fn new(standing: Standing) -> Self {
+        Self {
+            standing: Some(Arc::new(RwLock::new(Arc::new(standing)))),
+            observer: None,
+        }
+    }
+
+    /// No check beyond the chain and the trust domain (tools and tests that hold no ledger).
+    pub fn chain_only() -> Self {
+        Self {
+            standing: None,
+            observer: None,
+        }
+    }
+
+    /// The same gate, with `observer` called on every refusal.
+    pub fn observed(mut self, observer: RefusalObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Replaces the standing; handshakes from now on are checked against it.
+    pub fn set(&self, standing: Standing) {
+        if let Some(lock) = &self.standing {
+            *lock
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(standing);
+        }
+    }
+
+    /// The current standing (`None` for a chain-only gate).
+    pub fn standing(&self) -> Option<Arc<Standing>> {
+        self.standing.as_ref().map(|lock| {
+            lock.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    fn check(&self, info: &CertInfo) -> Result<()> {
+        match self.standing() {
+            Some(standing) => standing.check(&info.spiffe_id, &info.serial),
+            None => Ok(()),
+        }
+    }
+
+    fn observe(&self, error: &Error, end_entity: &CertificateDer<'_>) {
+        if let Some(observer) = &self.observer {
+            observer(error, CertInfo::parse(end_entity).ok().as_ref());
+        }
+    }
+}
+
+impl std::fmt::Debug for PeerGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGate")
+            .field("standing", &self.standing())
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
+}
+
 /// A server config: presents `identity`, requires a client certificate of `bundle`'s trust
-/// domain. `alpn` is set as given (e.g. `fedmesh/1`).
+/// domain. `alpn` is set as given (e.g. `fedmesh/1`). Checks only the chain: see
+/// [`server_config_gated`].
 pub fn server_config(
     identity: &NodeIdentity,
     bundle: &TrustBundle,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig> {
-    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone()));
+    server_config_gated(identity, bundle, alpn, &PeerGate::chain_only())
+}
+
+/// [`server_config`] whose client certificates must also pass `gate`.
+pub fn server_config_gated(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    alpn: &[&[u8]],
+    gate: &PeerGate,
+) -> Result<ServerConfig> {
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), gate.clone()));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -193,13 +294,24 @@ pub fn server_config(
 }
 
 /// A client config: presents `identity`, accepts only servers of `bundle`'s trust domain whose
-/// SPIFFE ID matches the server name dialled (the node's DNS name).
+/// SPIFFE ID matches the server name dialled (the node's DNS name). Checks only the chain: see
+/// [`client_config_gated`].
 pub fn client_config(
     identity: &NodeIdentity,
     bundle: &TrustBundle,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig> {
-    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone()));
+    client_config_gated(identity, bundle, alpn, &PeerGate::chain_only())
+}
+
+/// [`client_config`] whose server certificates must also pass `gate`.
+pub fn client_config_gated(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    alpn: &[&[u8]],
+    gate: &PeerGate,
+) -> Result<ClientConfig> {
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), gate.clone()));
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -215,38 +327,52 @@ pub fn server_name(id: &SpiffeId) -> ServerName<'static> {
     ServerName::try_from(id.dns_name()).unwrap_or_else(|_| unreachable!("validated labels"))
 }
 
-/// Verifies peers against one collaboration CA and its SPIFFE trust domain, both directions.
+/// Verifies peers against one collaboration CA and its SPIFFE trust domain, both directions,
+/// then against the gate's standing.
 #[derive(Debug)]
 struct SpiffeVerifier {
     bundle: TrustBundle,
+    gate: PeerGate,
     signatures: HandshakeSignatures,
     root_hints: Vec<DistinguishedName>,
 }
 
 impl SpiffeVerifier {
-    fn new(bundle: TrustBundle) -> Self {
+    fn new(bundle: TrustBundle, gate: PeerGate) -> Self {
         let root_hints = x509_parser::parse_x509_certificate(bundle.ca_der())
             .map(|(_, c)| vec![DistinguishedName::from(c.subject().as_raw().to_vec())])
             .unwrap_or_default();
         Self {
             bundle,
+            gate,
             signatures: HandshakeSignatures::default(),
             root_hints,
         }
     }
 
+    /// The chain, the identity `check` asks for, then the standing; every refusal goes to the
+    /// gate's observer.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: Usage,
+        check: impl FnOnce(&CertInfo) -> Result<()>,
     ) -> Result<CertInfo, rustls::Error> {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
         let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
-        self.bundle.verify(&chain, now, usage).map_err(to_rustls)
+        let verified = self.bundle.verify(&chain, now, usage).and_then(|info| {
+            check(&info)?;
+            self.gate.check(&info)?;
+            Ok(info)
+        });
+        verified.map_err(|e| {
+            self.gate.observe(&e, end_entity);
+            to_rustls(e)
+        })
     }
 }
 
@@ -266,7 +392,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify(end_entity, intermediates, now, Usage::Client)?;
+        self.verify(end_entity, intermediates, now, Usage::Client, |_| Ok(()))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -302,24 +428,25 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let info = self.verify(end_entity, intermediates, now, Usage::Server)?;
-        let expected = match server_name {
-            ServerName::DnsName(name) => {
-                SpiffeId::from_dns_name(name.as_ref()).map_err(to_rustls)?
+        let dialled = |info: &CertInfo| {
+            let expected = match server_name {
+                ServerName::DnsName(name) => SpiffeId::from_dns_name(name.as_ref())?,
+                other => {
+                    return Err(Error::InvalidSpiffeId {
+                        value: format!("{other:?}"),
+                        reason: "dial a node by its DNS name <node>.<org>.<collab>.fedmesh".into(),
+                    });
+                }
+            };
+            if info.spiffe_id != expected {
+                return Err(Error::UnexpectedPeer {
+                    expected: expected.to_string(),
+                    found: info.spiffe_id.to_string(),
+                });
             }
-            other => {
-                return Err(to_rustls(Error::InvalidSpiffeId {
-                    value: format!("{other:?}"),
-                    reason: "dial a node by its DNS name <node>.<org>.<collab>.fedmesh".into(),
-                }));
-            }
+            Ok(())
         };
-        if info.spiffe_id != expected {
-            return Err(to_rustls(Error::UnexpectedPeer {
-                expected: expected.to_string(),
-                found: info.spiffe_id.to_string(),
-            }));
-        }
+        self.verify(end_entity, intermediates, now, Usage::Server, dialled)?;
         Ok(ServerCertVerified::assertion())
     }
 

@@ -208,9 +208,11 @@ impl Fixture {
             &Document::Advertisement(Advertisement {
                 collab: self.collab.id.clone(),
                 node: node.parse().expect("org/node"),
-                relay: Some(relay.to_owned()),
-                gateway: None,
+                endpoints: vec![crate::Endpoint::Quic {
+                    address: relay.to_owned(),
+                }],
                 exposes: Vec::new(),
+                instance: None,
                 issued_at: jws::unix(self.now),
             }),
         )

@@ -384,6 +384,7 @@ impl Ledger {
         match doc {
             Document::Collaboration(c) => self.record_collab(c),
             Document::Advertisement(a) => {
+                a.validate_shape().map_err(|e| (Invalid, e.to_string()))?;
                 let newer = self
                     .adverts
                     .get(&a.node)

@@ -12,6 +12,10 @@ use crate::{Error, Result};
 
 /// Most ports one link may carry.
 pub const MAX_PORTS_PER_LINK: usize = 32;
+/// Most concurrent streams a link's budget may allow (the relay's per-connection ceiling).
+pub const MAX_LINK_STREAMS: u32 = 16_384;
+/// Most endpoints one advertisement may list.
+pub const MAX_ENDPOINTS: usize = 8;
 /// Default cap on a link's lifetime.
 pub const DEFAULT_MAX_LINK_TTL_SECS: u64 = 7 * 24 * 3600;
 
@@ -160,10 +164,12 @@ pub struct TaskRef {
     pub parent_id: Option<u64>,
 }
 
-/// What a link allows: `from` may open TCP connections to `to` on `ports` until `not_after`.
+/// What a link allows: `from` may open TCP connections to `to` on `ports` until `not_after`,
+/// within an optional budget (bytes carried, concurrent streams).
 ///
 /// The id is derived from everything else ([`LinkTerms::derive_id`]), so an approval names
-/// exactly the terms it approves.
+/// exactly the terms it approves, budget included. A link without a budget serializes exactly as
+/// it did before budgets existed, so its id is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LinkTerms {
     /// `l-` and 16 hex digits of the terms' hash.
@@ -181,6 +187,12 @@ pub struct LinkTerms {
     /// The task the link serves, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskRef>,
+    /// Most bytes the link may carry over its life, both directions together; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most streams (TCP connections) the link may carry at once; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
 }
 
 impl LinkTerms {
@@ -202,10 +214,23 @@ impl LinkTerms {
             ports,
             not_after,
             task,
+            max_bytes: None,
+            max_streams: None,
         };
         terms.validate_shape()?;
         terms.id = terms.derive_id();
         Ok(terms)
+    }
+
+    /// The same terms with a budget: at most `max_bytes` carried (both directions together) and
+    /// at most `max_streams` streams at once. The id changes with the budget.
+    pub fn with_budget(mut self, max_bytes: Option<u64>, max_streams: Option<u32>) -> Result<Self> {
+        self.max_bytes = max_bytes;
+        self.max_streams = max_streams;
+        self.id = String::new();
+        self.validate_shape()?;
+        self.id = self.derive_id();
+        Ok(self)
     }
 
     /// The id these terms must carry: a hash over their canonical JSON without the id.
@@ -254,6 +279,22 @@ impl LinkTerms {
                     reason: format!("port {} is listed twice", p.port),
                 });
             }
+        }
+        if self.max_bytes == Some(0) {
+            return Err(Error::Invalid {
+                what: "link budget",
+                reason: "a byte budget of 0 allows nothing; leave it out for no limit".into(),
+            });
+        }
+        if let Some(streams) = self.max_streams
+            && !(1..=MAX_LINK_STREAMS).contains(&streams)
+        {
+            return Err(Error::Invalid {
+                what: "link budget",
+                reason: format!(
+                    "{streams} concurrent streams; allowed 1..={MAX_LINK_STREAMS} (leave it out for no limit)"
+                ),
+            });
         }
         if !self.id.is_empty() && self.id != self.derive_id() {
             return Err(Error::Invalid {
@@ -363,24 +404,129 @@ pub struct Exposure {
     pub label: Option<String>,
 }
 
+/// One way to reach a node, as it advertises it. Kinds this agent does not know (a newer
+/// agent's) are kept as [`Endpoint::Unknown`] and never dialled, so an advertisement stays
+/// readable across versions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// The node's QUIC relay, accepting connections directly: UDP `host:port`.
+    Quic {
+        /// `host:port`.
+        address: String,
+    },
+    /// The node's Istio ingress gateway: TCP `host:port`.
+    IstioGateway {
+        /// `host:port`.
+        address: String,
+    },
+    /// A kind this agent does not know.
+    #[serde(other)]
+    Unknown,
+}
+
 /// Where a node can be reached, signed by the node itself.
+///
+/// Documents signed before endpoints were typed carried `relay` and `gateway` fields; they are
+/// still read (as a [`Endpoint::Quic`] and an [`Endpoint::IstioGateway`]) and never written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AdvertisementWire")]
 pub struct Advertisement {
     /// The collaboration.
     pub collab: String,
     /// The node advertising.
     pub node: NodeRef,
-    /// The UDP `host:port` of its QUIC relay, if it runs one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay: Option<String>,
-    /// The `host:port` of its Istio ingress gateway, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
+    /// Where peers reach it, one entry per transport.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
     /// Ports its algorithms expose.
     #[serde(default)]
     pub exposes: Vec<Exposure>,
+    /// A random id the agent draws at every start: two instances advertising one node (a copied
+    /// state directory) show up as two instance ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// When it was signed; a newer advertisement replaces an older one.
     pub issued_at: u64,
+}
+
+impl Advertisement {
+    /// The QUIC relay address, if it advertises one.
+    pub fn quic(&self) -> Option<&str> {
+        self.endpoints.iter().find_map(|e| match e {
+            Endpoint::Quic { address } => Some(address.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The Istio ingress gateway address, if it advertises one.
+    pub fn istio_gateway(&self) -> Option<&str> {
+        self.endpoints.iter().find_map(|e| match e {
+            Endpoint::IstioGateway { address } => Some(address.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Checks the shape: a bounded number of endpoints, each a `host:port`.
+    pub fn validate_shape(&self) -> Result<()> {
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(Error::Invalid {
+                what: "advertisement",
+                reason: format!(
+                    "{} endpoints; at most {MAX_ENDPOINTS}",
+                    self.endpoints.len()
+                ),
+            });
+        }
+        for e in &self.endpoints {
+            if let Endpoint::Quic { address } | Endpoint::IstioGateway { address } = e {
+                let port = address.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+                if !matches!(port, Some(Ok(p)) if p > 0) {
+                    return Err(Error::Invalid {
+                        what: "advertisement",
+                        reason: format!("endpoint address {address:?} is not host:port"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an advertisement may look like on the wire: today's typed endpoints, or the
+/// `relay`/`gateway` fields of documents signed before them.
+#[derive(Deserialize)]
+struct AdvertisementWire {
+    collab: String,
+    node: NodeRef,
+    #[serde(default)]
+    endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    relay: Option<String>,
+    #[serde(default)]
+    gateway: Option<String>,
+    #[serde(default)]
+    exposes: Vec<Exposure>,
+    #[serde(default)]
+    instance: Option<String>,
+    issued_at: u64,
+}
+
+impl From<AdvertisementWire> for Advertisement {
+    fn from(w: AdvertisementWire) -> Self {
+        let mut endpoints = w.endpoints;
+        endpoints.extend(w.relay.map(|address| Endpoint::Quic { address }));
+        endpoints.extend(w.gateway.map(|address| Endpoint::IstioGateway { address }));
+        Self {
+            collab: w.collab,
+            node: w.node,
+            endpoints,
+            exposes: w.exposes,
+            instance: w.instance,
+            issued_at: w.issued_at,
+        }
+    }
 }
 
 /// A request for a link, by a member node or the owner. Not in force by itself.
@@ -632,6 +778,138 @@ mod tests {
         let dup = vec!["1".parse().unwrap(), "1:x".parse().unwrap()];
         let err = LinkTerms::new("c", n("a/n1"), n("b/n1"), dup, 1, None).unwrap_err();
         assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn budgets_change_the_id_and_are_validated() {
+        let p = || vec!["1".parse().unwrap()];
+        let plain = LinkTerms::new("c", n("a/n1"), n("b/n1"), p(), 100, None).unwrap();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(
+            json.get("max_bytes").is_none() && json.get("max_streams").is_none(),
+            "a link without a budget serializes as before: {json}"
+        );
+        let budgeted = plain.clone().with_budget(Some(1 << 20), Some(4)).unwrap();
+        assert_ne!(budgeted.id, plain.id);
+        assert_eq!(budgeted.id, budgeted.derive_id());
+        let json = serde_json::to_value(&budgeted).unwrap();
+        assert_eq!(
+            (json["max_bytes"].as_u64(), json["max_streams"].as_u64()),
+            (Some(1 << 20), Some(4))
+        );
+        assert_eq!(
+            serde_json::from_value::<LinkTerms>(json).unwrap(),
+            budgeted,
+            "round-trips"
+        );
+        assert_eq!(
+            plain.clone().with_budget(None, None).unwrap(),
+            plain,
+            "no budget is the plain link"
+        );
+        let err = plain.clone().with_budget(Some(0), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid link budget: a byte budget of 0 allows nothing; leave it out for no limit"
+        );
+        let err = plain.clone().with_budget(None, Some(0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("0 concurrent streams; allowed 1..=16384"),
+            "{err}"
+        );
+        assert!(plain.with_budget(None, Some(MAX_LINK_STREAMS + 1)).is_err());
+    }
+
+    /// The id of a link without a budget, fixed (the hash of the canonical JSON of its terms as
+    /// they were before budgets existed): adding budgets must not move it.
+    #[test]
+    fn ids_of_links_without_a_budget_are_unchanged() {
+        let t = LinkTerms::new(
+            "collab-x",
+            n("org-a/n1"),
+            n("org-b/n1"),
+            vec!["11365:mpc".parse().unwrap()],
+            1_900_000_000,
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.id, "l-68b77a1b0b241e85");
+    }
+
+    #[test]
+    fn advertisements_list_typed_endpoints_and_read_the_old_fields() {
+        let ad = Advertisement {
+            collab: "c".into(),
+            node: n("a/n1"),
+            endpoints: vec![
+                Endpoint::Quic {
+                    address: "relay.a.example:4433".into(),
+                },
+                Endpoint::IstioGateway {
+                    address: "gw.a.example:443".into(),
+                },
+            ],
+            exposes: Vec::new(),
+            instance: Some("i-1".into()),
+            issued_at: 7,
+        };
+        let json = serde_json::to_value(&ad).unwrap();
+        assert_eq!(
+            json["endpoints"],
+            serde_json::json!([
+                {"kind": "quic", "address": "relay.a.example:4433"},
+                {"kind": "istio_gateway", "address": "gw.a.example:443"},
+            ])
+        );
+        assert!(json.get("relay").is_none() && json.get("gateway").is_none());
+        assert_eq!(serde_json::from_value::<Advertisement>(json).unwrap(), ad);
+        assert_eq!(ad.quic(), Some("relay.a.example:4433"));
+        assert_eq!(ad.istio_gateway(), Some("gw.a.example:443"));
+
+        // Signed before typed endpoints: still readable, same meaning.
+        let old: Advertisement = serde_json::from_str(
+            r#"{"collab":"c","node":"a/n1","relay":"127.0.0.1:4433","exposes":[],"issued_at":7}"#,
+        )
+        .unwrap();
+        assert_eq!(old.quic(), Some("127.0.0.1:4433"));
+        assert_eq!(old.istio_gateway(), None);
+        assert_eq!(old.instance, None);
+
+        // A newer agent's kind of endpoint is kept as unknown, and the rest still counts.
+        let newer: Advertisement = serde_json::from_str(
+            r#"{"collab":"c","node":"a/n1","endpoints":[{"kind":"rendezvous","server":"rv.example:443"},{"kind":"quic","address":"10.0.0.1:4433"}],"issued_at":7}"#,
+        )
+        .unwrap();
+        assert_eq!(newer.endpoints[0], Endpoint::Unknown);
+        assert_eq!(newer.quic(), Some("10.0.0.1:4433"));
+    }
+
+    #[test]
+    fn advertisement_shapes_are_checked() {
+        let mut ad = Advertisement {
+            collab: "c".into(),
+            node: n("a/n1"),
+            endpoints: vec![Endpoint::Quic {
+                address: "relay.a.example".into(),
+            }],
+            exposes: Vec::new(),
+            instance: None,
+            issued_at: 7,
+        };
+        assert!(
+            ad.validate_shape()
+                .unwrap_err()
+                .to_string()
+                .contains("\"relay.a.example\" is not host:port")
+        );
+        ad.endpoints = vec![Endpoint::Unknown; MAX_ENDPOINTS + 1];
+        assert!(
+            ad.validate_shape()
+                .unwrap_err()
+                .to_string()
+                .contains("at most 8")
+        );
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //!
 //! The tests run real processes and real TLS on loopback only.
 
-use std::{path::PathBuf, sync::Once};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Once},
+    time::Duration,
+};
 
 /// Installs the *ring* crypto provider and a `tracing` subscriber that writes through the test
 /// harness, once per test binary.
@@ -19,15 +26,15 @@ pub fn subscribe() {
 }
 
 /// Runs the built `fedmesh` with `args` in `dir`; returns (success, stdout, stderr).
-pub fn fedmesh(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+pub fn fedmesh(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let (code, stdout, stderr) = fedmesh_exit(dir, args);
     (code == 0, stdout, stderr)
 }
 
 /// Runs the built `fedmesh` with `args` in `dir` (logs filtered by `RUST_LOG` only as the
 /// caller's environment says); returns (exit code, stdout, stderr).
-pub fn fedmesh_exit(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(fedmesh_bin())
+pub fn fedmesh_exit(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(fedmesh_bin())
         .args(args)
         .current_dir(dir)
         .output()
@@ -40,7 +47,7 @@ pub fn fedmesh_exit(dir: &std::path::Path, args: &[&str]) -> (i32, String, Strin
 }
 
 /// Runs `fedmesh` like [`fedmesh`], failing the test unless it succeeds; returns its stdout.
-pub fn fedmesh_ok(dir: &std::path::Path, args: &[&str]) -> String {
+pub fn fedmesh_ok(dir: &Path, args: &[&str]) -> String {
     let (success, stdout, stderr) = fedmesh(dir, args);
     assert!(success, "fedmesh {args:?} failed: {stderr}");
     stdout
@@ -86,7 +93,7 @@ impl TestHub {
             .await
             .expect("bind");
         let url = format!("https://{}", listener.local_addr().expect("addr"));
-        let config = std::sync::Arc::new(cert.server_config().expect("tls config"));
+        let config = Arc::new(cert.server_config().expect("tls config"));
         let pin = cert.pin();
         let task = tokio::spawn(async move {
             let _ = fedmesh_agent::hub::run(listener, hub, config, std::future::pending()).await;
@@ -120,7 +127,7 @@ impl Drop for TestHub {
 /// schedule: the test waits for the value, not for a guessed time.
 pub async fn metrics_until(
     metrics: &fedmesh_agent::metrics::Metrics,
-    within: std::time::Duration,
+    within: Duration,
     f: impl Fn(&str) -> bool,
 ) -> String {
     let deadline = tokio::time::Instant::now() + within;
@@ -133,7 +140,7 @@ pub async fn metrics_until(
             tokio::time::Instant::now() < deadline,
             "the metrics did not reach the expected state within {within:?}:\n{text}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -166,6 +173,119 @@ pub fn mesh_options() -> fedmesh_agent::mesh::MeshOptions {
         loopback_octet: claim_loopback_octet(),
         ..Default::default()
     }
+}
+
+/// A `fedmesh node` process, killed when dropped.
+pub struct AgentProcess {
+    child: Child,
+    /// Its relay's UDP address (from its banner).
+    pub relay: SocketAddr,
+}
+
+impl AgentProcess {
+    /// Starts `bin node --state <state>` with its relay and admin server on loopback port 0
+    /// and `extra` flags; returns once it printed its banner.
+    pub fn start(bin: &Path, state: &Path, extra: &[String]) -> Self {
+        let mut child = Command::new(bin)
+            .args(["--log", "warn", "node", "--state"])
+            .arg(state)
+            .args([
+                "--relay-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let banner = BufReader::new(child.stdout.take().expect("stdout"))
+            .lines()
+            .next()
+            .expect("banner")
+            .expect("banner");
+        let relay = banner
+            .split("relay udp/")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no relay address in {banner:?}"));
+        Self { child, relay }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of process `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Opens `count` relay connections to `to` (the node `server`) as `identity`, each proven
+/// accepted by one stream's answer; returns the accepted ones (held open) and how many were
+/// refused.
+pub async fn connect_many(
+    identity: &fedmesh_certs::NodeIdentity,
+    bundle: &fedmesh_certs::TrustBundle,
+    to: SocketAddr,
+    server: &fedmesh_certs::SpiffeId,
+    count: usize,
+) -> (Vec<quinn::Connection>, usize) {
+    use fedmesh_agent::relay::proto::{ALPN, Request};
+    let rustls = fedmesh_certs::tls::client_config(identity, bundle, &[ALPN]).expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls).expect("quic tls");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..count {
+        let Ok(conn) = endpoint
+            .connect(to, &server.dns_name())
+            .expect("connect")
+            .await
+        else {
+            refused += 1;
+            continue;
+        };
+        let answered = async {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            send.write_all(
+                &Request {
+                    port: 1,
+                    label: None,
+                }
+                .encode(),
+            )
+            .await
+            .ok()?;
+            let mut prefix = [0u8; 2];
+            recv.read_exact(&mut prefix).await.ok()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), answered).await {
+            Ok(Some(())) => held.push(conn),
+            _ => refused += 1,
+        }
+    }
+    (held, refused)
 }
 
 /// Claims a second octet `x` for `127.x.0.0/16`, held until this process exits.

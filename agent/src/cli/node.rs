@@ -29,7 +29,7 @@ use crate::{
     k8s::{self, Mode, PortRange},
     node::{self, Expose, NodeOptions},
     output::{Format, table},
-    relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
+    relay::{Caps, DEFAULT_LOOPBACK_POOL, RelayOptions},
 };
 
 /// `--mode`: a mesh backend ([`Mode`]), or `auto` (`None`): in Kubernetes, Istio when the
@@ -179,6 +179,56 @@ pub struct RunArgs {
     /// Ethernet MTU; raise it where the path carries more (8952 on 9000-byte jumbo frames).
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
+    #[command(flatten)]
+    caps: RelayCaps,
+}
+
+/// What the relay holds for peers and unauthenticated sources.
+#[derive(Debug, Args)]
+pub struct RelayCaps {
+    /// Most relay connections (established and in handshake) from all sources together.
+    #[arg(long, default_value_t = Caps::default().connections)]
+    relay_max_connections: u32,
+    /// Most relay connections (established and in handshake) from one source address.
+    #[arg(long, default_value_t = Caps::default().connections_per_source)]
+    relay_max_connections_per_source: u32,
+    /// Most relay handshakes in flight from all sources together.
+    #[arg(long, default_value_t = Caps::default().handshakes)]
+    relay_max_handshakes: u32,
+    /// Most relay handshakes in flight from one source address.
+    #[arg(long, default_value_t = Caps::default().handshakes_per_source)]
+    relay_max_handshakes_per_source: u32,
+    /// Most relay connections one peer node may hold, whatever its addresses.
+    #[arg(long, default_value_t = Caps::default().connections_per_peer)]
+    relay_max_connections_per_peer: u32,
+    /// How long a relay connection is kept while its peer has no link with this node.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    relay_unlinked_idle: Duration,
+}
+
+impl RelayCaps {
+    fn options(&self, max_udp_payload: u16) -> RelayOptions {
+        let Self {
+            relay_max_connections,
+            relay_max_connections_per_source,
+            relay_max_handshakes,
+            relay_max_handshakes_per_source,
+            relay_max_connections_per_peer,
+            relay_unlinked_idle,
+        } = *self;
+        RelayOptions {
+            max_udp_payload,
+            caps: Caps {
+                connections: relay_max_connections,
+                connections_per_source: relay_max_connections_per_source,
+                handshakes: relay_max_handshakes,
+                handshakes_per_source: relay_max_handshakes_per_source,
+                connections_per_peer: relay_max_connections_per_peer,
+            },
+            unlinked_idle: relay_unlinked_idle,
+            ..RelayOptions::default()
+        }
+    }
 }
 
 pub(crate) async fn run(args: NodeArgs) -> Result<()> {
@@ -237,6 +287,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         dns_listen,
         admin_listen,
         max_udp_payload,
+        caps,
     } = args;
     let Some(state) = state else {
         bail!("give --state <dir> (enroll first with `fedmesh node enroll`)");
@@ -262,17 +313,16 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         exposes,
         dns_listen,
         admin_listen: Some(admin_listen),
-        relay: RelayOptions {
-            max_udp_payload,
-            ..RelayOptions::default()
-        },
+        relay: caps.options(max_udp_payload),
         kubernetes,
     })
     .await?;
     println!(
-        "node agent {} running: relay udp/{}, admin http://{}{}",
+        "node agent {} running: relay {}, admin http://{}{}",
         handle.node,
-        handle.relay_addr,
+        handle
+            .relay_addr
+            .map_or_else(|| "off (Istio mode)".to_owned(), |a| format!("udp/{a}")),
         handle.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
         handle
             .dns_addr

@@ -80,13 +80,16 @@ pub struct JoinTokenArgs {
 pub enum LinkCommand {
     /// Ask for a link: <from> may open TCP connections to <to> on the given ports.
     Request(RequestArgs),
-    /// Approve a requested link (owner).
+    /// Approve a requested link (owner). With a budget other than the requested one the
+    /// approved terms differ, so the link gets a new id (printed).
     Approve {
         /// Link id.
         id: String,
         /// Owner directory.
         #[arg(long = "owner-dir", visible_alias = "dir")]
         dir: PathBuf,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
     /// Consent to a link to this node (receiving node).
     Consent(DecideArgs),
@@ -122,6 +125,47 @@ pub struct Who {
     state: Option<PathBuf>,
 }
 
+/// A link's budget, signed into its terms; each end of the link enforces it.
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Most bytes the link may carry over its life, both directions together (e.g. 500MiB,
+    /// 2GB, 1048576).
+    #[arg(long, value_parser = parse_bytes)]
+    max_bytes: Option<u64>,
+    /// Most streams (TCP connections) the link may carry at once.
+    #[arg(long)]
+    max_streams: Option<u32>,
+}
+
+/// Parses a byte count: a number with an optional unit, `B`, `kB`/`MB`/`GB`/`TB` (powers of
+/// 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 500MiB, 2GB, 1048576)"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is more bytes than fedmesh counts"))
+}
+
 /// `fedmesh link request`
 #[derive(Debug, Args)]
 pub struct RequestArgs {
@@ -143,6 +187,8 @@ pub struct RequestArgs {
     /// The task's parent task.
     #[arg(long, requires = "task")]
     parent: Option<u64>,
+    #[command(flatten)]
+    budget: BudgetArgs,
     #[command(flatten)]
     who: Who,
 }
@@ -303,9 +349,24 @@ fn offline_ca_hint(token: &JoinToken, state: &std::path::Path) -> String {
 pub(crate) async fn run_link(cmd: LinkCommand) -> Result<()> {
     match cmd {
         LinkCommand::Request(args) => request(args).await,
-        LinkCommand::Approve { id, dir } => {
-            let terms = Owner::load(&dir)?.approve(&id).await?;
-            println!("approved {} ({} -> {})", terms.id, terms.from, terms.to);
+        LinkCommand::Approve { id, dir, budget } => {
+            let BudgetArgs {
+                max_bytes,
+                max_streams,
+            } = budget;
+            let terms = Owner::load(&dir)?
+                .approve_with_budget(&id, max_bytes, max_streams)
+                .await?;
+            println!(
+                "approved {} ({} -> {}){}",
+                terms.id,
+                terms.from,
+                terms.to,
+                describe_budget(terms.max_bytes, terms.max_streams)
+            );
+            if terms.id != id {
+                println!("(the request {id} asked for other terms; it stays unapproved)");
+            }
             Ok(())
         }
         LinkCommand::Consent(args) => decide(args, Verdict::Consent).await,
@@ -345,21 +406,28 @@ async fn request(args: RequestArgs) -> Result<()> {
         ttl,
         task,
         parent,
+        budget,
         who,
     } = args;
     let task = task.map(|task_id| TaskRef {
         task_id,
         parent_id: parent,
     });
+    let BudgetArgs {
+        max_bytes,
+        max_streams,
+    } = budget;
     let terms = match (who.dir, who.state) {
         (Some(dir), _) => {
             let owner = Owner::load(&dir)?;
-            let terms = owner::terms(&owner.collab.id, &from, &to, &ports, ttl, task)?;
+            let terms = owner::terms(&owner.collab.id, &from, &to, &ports, ttl, task)?
+                .with_budget(max_bytes, max_streams)?;
             owner.request(terms).await?
         }
         (_, Some(state)) => {
             let node = NodeState::load(&state)?;
-            let terms = owner::terms(&node.config.collab, &from, &to, &ports, ttl, task)?;
+            let terms = owner::terms(&node.config.collab, &from, &to, &ports, ttl, task)?
+                .with_budget(max_bytes, max_streams)?;
             let doc = Document::LinkRequest(LinkRequest {
                 terms: terms.clone(),
                 requested_by: node.config.node.to_string(),
@@ -395,6 +463,15 @@ async fn decide(args: DecideArgs, verdict: Verdict) -> Result<()> {
         .with_context(|| format!("recording the decision on {id}"))?;
     println!("{id}: {verdict:?} recorded by {}", node.config.node);
     Ok(())
+}
+
+fn describe_budget(max_bytes: Option<u64>, max_streams: Option<u32>) -> String {
+    match (max_bytes, max_streams) {
+        (None, None) => String::new(),
+        (Some(b), None) => format!(" with a budget of {b} bytes"),
+        (None, Some(s)) => format!(" with a budget of {s} concurrent streams"),
+        (Some(b), Some(s)) => format!(" with a budget of {b} bytes and {s} concurrent streams"),
+    }
 }
 
 fn when(t: Option<u64>) -> String {
@@ -452,4 +529,24 @@ fn print_links(links: &[LinkStatus], output: Format) -> Result<()> {
     ];
     print!("{}", table(&header, &rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_with_units_and_refuse_garbage() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("3 kB"), Ok(3_000));
+        assert!(parse_bytes("1.5GiB").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("GiB").unwrap_err().contains("not a byte count"));
+        assert!(
+            parse_bytes("99999999TiB")
+                .unwrap_err()
+                .contains("more bytes")
+        );
+    }
 }

@@ -121,6 +121,8 @@ pub async fn detect(client: &Client) -> Result<Mode> {
 pub struct Controller {
     client: Client,
     settings: Settings,
+    /// The relay's link budgets, whose use PeerLink status reports (relay mode).
+    budgets: Option<Arc<crate::relay::Budgets>>,
 }
 
 impl Controller {
@@ -148,12 +150,23 @@ impl Controller {
             pod_labels: options.pod_labels.clone(),
             pod_ports: options.pod_ports,
         };
-        Ok(Self { client, settings })
+        Ok(Self::new(client, settings))
     }
 
     /// A controller with settings already resolved.
     pub fn new(client: Client, settings: Settings) -> Self {
-        Self { client, settings }
+        Self {
+            client,
+            settings,
+            budgets: None,
+        }
+    }
+
+    /// The same controller, reporting what the relay's links have used of their budgets in
+    /// PeerLink status.
+    pub fn with_budgets(mut self, budgets: Arc<crate::relay::Budgets>) -> Self {
+        self.budgets = Some(budgets);
+        self
     }
 
     /// The resolved settings.
@@ -361,8 +374,13 @@ impl Controller {
             }
             let current_status: Option<PeerLinkStatus> =
                 current.and_then(|c| serde_json::from_value(c["status"].clone()).ok());
-            let status =
+            let mut status =
                 peerlink::keep_transition_times(want.status.clone(), current_status.as_ref());
+            if let (Some(budget), Some(budgets)) = (&mut status.budget, &self.budgets) {
+                let usage = budgets.usage(name);
+                budget.bytes_spent = usage.map(|u| u.bytes);
+                budget.streams_active = usage.map(|u| u.streams);
+            }
             if current_status.as_ref() != Some(&status) {
                 api.patch_status(
                     name,

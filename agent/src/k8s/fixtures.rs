@@ -312,9 +312,11 @@ impl Collab {
             let doc = Document::Advertisement(Advertisement {
                 collab: "c".into(),
                 node: node.parse().expect("node"),
-                relay: None,
-                gateway: Some(gateway.into()),
+                endpoints: vec![fedmesh_documents::Endpoint::IstioGateway {
+                    address: gateway.into(),
+                }],
                 exposes: Vec::new(),
+                instance: None,
                 issued_at: jws::unix(collab.fx.now),
             });
             collab.ingest(&collab.fx.node_sign(node, &doc));

@@ -87,6 +87,29 @@ pub struct PeerLinkStatus {
     /// Approved, Consented, Active, Expired, Revoked and Applied.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The link's budget, when its signed terms carry one: the limits, and what this node's
+    /// relay has used of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetStatus>,
+}
+
+/// A link's budget as the agent reports it. Each end of a link enforces the limits on what it
+/// carries itself; the use is this node's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetStatus {
+    /// Most bytes the link may carry over its life (both directions together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Bytes this node has carried on the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_spent: Option<u64>,
+    /// Most streams the link may carry at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
+    /// Streams this node carries on the link now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_active: Option<u32>,
 }
 
 /// Condition types.
@@ -327,8 +350,14 @@ pub fn status(
     } else {
         link.state
     };
+    let t = &link.terms;
     PeerLinkStatus {
         state: state.to_string(),
+        budget: (t.max_bytes.is_some() || t.max_streams.is_some()).then(|| BudgetStatus {
+            max_bytes: t.max_bytes,
+            max_streams: t.max_streams,
+            ..BudgetStatus::default()
+        }),
         conditions: vec![
             approved(link, &now),
             consented(link, consent_required, veto_here, &now),
@@ -555,6 +584,30 @@ mod tests {
         );
         assert!(shown(&link(LinkState::Expired, None), at(1_900_086_399)));
         assert!(!shown(&link(LinkState::Expired, None), at(1_900_086_400)));
+    }
+
+    #[test]
+    fn a_budget_is_reported_only_for_links_that_carry_one() {
+        let plain = status(
+            &link(LinkState::Active, None),
+            false,
+            false,
+            at(1_800_000_100),
+        );
+        assert_eq!(plain.budget, None);
+        assert!(
+            serde_json::to_value(&plain)
+                .unwrap()
+                .get("budget")
+                .is_none()
+        );
+        let mut l = link(LinkState::Active, None);
+        l.terms = l.terms.with_budget(Some(1 << 30), Some(8)).unwrap();
+        let s = status(&l, false, false, at(1_800_000_100));
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["budget"],
+            json!({"maxBytes": 1u64 << 30, "maxStreams": 8})
+        );
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //! machine), so these tests check the requests themselves: method, path, `fieldManager=fedmesh`,
 //! `force=true` and body, in order, for a collaboration where this node (`a/n1`) has two peers;
 //! that a second pass over an unchanged cluster only reads; that revoked and vetoed links'
-//! objects are pruned; that an edited PeerLink wakes the controller; and how Istio is told from
-//! its absence.
+//! objects are pruned; that an edited PeerLink wakes the controller; that a budgeted link's
+//! status shows its limits and the relay's use; and how Istio is told from its absence.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt};
 
@@ -634,4 +634,84 @@ fn the_veto_is_a_decision_of_the_receiving_node() {
         Some("vetoed by the node's sysadmin (PeerLink spec.veto)")
     );
     assert_eq!(decision.at, jws::unix(collab.fx.now));
+}
+
+/// A link with a budget: its PeerLink status shows the signed limits and what this node's relay
+/// has used of them.
+#[tokio::test]
+async fn peerlink_status_shows_a_links_budget_and_what_the_relay_used() {
+    let mut collab = Collab::new(&[]);
+    let terms = collab
+        .fx
+        .terms("a/n1", "b/n1", &["11366:mpc"], Duration::from_secs(3600))
+        .with_budget(Some(1_000_000), Some(4))
+        .unwrap();
+    let approval = collab.fx.approval(&terms);
+    collab.ingest(&approval);
+    let id = terms.id.clone();
+    // The relay has carried 300 bytes on the link and holds one stream open.
+    let budgets = Arc::new(crate::relay::Budgets::in_memory(Arc::new(
+        crate::metrics::Metrics::default(),
+    )));
+    let grant = crate::relay::policy::Grant {
+        link_id: id.clone(),
+        label: Some("mpc".into()),
+        not_after: terms.not_after,
+        max_bytes: terms.max_bytes,
+        max_streams: terms.max_streams,
+    };
+    let stream = budgets.open(&grant).unwrap().unwrap();
+    assert_eq!(stream.budget().spend(300), 300);
+
+    let (client, server) = mock_client();
+    let ctl = Controller::new(client, settings(Mode::Relay)).with_budgets(budgets);
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "fm-c-b-n1-a9a6710d",
+            "namespace": "fedmesh",
+            "labels": {
+                "app.kubernetes.io/managed-by": "fedmesh",
+                "fedmesh.io/collaboration": "c",
+                "fedmesh.io/peer": "b.n1",
+                "fedmesh.io/direction": "outbound",
+            },
+            "annotations": {
+                "fedmesh.io/purpose": "relay: algorithm pods reach b/n1 here, on its approved ports",
+                "fedmesh.io/links": id,
+                "fedmesh.io/approved-by": "owner@example.org",
+                "fedmesh.io/expires": EXPIRES,
+            },
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {"app.kubernetes.io/name": "fedmesh-agent"},
+            "ports": [{"name": "tcp-11366", "protocol": "TCP", "port": 11366, "targetPort": 24374}],
+        },
+    });
+    let Call::ApplyStatus(path, mut status) = active(&id) else {
+        unreachable!("active() is a status apply")
+    };
+    status["status"]["budget"] = json!({
+        "maxBytes": 1_000_000,
+        "bytesSpent": 300,
+        "maxStreams": 4,
+        "streamsActive": 1,
+    });
+    let (peerlink_path, peerlink_body) = peerlink(&id, "b/n1", "outbound", "11366:mpc");
+    let server = server.run(calls([
+        relay_lists(),
+        vec![
+            Call::Apply(
+                "/api/v1/namespaces/fedmesh/services/fm-c-b-n1-a9a6710d".into(),
+                service,
+            ),
+            Call::Apply(peerlink_path, peerlink_body),
+            Call::ApplyStatus(path, status),
+        ],
+    ]));
+    pass(&ctl, &collab, None, &Memory::default()).await;
+    timeout_after_1s(server).await;
+    drop(stream);
 }

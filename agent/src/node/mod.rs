@@ -19,7 +19,7 @@
 //! writes files and hands the plan on.
 //!
 //! In Kubernetes ([`NodeOptions::kubernetes`]) a [`k8s::Controller`] runs beside the reconciler:
-//! it applies the Istio objects (and the relay then admits nothing), or one Service per peer in
+//! it applies the Istio objects (and no relay runs), or one Service per peer in
 //! front of the pod, and publishes a [`Placement`]: the sysadmin's vetoes (left out of
 //! everything), the peers' addresses (Service ClusterIPs or VIPs) and the pod ports the relay
 //! listens on.
@@ -29,6 +29,7 @@ mod follow;
 pub mod identity;
 pub mod plan;
 mod resolve;
+pub mod selfcheck;
 pub mod v6;
 
 use std::{
@@ -44,8 +45,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fedmesh_certs::{TrustBundle, files, verify::Usage};
 use fedmesh_documents::{
-    Advertisement, Document, EffectiveLink, Exposure, Ledger, NodeRef, NodeSigner, PortSpec,
-    Rejection, Signer, jws,
+    Advertisement, Document, EffectiveLink, Endpoint, Exposure, Ledger, NodeRef, NodeSigner,
+    PortSpec, Rejection, Signer, jws,
 };
 use fedmesh_mesh_config::addresses::Pool;
 use serde::Serialize;
@@ -63,7 +64,7 @@ use crate::{
     hub::client::HubClient,
     k8s::{self, Placement},
     metrics::Metrics,
-    relay::{Relay, RelayOptions, TlsMaterial},
+    relay::{Budgets, DirectUdp, Relay, RelayOptions, TlsMaterial},
 };
 
 /// A port this node's algorithms expose to peers, and where inbound streams for it go.
@@ -169,8 +170,8 @@ impl Snapshot {
 pub struct NodeHandle {
     /// This node.
     pub node: NodeRef,
-    /// The relay's UDP address.
-    pub relay_addr: SocketAddr,
+    /// The relay's UDP address (none in Istio mode: Istio carries the links).
+    pub relay_addr: Option<SocketAddr>,
     /// The DNS server's address, if any.
     pub dns_addr: Option<SocketAddr>,
     /// The admin server's address, if any.
@@ -259,41 +260,58 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         .is_none_or(|c| c.settings().mode.relay_carries());
     let identity = Arc::new(Identity::load(&state)?);
     let bundle = state.trust_bundle()?;
+    selfcheck::check_ca(&state, &identity.tls, &bundle)?;
+    let instance = selfcheck::Instance::start(&state)?;
     let metrics = Arc::new(Metrics::default());
-    let relay = Relay::bind(
-        opts.relay_listen,
-        node.clone(),
-        &TlsMaterial {
-            identity: &identity.tls,
-            bundle: &bundle,
-        },
-        opts.relay,
-        metrics.clone(),
-    )?;
-    let relay_addr = relay.local_addr()?;
-    let advertise = match &opts.advertise {
-        Some(a) => a.clone(),
-        None if relay_addr.ip().is_unspecified() => {
-            bail!(
-                "the relay listens on {relay_addr}; give --advertise <host:port> for peers to dial"
-            )
+    // The relay runs only where it carries links: not when a mesh backend (Istio) does.
+    let relay = match relay_carries {
+        false => None,
+        true => {
+            let budgets = Budgets::load(&state.dir.join("budgets.json"), metrics.clone())?;
+            Some(Arc::new(Relay::new(
+                Arc::new(DirectUdp::bind(opts.relay_listen)?),
+                node.clone(),
+                &TlsMaterial {
+                    identity: &identity.tls,
+                    bundle: &bundle,
+                },
+                opts.relay,
+                metrics.clone(),
+                Arc::new(budgets),
+            )?))
         }
-        None => relay_addr.to_string(),
+    };
+    let relay_addr = relay.as_ref().map(|r| r.local_addr()).transpose()?;
+    let advertise = match (&opts.advertise, relay_addr) {
+        (Some(a), _) => a.clone(),
+        (None, None) => bail!("in Istio mode give --advertise <host:port> of the ingress gateway"),
+        (None, Some(addr)) if addr.ip().is_unspecified() => {
+            bail!("the relay listens on {addr}; give --advertise <host:port> for peers to dial")
+        }
+        (None, Some(addr)) => addr.to_string(),
     };
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
     let hub = identity.hub_client(&state)?;
+    let endpoint = match relay_carries {
+        true => Endpoint::Quic {
+            address: advertise.clone(),
+        },
+        false => Endpoint::IstioGateway {
+            address: advertise.clone(),
+        },
+    };
     publish_advertisement(
         &state,
         &identity,
         &hub,
-        &advertise,
+        endpoint,
         &opts.exposes,
-        relay_carries,
+        &instance.id,
     )
     .await?;
-    info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
+    info!(%node, relay = ?relay_addr, advertise = %advertise, instance = %instance.id, "node agent started");
 
     let (identity_tx, identity_rx) = watch::channel(identity);
     let (ledger_tx, ledger_rx) = watch::channel(Arc::new(Ledger::new(&state.config.owner_pin)));
@@ -354,8 +372,22 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             Ok(())
         });
     }
+    {
+        let c = cancel.clone();
+        tasks.spawn(selfcheck::watch_instances(
+            node.clone(),
+            instance,
+            ledger_rx.clone(),
+            metrics.clone(),
+            c,
+        ));
+    }
     let placement = match (controller, &opts.kubernetes) {
         (Some(controller), Some(options)) => {
+            let controller = match &relay {
+                Some(relay) => controller.with_budgets(relay.budgets()),
+                None => controller,
+            };
             let (tx, rx) = watch::channel(Arc::new(Placement::new(controller.settings().mode)));
             tasks.spawn(controller.run(
                 shared_state.clone(),
@@ -369,8 +401,10 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         }
         _ => None,
     };
-    let listening = relay.listening();
-    let relay = Arc::new(relay);
+    let listening = match &relay {
+        Some(relay) => relay.listening(),
+        None => watch::channel(Arc::new(BTreeSet::new())).1,
+    };
     {
         let reconciler = Reconciler {
             node: node.clone(),
@@ -394,9 +428,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             cancel.clone(),
         ));
     }
-    {
+    if let Some(relay) = relay.clone() {
         let c = cancel.clone();
-        let relay = relay.clone();
         tasks.spawn(async move { relay.run(c.cancelled()).await });
     }
     tasks.spawn(follow_identity(
@@ -420,21 +453,21 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     })
 }
 
-/// Publishes where peers reach this node: the relay, or (a backend that does not use the
-/// relay, such as Istio) the ingress gateway.
+/// Publishes where peers reach this node (the relay, or in Istio mode the ingress gateway), and
+/// which agent instance says so.
 async fn publish_advertisement(
     state: &NodeState,
     identity: &Identity,
     hub: &HubClient,
-    address: &str,
+    endpoint: Endpoint,
     exposes: &[Expose],
-    relay_carries: bool,
+    instance: &str,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        relay: relay_carries.then(|| address.to_owned()),
-        gateway: (!relay_carries).then(|| address.to_owned()),
+        endpoints: vec![endpoint],
+        instance: Some(instance.to_owned()),
         exposes: exposes
             .iter()
             .map(|e| Exposure {
@@ -479,7 +512,7 @@ struct Reconciler {
     dir: PathBuf,
     pool: Pool,
     exposes: Vec<Expose>,
-    relay: Arc<Relay>,
+    relay: Option<Arc<Relay>>,
     names: watch::Sender<Arc<NameMap>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
@@ -573,7 +606,9 @@ impl Reconciler {
             )?;
             self.addresses = remember;
         }
-        self.relay.update(relay);
+        if let Some(r) = &self.relay {
+            r.update(relay);
+        }
         self.names.send_if_modified(|current| {
             if **current == names {
                 return false;
@@ -610,7 +645,7 @@ impl Reconciler {
 
 /// Gives the relay each renewed certificate, for new connections both ways.
 async fn follow_identity(
-    relay: Arc<Relay>,
+    relay: Option<Arc<Relay>>,
     bundle: TrustBundle,
     mut identity: IdentityWatch,
     cancel: CancellationToken,
@@ -621,11 +656,13 @@ async fn follow_identity(
             changed = identity.changed() => if changed.is_err() { return Ok(()) },
         }
         let current = identity.borrow_and_update().clone();
-        relay.set_tls(&TlsMaterial {
-            identity: &current.tls,
-            bundle: &bundle,
-        })?;
-        info!(serial = %current.info().serial, "relay presents the renewed certificate");
+        if let Some(relay) = &relay {
+            relay.set_tls(&TlsMaterial {
+                identity: &current.tls,
+                bundle: &bundle,
+            })?;
+            info!(serial = %current.info().serial, "relay presents the renewed certificate");
+        }
     }
 }
 

@@ -24,14 +24,14 @@ use std::{
 };
 
 use fedmesh_certs::{TrustDomain, id::PeerNames};
-use fedmesh_documents::{Ledger, NodeRef, PortSpec, Rejection};
+use fedmesh_documents::{Endpoint, Ledger, NodeRef, PortSpec, Rejection};
 use fedmesh_mesh_config::addresses::{self, Pool};
 
 use super::{Expose, PeerView, Snapshot};
 use crate::{
     dns::NameMap,
     k8s::Placement,
-    relay::{Policy, RelayConfig},
+    relay::{self, Policy, RelayConfig},
 };
 
 /// A peer's advertised relay address (`host:port`) and what it resolved to.
@@ -144,7 +144,9 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
         };
         let unreachable = match reach {
             Ok(Some(addr)) => {
-                relay_peers.insert(peer.clone(), addr);
+                // The transport is handed the resolved address: no name lookup when it dials.
+                let address = addr.to_string();
+                relay_peers.insert(peer.clone(), vec![Endpoint::Quic { address }]);
                 None
             }
             Ok(None) => None,
@@ -179,6 +181,7 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
         } else {
             Policy::default()
         },
+        standing: relay::standing(inputs.ledger),
         peers: relay_peers,
         listeners,
         targets: inputs
@@ -227,7 +230,7 @@ fn relay_address(inputs: &Inputs<'_>, peer: &NodeRef) -> Result<Option<SocketAdd
     let advertised = inputs
         .ledger
         .advertisement(peer)
-        .and_then(|a| a.relay.as_deref())
+        .and_then(|a| a.quic())
         .ok_or_else(|| "has not advertised a relay address".to_owned())?;
     if let Ok(addr) = advertised.parse::<SocketAddr>() {
         return Ok(Some(addr));
@@ -299,6 +302,12 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    fn quic(address: &str) -> Vec<Endpoint> {
+        vec![Endpoint::Quic {
+            address: address.into(),
+        }]
+    }
+
     fn n(s: &str) -> NodeRef {
         s.parse().unwrap()
     }
@@ -349,8 +358,12 @@ mod tests {
             let doc = Document::Advertisement(Advertisement {
                 collab: "c".into(),
                 node: n(node),
-                relay: Some(relay.into()),
-                gateway: gateway.map(str::to_owned),
+                endpoints: std::iter::once(Endpoint::Quic {
+                    address: relay.into(),
+                })
+                .chain(gateway.map(|g| Endpoint::IstioGateway { address: g.into() }))
+                .collect(),
+                instance: None,
                 exposes: Vec::new(),
                 issued_at: jws::unix(self.fx.now),
             });
@@ -439,8 +452,8 @@ mod tests {
         assert_eq!(
             p.relay.peers,
             BTreeMap::from([
-                (n("b/n1"), "198.51.100.7:4433".parse().unwrap()),
-                (n("c/n1"), "192.0.2.3:4433".parse().unwrap()),
+                (n("b/n1"), quic("198.51.100.7:4433")),
+                (n("c/n1"), quic("192.0.2.3:4433")),
             ])
         );
         assert!(p.relay.policy.admits_inbound(&n("c/n1"), 9092).is_some());

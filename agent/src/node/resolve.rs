@@ -49,7 +49,7 @@ fn advertised_names(ledger: &Ledger, local: &NodeRef) -> BTreeMap<NodeRef, Strin
         .map(fedmesh_documents::Member::node_ref)
         .filter(|m| m != local)
         .filter_map(|m| {
-            let relay = ledger.advertisement(&m)?.relay.clone()?;
+            let relay = ledger.advertisement(&m)?.quic()?.to_owned();
             relay.parse::<SocketAddr>().is_err().then_some((m, relay))
         })
         .collect()
@@ -186,8 +186,10 @@ mod tests {
             let doc = Document::Advertisement(Advertisement {
                 collab: "c".into(),
                 node: node.parse().unwrap(),
-                relay: Some(relay.into()),
-                gateway: None,
+                endpoints: vec![fedmesh_documents::Endpoint::Quic {
+                    address: relay.into(),
+                }],
+                instance: None,
                 exposes: Vec::new(),
                 issued_at: jws::unix(fx.now),
             });

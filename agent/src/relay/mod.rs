@@ -9,58 +9,112 @@
 //! One QUIC connection per peer node (dialled or accepted, reused both ways); one
 //! bidirectional stream per TCP connection, opened with a small header ([`proto`]). The
 //! receiving agent admits a stream only if an effective link covers (source SPIFFE ID, itself,
-//! port) ([`policy`]), connects its target (retrying until a deadline) and only then answers;
-//! the dialling agent holds its client connection until that answer. Bytes then flow through
-//! [`pump`], which maps half-close and reset both ways. When a link is revoked or expires, the
+//! port) ([`policy`]) and the link's budget allows it ([`budget`]), connects its target
+//! (retrying until a deadline) and only then answers; the dialling agent holds its client
+//! connection until that answer. Bytes then flow through [`pump`], which maps half-close and
+//! reset both ways. When a link is revoked or expires, or its byte budget is spent, the
 //! listeners close and every open stream of that link is reset.
 //!
-//! The relay is a thin shell: what it may do comes in as a [`RelayConfig`] on a watch channel.
+//! Who may connect at all is the peer's [`Standing`]: the TLS verifiers refuse a revoked serial
+//! or node and a non-member at the handshake, and open connections whose standing changes are
+//! closed with their streams. What a connection may hold follows the links its peer has: few
+//! streams and a small receive window until it has one, what its links need once it does, and it
+//! is closed after [`RelayOptions::unlinked_idle`] without one. Unauthenticated sources are
+//! bounded by [`limits`]. Refusals are logged through the shared [`Throttle`], one line per
+//! reason and peer per interval, each naming the peer's SPIFFE ID and certificate serial;
+//! metrics count every one.
+//!
+//! The relay is a thin shell: what it may do comes in as a [`RelayConfig`] on a watch channel;
+//! where its datagrams travel is its [`Transport`].
 
+pub mod budget;
+pub mod limits;
 pub mod policy;
 pub mod proto;
 pub mod pump;
+pub mod transport;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use fedmesh_certs::{NodeIdentity, TrustBundle, tls};
-use fedmesh_documents::NodeRef;
+use fedmesh_certs::{CertInfo, NodeIdentity, PeerGate, SpiffeId, Standing, TrustBundle, tls};
+use fedmesh_documents::{Endpoint as Advertised, Ledger, NodeRef};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt, crypto::rustls as qrustls};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
     task::{JoinHandle, JoinSet},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use self::policy::Policy;
+pub use self::{
+    budget::Budgets,
+    limits::Caps,
+    policy::Policy,
+    transport::{DirectUdp, Transport},
+};
 use self::{
+    budget::Ticket,
+    limits::Limits,
     proto::{Refusal, Request, Response},
     pump::{Counters, Ended},
 };
-use crate::metrics::{DirectionLabels, Metrics};
+use crate::{
+    metrics::{DirectionLabels, Metrics},
+    throttle::Throttle,
+};
 
 /// How long shutdown lets connection and stream tasks end by themselves.
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long a stream header may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer's handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the dialling side waits for a peer connection before giving up on a client.
 const DIAL_DEADLINE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Streams a peer may open at once without an inbound link (enough to be told why not).
+const UNLINKED_STREAMS: u32 = 8;
+/// Streams a peer may open at once under inbound links without a stream budget.
+const MAX_STREAMS: u32 = fedmesh_documents::MAX_LINK_STREAMS;
+/// A connection's receive window while its peer has no link.
+const UNLINKED_WINDOW: u32 = 128 * 1024;
+/// A connection's receive window once its peer has a link.
+const LINKED_WINDOW: u32 = 64 * 1024 * 1024;
+/// How often open connections are checked when nothing changed (idle peers without a link).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Application close codes of peer connections.
+mod close {
+    use quinn::VarInt;
+    /// The relay is shutting down.
+    pub(super) const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The peer's certificate is unusable.
+    pub(super) const IDENTITY: VarInt = VarInt::from_u32(1);
+    /// The peer's standing no longer admits it (revoked, not a member).
+    pub(super) const REFUSED: VarInt = VarInt::from_u32(2);
+    /// The peer has no link with this node.
+    pub(super) const NO_LINK: VarInt = VarInt::from_u32(3);
+    /// The peer holds too many connections.
+    pub(super) const TOO_MANY: VarInt = VarInt::from_u32(4);
+}
 
 /// Everything the relay may do, recomputed by the node agent on every change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Admission, from the effective links.
     pub policy: Policy,
-    /// Peers' relay UDP addresses, from their signed advertisements.
-    pub peers: BTreeMap<NodeRef, SocketAddr>,
+    /// Who may connect at all: the members, and the revoked nodes and serials.
+    pub standing: Standing,
+    /// Peers' advertised endpoints (the transport picks the one it can dial).
+    pub peers: BTreeMap<NodeRef, Vec<Advertised>>,
     /// Where to listen for algorithms, and the (peer, port) each listener leads to: on a
     /// machine, one loopback address per peer with the algorithm's real port; in Kubernetes,
     /// one pod port per (peer, port) behind a per-peer Service. A listener whose (peer, port)
@@ -80,20 +134,43 @@ impl RelayConfig {
     }
 }
 
+/// The standing of peers under `ledger`: its members, revoked nodes and revoked serials. Before
+/// a collaboration is verified, nobody stands.
+pub fn standing(ledger: &Ledger) -> Standing {
+    let Some(collab) = ledger.collaboration() else {
+        return Standing::default();
+    };
+    let revoked = ledger.revocation();
+    Standing::new(
+        collab
+            .members
+            .iter()
+            .map(|m| (m.org.clone(), m.node.clone())),
+        revoked
+            .nodes
+            .iter()
+            .map(|n| (n.org.clone(), n.node.clone())),
+        revoked.serials.iter().cloned(),
+    )
+}
+
 /// Datagrams quinn puts in one segmentation-offload send (its `MAX_TRANSMIT_SEGMENTS`).
 const GSO_MAX_SEGMENTS: usize = 10;
 /// The most payload bytes Linux takes in one segmentation-offload send (one IPv4 packet).
 const GSO_MAX_BYTES: usize = 65_535 - 20 - 8;
 
-/// The QUIC transport parameters: many concurrent streams, windows large enough for a fast
-/// path, keepalive well inside the idle timeout.
+/// The QUIC transport parameters every connection starts with: few streams and a small receive
+/// window (quinn allocates state for every stream a peer may open, at once), a stream window
+/// large enough for a fast path, keepalive well inside the idle timeout, no datagrams. Once its
+/// peer has links, a connection is raised to what they need ([`Shared::size`]).
 fn transport(max_udp_payload: u16) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(16_384))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(UNLINKED_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
-        .receive_window(VarInt::from_u32(64 * 1024 * 1024))
+        .receive_window(VarInt::from_u32(UNLINKED_WINDOW))
         .send_window(64 * 1024 * 1024)
+        .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -129,6 +206,10 @@ pub struct RelayOptions {
     /// How long the receiving agent keeps retrying its local target before refusing a stream
     /// (the dialling client is held meanwhile).
     pub target_deadline: Duration,
+    /// Caps on connections and handshakes, per source address and overall.
+    pub caps: Caps,
+    /// How long a connection is kept while its peer has no link with this node.
+    pub unlinked_idle: Duration,
 }
 
 impl Default for RelayOptions {
@@ -136,6 +217,8 @@ impl Default for RelayOptions {
         Self {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             target_deadline: Duration::from_secs(30),
+            caps: Caps::default(),
+            unlinked_idle: Duration::from_secs(15),
         }
     }
 }
@@ -143,19 +226,33 @@ impl Default for RelayOptions {
 fn server_config(
     tls_material: &TlsMaterial<'_>,
     options: RelayOptions,
+    gate: &PeerGate,
 ) -> Result<quinn::ServerConfig> {
-    let rustls = tls::server_config(tls_material.identity, tls_material.bundle, &[proto::ALPN])?;
+    let rustls = tls::server_config_gated(
+        tls_material.identity,
+        tls_material.bundle,
+        &[proto::ALPN],
+        gate,
+    )?;
     let crypto = qrustls::QuicServerConfig::try_from(rustls).context("QUIC server TLS")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(options.max_udp_payload));
+    // quinn's own bound on connection attempts not yet accepted, beside the relay's caps.
+    config.max_incoming(options.caps.handshakes.max(1) as usize);
     Ok(config)
 }
 
 fn client_config(
     tls_material: &TlsMaterial<'_>,
     options: RelayOptions,
+    gate: &PeerGate,
 ) -> Result<quinn::ClientConfig> {
-    let rustls = tls::client_config(tls_material.identity, tls_material.bundle, &[proto::ALPN])?;
+    let rustls = tls::client_config_gated(
+        tls_material.identity,
+        tls_material.bundle,
+        &[proto::ALPN],
+        gate,
+    )?;
     let crypto = qrustls::QuicClientConfig::try_from(rustls).context("QUIC client TLS")?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport(options.max_udp_payload));
@@ -168,17 +265,35 @@ struct Shared {
     listening: watch::Sender<Arc<BTreeSet<SocketAddr>>>,
     collab: String,
     endpoint: Endpoint,
+    transport: Arc<dyn Transport>,
     config: watch::Receiver<Arc<RelayConfig>>,
     peers: std::sync::Mutex<HashMap<NodeRef, Arc<tokio::sync::Mutex<Slot>>>>,
     /// TLS for the connections this relay dials (replaced on renewal).
     client_config: std::sync::Mutex<quinn::ClientConfig>,
+    /// The standing both verifiers check.
+    gate: PeerGate,
+    /// Every open peer connection, by quinn's stable id.
+    conns: std::sync::Mutex<HashMap<usize, Tracked>>,
+    limits: std::sync::Mutex<Limits>,
+    budgets: Arc<Budgets>,
+    throttle: Arc<Throttle>,
     metrics: Arc<Metrics>,
     options: RelayOptions,
     /// Every connection and stream task, so shutdown can wait for them and end them.
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
-/// One peer's connection, and when to try again after a failed dial.
+/// One open peer connection and what the relay last made of it.
+struct Tracked {
+    conn: Connection,
+    peer: PeerId,
+    /// Since when its peer has had no link (none: it has one).
+    unlinked_since: Option<Instant>,
+    /// The (streams, receive window) it was last given.
+    sized: (u32, u32),
+}
+
+/// One peer's connection for dialling, and when to try again after a failed dial.
 #[derive(Default)]
 struct Slot {
     conn: Option<Connection>,
@@ -186,7 +301,34 @@ struct Slot {
     next_attempt: Option<Instant>,
 }
 
-/// The relay: a QUIC endpoint (server and client on one UDP socket) plus its tasks.
+/// A peer as its certificate names it: every log line about a peer carries both.
+#[derive(Clone, Debug)]
+struct PeerId {
+    node: NodeRef,
+    id: SpiffeId,
+    serial: String,
+}
+
+impl PeerId {
+    fn of(conn: &Connection) -> Result<Self, String> {
+        let certs = conn
+            .peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or("no peer certificate")?;
+        let leaf = certs.first().ok_or("no peer certificate")?;
+        let info = CertInfo::parse(leaf).map_err(|e| e.to_string())?;
+        Ok(Self {
+            node: NodeRef::from(&info.spiffe_id),
+            id: info.spiffe_id,
+            serial: info.serial,
+        })
+    }
+}
+
+/// The relay: a QUIC endpoint (server and client on one socket) plus its tasks.
 pub struct Relay {
     shared: Arc<Shared>,
     config: watch::Sender<Arc<RelayConfig>>,
@@ -195,28 +337,33 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds the relay's UDP socket on `addr`.
-    pub fn bind(
-        addr: SocketAddr,
+    /// A relay whose datagrams travel over `transport`. Until [`Relay::update`] brings a
+    /// standing, every peer is refused.
+    pub fn new(
+        transport: Arc<dyn Transport>,
         local: NodeRef,
         tls_material: &TlsMaterial<'_>,
         options: RelayOptions,
         metrics: Arc<Metrics>,
+        budgets: Arc<Budgets>,
     ) -> Result<Self> {
-        let socket = udp_socket(addr)?;
+        let throttle = Arc::new(Throttle::default());
+        let gate = PeerGate::new(Standing::default())
+            .observed(handshake_observer(metrics.clone(), throttle.clone()));
         // What this endpoint accepts from peers bounds how far their path MTU discovery climbs.
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(options.max_udp_payload)
             .context("--max-udp-payload")?;
-        let endpoint = Endpoint::new(
+        let endpoint = Endpoint::new_with_abstract_socket(
             endpoint_config,
-            Some(server_config(tls_material, options)?),
-            socket,
+            Some(server_config(tls_material, options, &gate)?),
+            transport.socket(),
             Arc::new(quinn::TokioRuntime),
         )?;
         let (config, rx) = watch::channel(Arc::new(RelayConfig::default()));
         let (listening_tx, listening) = watch::channel(Arc::new(BTreeSet::new()));
+        let client_config = client_config(tls_material, options, &gate)?;
         Ok(Self {
             listening,
             shared: Arc::new(Shared {
@@ -224,9 +371,15 @@ impl Relay {
                 collab: tls_material.identity.spiffe_id().collab().to_owned(),
                 local,
                 endpoint,
+                transport,
                 config: rx,
                 peers: std::sync::Mutex::new(HashMap::new()),
-                client_config: std::sync::Mutex::new(client_config(tls_material, options)?),
+                client_config: std::sync::Mutex::new(client_config),
+                gate,
+                conns: std::sync::Mutex::new(HashMap::new()),
+                limits: std::sync::Mutex::new(Limits::new(options.caps)),
+                budgets,
+                throttle,
                 metrics,
                 options,
                 tasks: std::sync::Mutex::new(JoinSet::new()),
@@ -236,7 +389,7 @@ impl Relay {
         })
     }
 
-    /// The UDP address the relay listens on.
+    /// The address the relay's socket is bound to.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.shared.endpoint.local_addr()?)
     }
@@ -246,9 +399,15 @@ impl Relay {
         self.listening.clone()
     }
 
-    /// Replaces what the relay may do. Listeners follow within a moment; streams that are no
-    /// longer admitted are reset.
+    /// The links' budgets (limits and use), for status reports.
+    pub fn budgets(&self) -> Arc<Budgets> {
+        self.shared.budgets.clone()
+    }
+
+    /// Replaces what the relay may do. New handshakes see the new standing at once; open
+    /// connections and listeners follow within a moment; streams no longer admitted are reset.
     pub fn update(&self, config: RelayConfig) {
+        self.shared.gate.set(config.standing.clone());
         self.config.send_if_modified(|current| {
             if **current == config {
                 return false;
@@ -261,38 +420,38 @@ impl Relay {
     /// Swaps in a renewed certificate for new connections, both ways. (The client config is
     /// kept here, not as the endpoint's default: that default belongs to one endpoint handle.)
     pub fn set_tls(&self, tls_material: &TlsMaterial<'_>) -> Result<()> {
-        self.shared
-            .endpoint
-            .set_server_config(Some(server_config(tls_material, self.options)?));
-        *self
-            .shared
-            .client_config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            client_config(tls_material, self.options)?;
+        let gate = &self.shared.gate;
+        self.shared.endpoint.set_server_config(Some(server_config(
+            tls_material,
+            self.options,
+            gate,
+        )?));
+        *lock(&self.shared.client_config) = client_config(tls_material, self.options, gate)?;
         Ok(())
     }
 
     /// Runs the relay until `shutdown` completes.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
-        let stop = tokio_util::sync::CancellationToken::new();
+        let stop = CancellationToken::new();
         let listeners = tokio::spawn(listen_loop(self.shared.clone(), stop.clone()));
+        let sweeper = tokio::spawn(sweep_loop(self.shared.clone(), stop.clone()));
+        let flusher = {
+            let (budgets, stop) = (self.shared.budgets.clone(), stop.clone());
+            tokio::spawn(async move { budgets.keep_flushed(stop.cancelled()).await })
+        };
         shutdown.await;
         accept.abort();
-        // Wait for the listeners to close, so the addresses are free when this returns.
+        // Wait for the listeners to close, so the addresses are free when this returns, and
+        // for the last write of spent budgets.
         stop.cancel();
         let _ = listeners.await;
-        self.shared.endpoint.close(VarInt::from_u32(0), b"shutdown");
+        let _ = sweeper.await;
+        let _ = flusher.await;
+        self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
         // Closing the endpoint ends every connection and stream; let their tasks finish, and end
         // whatever has not within a moment, so no task outlives the relay.
-        let mut tasks = std::mem::take(
-            &mut *self
-                .shared
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let mut tasks = std::mem::take(&mut *lock(&self.shared.tasks));
         let drained =
             tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
@@ -306,16 +465,27 @@ impl Relay {
     }
 }
 
-/// A UDP socket with large buffers (a fast relay needs them).
-fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);
-    let _ = socket.set_send_buffer_size(8 * 1024 * 1024);
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding the relay's UDP socket {addr}"))?;
-    Ok(socket.into())
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts and logs (throttled) every peer the verifiers refuse at the handshake, naming the
+/// identity and serial its certificate presents.
+fn handshake_observer(metrics: Arc<Metrics>, throttle: Arc<Throttle>) -> tls::RefusalObserver {
+    Arc::new(move |error, presented| {
+        let reason = match error {
+            fedmesh_certs::Error::PeerRefused { why, .. } => why.as_str(),
+            _ => "untrusted",
+        };
+        metrics.refuse_peer(reason);
+        let (peer, serial) = presented.map_or_else(
+            || ("unknown".to_owned(), "unknown".to_owned()),
+            |i| (i.spiffe_id.to_string(), i.serial.clone()),
+        );
+        if let Some(held_back) = throttle.admit(reason, &peer, Instant::now()) {
+            warn!(%peer, %serial, reason, %error, held_back, "peer refused at the handshake");
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -324,21 +494,14 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
 impl Shared {
     /// Runs `task` as one of the relay's tasks (see [`Relay::run`]'s drain).
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let mut tasks = self
-            .tasks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tasks = lock(&self.tasks);
         // Forget tasks that have ended.
         while tasks.try_join_next().is_some() {}
         tasks.spawn(task);
     }
 
     fn slot(&self, peer: &NodeRef) -> Arc<tokio::sync::Mutex<Slot>> {
-        let mut peers = self
-            .peers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        peers.entry(peer.clone()).or_default().clone()
+        lock(&self.peers).entry(peer.clone()).or_default().clone()
     }
 
     /// The live connection to `peer`, dialling (with backoff) when there is none.
@@ -353,40 +516,40 @@ impl Shared {
         if let Some(at) = s.next_attempt {
             tokio::time::sleep_until(at.into()).await;
         }
-        let addr = self
-            .config
-            .borrow()
-            .peers
-            .get(peer)
-            .copied()
-            .ok_or_else(|| format!("{peer} has not advertised a relay address"))?;
-        let id = fedmesh_certs::SpiffeId::new(&self.collab, &peer.org, &peer.node)
-            .map_err(|e| e.to_string())?;
-        let client_config = self
-            .client_config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let id = SpiffeId::new(&self.collab, &peer.org, &peer.node).map_err(|e| e.to_string())?;
+        let endpoints = self.config.borrow().peers.get(peer).cloned();
+        let client_config = lock(&self.client_config).clone();
         let attempt = async {
+            let endpoints =
+                endpoints.ok_or_else(|| format!("{peer} has not advertised an endpoint"))?;
+            let addr = self.transport.locate(peer, &endpoints).await?;
             self.endpoint
                 .connect_with(client_config, addr, &id.dns_name())
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| describe_connection_error(&e))
         };
-        match attempt.await {
-            Ok(conn) => {
-                info!(%peer, %addr, "connected to peer");
+        let dialled = attempt.await.and_then(|conn| {
+            let who = PeerId::of(&conn)?;
+            Ok((conn, who))
+        });
+        match dialled {
+            Ok((conn, who)) => {
+                info!(peer = %who.id, serial = %who.serial, remote = %conn.remote_address(), "connected to peer");
                 s.conn = Some(conn.clone());
                 s.backoff = Duration::ZERO;
                 s.next_attempt = None;
-                self.spawn(serve_connection(self.clone(), conn.clone(), peer.clone()));
+                self.spawn(serve_connection(self.clone(), conn.clone(), who, None));
                 Ok(conn)
             }
             Err(error) => {
                 s.backoff = (s.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
                 s.next_attempt = Some(Instant::now() + s.backoff);
-                warn!(%peer, %addr, %error, retry_in = ?s.backoff, "cannot reach peer");
+                self.metrics.refuse("peer_unreachable");
+                let who = id.to_string();
+                if let Some(held_back) = self.throttle.admit("unreachable", &who, Instant::now()) {
+                    warn!(peer = %who, serial = "(no handshake)", %error, retry_in = ?s.backoff, held_back, "cannot reach peer");
+                }
                 Err(error)
             }
         }
@@ -402,6 +565,131 @@ impl Shared {
             s.next_attempt = None;
         }
     }
+
+    /// Logs a refusal about `peer` at most once per reason and peer per interval.
+    fn warn_throttled(&self, reason: &'static str, peer: &PeerId, what: &str, detail: &str) {
+        if let Some(held_back) = self
+            .throttle
+            .admit(reason, &peer.id.to_string(), Instant::now())
+        {
+            warn!(peer = %peer.id, serial = %peer.serial, reason, detail, held_back, "{what}");
+        }
+    }
+
+    /// Starts tracking `conn`, unless its peer already holds too many connections.
+    fn track(&self, conn: &Connection, peer: &PeerId) -> Result<(), String> {
+        let mut conns = lock(&self.conns);
+        let held = conns.values().filter(|t| t.peer.node == peer.node).count();
+        let max = self.options.caps.connections_per_peer as usize;
+        if held >= max {
+            return Err(format!(
+                "{} already holds {held} connections (at most {max})",
+                peer.node
+            ));
+        }
+        conns.insert(
+            conn.stable_id(),
+            Tracked {
+                conn: conn.clone(),
+                peer: peer.clone(),
+                unlinked_since: None,
+                sized: (UNLINKED_STREAMS, UNLINKED_WINDOW),
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks every open connection against `config`: closes the ones whose standing no longer
+    /// admits them, and the ones whose peer has had no link for `unlinked_idle`; sizes the rest
+    /// for the links their peer has.
+    fn sweep(&self, config: &RelayConfig, now: Instant) {
+        let mut closing = Vec::new();
+        {
+            let mut conns = lock(&self.conns);
+            for t in conns.values_mut() {
+                if let Err(error) = config.standing.check(&t.peer.id, &t.peer.serial) {
+                    let reason = match &error {
+                        fedmesh_certs::Error::PeerRefused { why, .. } => why.as_str(),
+                        _ => "refused",
+                    };
+                    closing.push((t.conn.clone(), t.peer.clone(), reason, error.to_string()));
+                    continue;
+                }
+                match config.policy.inbound_streams(&t.peer.node, MAX_STREAMS) {
+                    Some(streams) => {
+                        t.unlinked_since = None;
+                        size(t, streams.max(UNLINKED_STREAMS), LINKED_WINDOW);
+                    }
+                    None => {
+                        let since = *t.unlinked_since.get_or_insert(now);
+                        if now.saturating_duration_since(since) >= self.options.unlinked_idle {
+                            closing.push((
+                                t.conn.clone(),
+                                t.peer.clone(),
+                                "idle_without_link",
+                                format!(
+                                    "no link with {} for {:?}",
+                                    t.peer.node, self.options.unlinked_idle
+                                ),
+                            ));
+                        } else {
+                            size(t, UNLINKED_STREAMS, UNLINKED_WINDOW);
+                        }
+                    }
+                }
+            }
+        }
+        for (conn, peer, reason, detail) in closing {
+            let code = if reason == "idle_without_link" {
+                close::NO_LINK
+            } else {
+                close::REFUSED
+            };
+            conn.close(code, reason.as_bytes());
+            self.metrics.close_connection(reason);
+            if reason == "idle_without_link" {
+                debug!(peer = %peer.id, serial = %peer.serial, reason, %detail, "peer connection closed");
+            } else {
+                self.warn_throttled(
+                    reason,
+                    &peer,
+                    "peer connection closed with its streams",
+                    &detail,
+                );
+            }
+        }
+    }
+}
+
+/// Gives a connection `streams` concurrent peer streams and a receive window of `window` bytes,
+/// when that changes what it has.
+fn size(t: &mut Tracked, streams: u32, window: u32) {
+    if t.sized == (streams, window) {
+        return;
+    }
+    t.conn
+        .set_max_concurrent_bi_streams(VarInt::from_u32(streams));
+    t.conn.set_receive_window(VarInt::from_u32(window));
+    t.sized = (streams, window);
+}
+
+/// Applies every config change (and, every [`SWEEP_EVERY`], the passing of time) to the open
+/// connections and the budgets, until `stop`.
+async fn sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut config = shared.config.clone();
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let current = config.borrow_and_update().clone();
+        let unix = fedmesh_documents::jws::unix(std::time::SystemTime::now());
+        shared.budgets.sync(current.policy.grants(), unix);
+        shared.sweep(&current, Instant::now());
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+    }
 }
 
 fn describe_connection_error(e: &quinn::ConnectionError) -> String {
@@ -412,63 +700,143 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
-/// Accepts incoming QUIC connections and serves their streams.
-async fn accept_loop(shared: Arc<Shared>) {
-    while let Some(incoming) = shared.endpoint.accept().await {
-        let task = shared.clone();
-        shared.spawn(async move {
-            let shared = task;
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(%remote, error = %describe_connection_error(&e), "peer handshake refused");
-                    shared.metrics.refuse("handshake");
-                    return;
-                }
-            };
-            let peer = match peer_of(&conn) {
-                Ok(peer) => peer,
-                Err(error) => {
-                    warn!(%remote, %error, "peer without a usable identity");
-                    conn.close(VarInt::from_u32(1), b"identity");
-                    return;
-                }
-            };
-            debug!(%peer, %remote, "peer connected");
-            shared.register(&peer, &conn).await;
-            serve_connection(shared, conn, peer).await;
-        });
+/// Holds a source's slot in the [`Limits`] from its first packet until its connection closes.
+struct SourceSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    established: bool,
+}
+
+impl SourceSlot {
+    fn established(&mut self) {
+        lock(&self.shared.limits).established(self.ip);
+        self.established = true;
     }
 }
 
-fn peer_of(conn: &Connection) -> Result<NodeRef, String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| {
-            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .ok_or("no peer certificate")?;
-    let id = fedmesh_certs::verify::peer_spiffe_id(Some(&certs)).map_err(|e| e.to_string())?;
-    Ok(NodeRef::from(&id))
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut limits = lock(&self.shared.limits);
+        if self.established {
+            limits.closed(self.ip);
+        } else {
+            limits.failed(self.ip);
+        }
+    }
 }
 
-/// Serves the streams a peer opens on `conn` (whichever side dialled).
-async fn serve_connection(shared: Arc<Shared>, conn: Connection, peer: NodeRef) {
+/// Accepts incoming QUIC connections within the caps and serves their streams.
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let admitted = lock(&shared.limits).begin(remote.ip());
+        if let Err(over) = admitted {
+            incoming.refuse();
+            shared.metrics.refuse_connection(over.as_str());
+            let who = remote.ip().to_string();
+            if let Some(held_back) = shared.throttle.admit(over.as_str(), &who, Instant::now()) {
+                warn!(source = %remote, peer = "(before the handshake)", serial = "(before the handshake)", reason = over.as_str(), held_back, "connection refused: over the relay's cap");
+            }
+            continue;
+        }
+        let slot = SourceSlot {
+            shared: shared.clone(),
+            ip: remote.ip(),
+            established: false,
+        };
+        // Past half the handshake cap, sources must first prove they own their address.
+        let busy = lock(&shared.limits).handshakes() > shared.options.caps.handshakes / 2;
+        if busy && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        shared.spawn(accept_one(shared.clone(), incoming, slot));
+    }
+}
+
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: SourceSlot) {
+    let remote = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            debug!(%remote, error = %describe_connection_error(&e), "connection attempt dropped");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            shared.metrics.refuse("handshake");
+            // Certificates the verifiers refuse are reported, with the identity they name, by
+            // the handshake observer; other failures are reported here.
+            let by_verifier = matches!(&e, quinn::ConnectionError::TransportError(t)
+                if t.code == quinn::TransportErrorCode::crypto(46));
+            let error = describe_connection_error(&e);
+            let who = remote.ip().to_string();
+            if by_verifier {
+                debug!(%remote, %error, "peer handshake refused");
+            } else if let Some(held_back) = shared.throttle.admit("handshake", &who, Instant::now())
+            {
+                warn!(source = %remote, peer = "(no certificate)", serial = "(no certificate)", %error, held_back, "peer handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            shared.metrics.refuse("handshake_timeout");
+            debug!(%remote, "peer handshake timed out");
+            return;
+        }
+    };
+    slot.established();
+    let peer = match PeerId::of(&conn) {
+        Ok(peer) => peer,
+        Err(error) => {
+            warn!(%remote, peer = "(unusable certificate)", serial = "(unusable certificate)", %error, "peer without a usable identity");
+            conn.close(close::IDENTITY, b"identity");
+            return;
+        }
+    };
+    debug!(peer = %peer.id, serial = %peer.serial, %remote, "peer connected");
+    shared.register(&peer.node, &conn).await;
+    serve_connection(shared, conn, peer, Some(slot)).await;
+}
+
+/// Serves the streams a peer opens on `conn` (whichever side dialled); `_slot` holds the
+/// source's place in the caps for as long as the connection lives.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: Connection,
+    peer: PeerId,
+    _slot: Option<SourceSlot>,
+) {
+    if let Err(detail) = shared.track(&conn, &peer) {
+        conn.close(close::TOO_MANY, b"too many connections");
+        shared.metrics.refuse_connection("connections_per_peer");
+        shared.warn_throttled(
+            "connections_per_peer",
+            &peer,
+            "peer connection refused",
+            &detail,
+        );
+        return;
+    }
+    // Size it for the peer's links now, not at the next sweep.
+    let config = shared.config.borrow().clone();
+    shared.sweep(&config, Instant::now());
     shared.metrics.peer_connections.inc();
-    let path = tokio::spawn(report_path(shared.clone(), conn.clone(), peer.clone()));
+    let path = tokio::spawn(report_path(shared.clone(), conn.clone(), peer.node.clone()));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 shared.spawn(inbound_stream(shared.clone(), peer.clone(), send, recv));
             }
             Err(e) => {
-                debug!(%peer, error = %describe_connection_error(&e), "peer connection ended");
+                debug!(peer = %peer.id, serial = %peer.serial, error = %describe_connection_error(&e), "peer connection ended");
                 break;
             }
         }
     }
+    lock(&shared.conns).remove(&conn.stable_id());
     path.abort();
     shared.metrics.peer_connections.dec();
 }
@@ -514,85 +882,75 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Refusal> 
 async fn refuse(
     shared: &Shared,
     send: &mut quinn::SendStream,
-    peer: &NodeRef,
+    peer: &PeerId,
     refusal: Refusal,
-    reason: String,
+    detail: String,
 ) {
-    warn!(%peer, reason = %refusal, detail = %reason, "stream refused");
     shared.metrics.refuse(refusal.as_str());
+    shared.warn_throttled(refusal.as_str(), peer, "stream refused", &detail);
     let _ = send
-        .write_all(&Response::Refused(refusal, reason).encode())
+        .write_all(&Response::Refused(refusal, detail).encode())
         .await;
     let _ = send.finish();
 }
 
 async fn inbound_stream(
     shared: Arc<Shared>,
-    peer: NodeRef,
+    peer: PeerId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let request = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv)).await {
         Ok(Ok(r)) => r,
         Ok(Err(refusal)) => {
-            let detail = format!("stream header from {peer} refused: {refusal}");
+            let detail = format!("stream header from {} refused: {refusal}", peer.node);
             return refuse(&shared, &mut send, &peer, refusal, detail).await;
         }
         Err(_) => {
-            return refuse(
-                &shared,
-                &mut send,
-                &peer,
-                Refusal::BadHeader,
-                "header timed out".into(),
-            )
-            .await;
+            let detail = "header timed out".to_owned();
+            return refuse(&shared, &mut send, &peer, Refusal::BadHeader, detail).await;
         }
     };
     let port = request.port;
     let (grant, target) = {
         let config = shared.config.borrow();
         (
-            config.policy.admits_inbound(&peer, port).cloned(),
+            config.policy.admits_inbound(&peer.node, port).cloned(),
             config.target(port),
         )
     };
     let Some(grant) = grant else {
         let detail = format!(
-            "no link allows {peer} to reach {} on port {port}",
-            shared.local
+            "no link allows {} to reach {} on port {port}",
+            peer.node, shared.local
         );
         return refuse(&shared, &mut send, &peer, Refusal::NoLink, detail).await;
+    };
+    let ticket = match shared.budgets.open(&grant) {
+        Ok(ticket) => ticket,
+        Err((refusal, detail)) => return refuse(&shared, &mut send, &peer, refusal, detail).await,
     };
     let tcp = match connect_target(&target, shared.options.target_deadline).await {
         Ok(tcp) => tcp,
         Err(error) => {
             let detail = format!("target {target} for port {port} unreachable: {error}");
-            return refuse(
-                &shared,
-                &mut send,
-                &peer,
-                Refusal::TargetUnreachable,
-                detail,
-            )
-            .await;
+            let refusal = Refusal::TargetUnreachable;
+            return refuse(&shared, &mut send, &peer, refusal, detail).await;
         }
     };
     if send.write_all(&Response::Connected.encode()).await.is_err() {
         return;
     }
-    debug!(%peer, port, link = %grant.link_id, "inbound stream connected");
-    let counters = Counters {
-        sent: shared.metrics.link_bytes(&grant.link_id, "sent"),
-        received: shared.metrics.link_bytes(&grant.link_id, "received"),
-    };
-    let cancel = until_not_admitted(
+    debug!(peer = %peer.id, serial = %peer.serial, port, link = %grant.link_id, "inbound stream connected");
+    let cancel = until_cut(
         shared.config.clone(),
-        peer.clone(),
+        peer.node.clone(),
         port,
         Direction::Inbound,
+        ticket.as_ref(),
     );
-    run_stream(&shared, "inbound", tcp, send, recv, counters, cancel).await;
+    let counters = counters(&shared, &grant, ticket.as_ref());
+    run_stream(&shared, "inbound", &peer, tcp, send, recv, counters, cancel).await;
 }
 
 /// Connects the local target, retrying until `within` has passed: the peer's client is held
@@ -615,14 +973,24 @@ async fn connect_target(target: &str, within: Duration) -> std::io::Result<TcpSt
     }
 }
 
+fn counters(shared: &Shared, grant: &policy::Grant, ticket: Option<&Ticket>) -> Counters {
+    Counters {
+        sent: shared.metrics.link_bytes(&grant.link_id, "sent"),
+        received: shared.metrics.link_bytes(&grant.link_id, "received"),
+        budget: ticket.map(Ticket::budget),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_stream(
     shared: &Shared,
     direction: &'static str,
+    peer: &PeerId,
     tcp: TcpStream,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     counters: Counters,
-    cancel: impl Future<Output = ()>,
+    cancel: impl Future<Output = VarInt>,
 ) {
     shared
         .metrics
@@ -632,8 +1000,13 @@ async fn run_stream(
     shared.metrics.streams_active.inc();
     let ended = pump::pump(tcp, send, recv, counters, cancel).await;
     shared.metrics.streams_active.dec();
-    if ended == Ended::Cancelled {
-        info!(direction, "stream closed: its link is no longer in force");
+    if let Ended::Cancelled(code) = ended {
+        let reason = pump::reset_reason(code);
+        shared.metrics.reset_stream(reason);
+        let who = peer.id.to_string();
+        if let Some(held_back) = shared.throttle.admit(reason, &who, Instant::now()) {
+            info!(direction, peer = %peer.id, serial = %peer.serial, reason, held_back, "stream reset: its link is no longer in force or its budget is spent");
+        }
     }
 }
 
@@ -641,6 +1014,30 @@ async fn run_stream(
 enum Direction {
     Inbound,
     Outbound,
+}
+
+/// Completes, with the stream error code to reset with, once (peer, port) is no longer admitted
+/// in `direction` or the link's byte budget is spent.
+fn until_cut(
+    config: watch::Receiver<Arc<RelayConfig>>,
+    peer: NodeRef,
+    port: u16,
+    direction: Direction,
+    ticket: Option<&Ticket>,
+) -> impl Future<Output = VarInt> + use<> {
+    let budget = ticket.map(Ticket::budget);
+    async move {
+        let spent = async {
+            match &budget {
+                Some(b) => b.exhausted().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = until_not_admitted(config, peer, port, direction) => pump::RESET_REVOKED,
+            () = spent => pump::RESET_BUDGET,
+        }
+    }
 }
 
 /// Completes once (peer, port) is no longer admitted in `direction`.
@@ -671,7 +1068,7 @@ async fn until_not_admitted(
 // Outbound
 
 /// Keeps one listener per configured address whose (peer, port) this node may dial.
-async fn listen_loop(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+async fn listen_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut config = shared.config.clone();
     let mut listeners: BTreeMap<SocketAddr, JoinHandle<()>> = BTreeMap::new();
     loop {
@@ -759,35 +1156,89 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
     else {
         return;
     };
-    let result = tokio::time::timeout(DIAL_DEADLINE, open(&shared, &peer, port, &grant)).await;
-    let (send, recv) = match result {
+    let Ok(id) = SpiffeId::new(&shared.collab, &peer.org, &peer.node) else {
+        return;
+    };
+    let who = id.to_string();
+    let refused = |reason: &'static str, serial: &str, detail: &str| {
+        shared.metrics.refuse(reason);
+        if let Some(held_back) = shared.throttle.admit(reason, &who, Instant::now()) {
+            warn!(peer = %who, serial, port, reason, detail, held_back, "stream refused; closing the client connection");
+        }
+    };
+    // The budget is enforced here as well as at the peer: a spent link costs the peer nothing.
+    let ticket = match shared.budgets.open(&grant) {
+        Ok(ticket) => ticket,
+        Err((refusal, detail)) => return refused(refusal.as_str(), "(not dialled)", &detail),
+    };
+    let result = tokio::time::timeout(DIAL_DEADLINE, open_patiently(&shared, &peer, port, &grant));
+    let result = result.await;
+    // Dropping `tcp` on a refusal closes the client connection.
+    let (send, recv, serial) = match result {
         Ok(Ok(streams)) => streams,
-        Ok(Err((refusal, detail))) => {
-            warn!(%peer, port, reason = refusal, %detail, "stream refused; closing the client connection");
-            shared.metrics.refuse(refusal);
-            return; // dropping `tcp` closes the client connection
-        }
+        Ok(Err((reason, serial, detail))) => return refused(reason, &serial, &detail),
         Err(_) => {
-            warn!(%peer, port, "peer unreachable before the deadline; closing the client connection");
-            shared.metrics.refuse("peer_unreachable");
-            return;
+            let detail = "peer unreachable before the deadline";
+            return refused("peer_unreachable", "(no handshake)", detail);
         }
     };
-    let counters = Counters {
-        sent: shared.metrics.link_bytes(&grant.link_id, "sent"),
-        received: shared.metrics.link_bytes(&grant.link_id, "received"),
+    debug!(peer = %who, %serial, port, link = %grant.link_id, "outbound stream connected");
+    let peer = PeerId {
+        node: peer,
+        id,
+        serial,
     };
-    let cancel = until_not_admitted(shared.config.clone(), peer, port, Direction::Outbound);
-    run_stream(&shared, "outbound", tcp, send, recv, counters, cancel).await;
+    let counters = counters(&shared, &grant, ticket.as_ref());
+    let cancel = until_cut(
+        shared.config.clone(),
+        peer.node.clone(),
+        port,
+        Direction::Outbound,
+        ticket.as_ref(),
+    );
+    run_stream(
+        &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
+    )
+    .await;
 }
 
-/// Opens a stream to `peer` for `port` and waits for the peer's answer.
+/// [`open`], asked again while the peer answers that no link allows the stream but this node's
+/// links still do: each end learns of a link from the hub on its own schedule, so a peer that has
+/// not seen a new link yet holds the client a moment instead of failing it.
+async fn open_patiently(
+    shared: &Arc<Shared>,
+    peer: &NodeRef,
+    port: u16,
+    grant: &policy::Grant,
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match open(shared, peer, port, grant).await {
+            Err((reason, ..))
+                if reason == Refusal::NoLink.as_str()
+                    && shared
+                        .config
+                        .borrow()
+                        .policy
+                        .admits_outbound(peer, port)
+                        .is_some() =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens a stream to `peer` for `port` and waits for the peer's answer; returns the streams and
+/// the serial of the peer's certificate, or the refusal's reason, that serial and the detail.
 async fn open(
     shared: &Arc<Shared>,
     peer: &NodeRef,
     port: u16,
     grant: &policy::Grant,
-) -> Result<(quinn::SendStream, quinn::RecvStream), (&'static str, String)> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
     // Retry the dial (with backoff) until the deadline around this call cuts it short.
     let conn = loop {
         match shared.connection(peer).await {
@@ -795,30 +1246,30 @@ async fn open(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    let serial = PeerId::of(&conn).map(|p| p.serial).unwrap_or_default();
+    let fail = |reason: &'static str, detail: String| (reason, serial.clone(), detail);
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| ("peer_unreachable", describe_connection_error(&e)))?;
+        .map_err(|e| fail("peer_unreachable", describe_connection_error(&e)))?;
     let request = Request {
         port,
         label: grant.label.clone(),
     };
     send.write_all(&request.encode())
         .await
-        .map_err(|e| ("peer_unreachable", e.to_string()))?;
+        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
     let mut prefix = [0u8; 2];
     recv.read_exact(&mut prefix)
         .await
-        .map_err(|e| ("peer_unreachable", e.to_string()))?;
-    match Response::decode_prefix(prefix).map_err(|e| ("bad_response", e))? {
-        None => Ok((send, recv)),
+        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
+    match Response::decode_prefix(prefix).map_err(|e| fail("bad_response", e))? {
+        None => Ok((send, recv, serial)),
         Some((refusal, len)) => {
             let mut reason = vec![0u8; len];
             let _ = recv.read_exact(&mut reason).await;
-            Err((
-                refusal.as_str(),
-                String::from_utf8_lossy(&reason).into_owned(),
-            ))
+            let reason = String::from_utf8_lossy(&reason).into_owned();
+            Err(fail(refusal.as_str(), reason))
         }
     }
 }

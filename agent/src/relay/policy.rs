@@ -1,4 +1,5 @@
-//! Admission (pure): which (peer, port) pairs the effective links allow, in each direction.
+//! Admission (pure): which (peer, port) pairs the effective links allow, in each direction, and
+//! how many streams a peer's links let it open at once.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,10 @@ pub struct Grant {
     pub label: Option<String>,
     /// Unix expiry.
     pub not_after: u64,
+    /// The link's byte budget, if it has one.
+    pub max_bytes: Option<u64>,
+    /// The link's concurrent-stream budget, if it has one.
+    pub max_streams: Option<u32>,
 }
 
 /// What this node may dial and what it must accept, by (peer, port).
@@ -41,6 +46,8 @@ impl Policy {
                     link_id: t.id.clone(),
                     label: p.label.clone(),
                     not_after: t.not_after,
+                    max_bytes: t.max_bytes,
+                    max_streams: t.max_streams,
                 };
                 let key = (peer.clone(), p.port);
                 if map.get(&key).is_none_or(|g| g.not_after < grant.not_after) {
@@ -69,6 +76,30 @@ impl Policy {
     /// Every (peer, port) that may dial this node.
     pub fn inbound(&self) -> impl Iterator<Item = (&NodeRef, u16, &Grant)> {
         self.inbound.iter().map(|((n, p), g)| (n, *p, g))
+    }
+
+    /// How many streams `peer` may open to this node at once under its links (the sum of their
+    /// stream budgets, a link without one counting as `ceiling`, at most `ceiling`), or `None`
+    /// when no link joins this node and `peer` in either direction.
+    pub fn inbound_streams(&self, peer: &NodeRef, ceiling: u32) -> Option<u32> {
+        let mut linked = self.outbound.keys().any(|(p, _)| p == peer);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut sum: u32 = 0;
+        for ((p, _), g) in &self.inbound {
+            if p != peer {
+                continue;
+            }
+            linked = true;
+            if seen.insert(g.link_id.as_str()) {
+                sum = sum.saturating_add(g.max_streams.unwrap_or(ceiling));
+            }
+        }
+        linked.then_some(sum.min(ceiling))
+    }
+
+    /// Every grant, both directions.
+    pub fn grants(&self) -> impl Iterator<Item = &Grant> {
+        self.outbound.values().chain(self.inbound.values())
     }
 
     /// Number of distinct links in force.
@@ -132,6 +163,37 @@ mod tests {
         );
         assert_eq!(p.link_count(), 2);
         assert_eq!(p.outbound().count(), 1);
+    }
+
+    #[test]
+    fn a_peers_streams_are_the_sum_of_its_inbound_link_budgets() {
+        let a: NodeRef = "a/n".parse().unwrap();
+        let with_budget = |from: &str, to: &str, port: &str, streams: Option<u32>| {
+            let mut l = link(from, to, &[port], 100);
+            l.terms = l.terms.with_budget(None, streams).unwrap();
+            l
+        };
+        let links = [
+            with_budget("b/n", "a/n", "1", Some(3)),
+            with_budget("b/n", "a/n", "2", Some(4)),
+            with_budget("a/n", "c/n", "3", Some(5)),
+            with_budget("d/n", "a/n", "4", None),
+        ];
+        let p = Policy::new(&a, &links);
+        let n = |s: &str| s.parse::<NodeRef>().unwrap();
+        assert_eq!(p.inbound_streams(&n("b/n"), 100), Some(7));
+        assert_eq!(
+            p.inbound_streams(&n("c/n"), 100),
+            Some(0),
+            "an outbound link only: the peer opens nothing"
+        );
+        assert_eq!(
+            p.inbound_streams(&n("d/n"), 100),
+            Some(100),
+            "no budget: the ceiling"
+        );
+        assert_eq!(p.inbound_streams(&n("e/n"), 100), None, "no link");
+        assert_eq!(p.grants().count(), 4);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub enum Refusal {
     HeaderTooLarge = 5,
     /// The link was revoked or expired while the stream was open.
     Revoked = 6,
+    /// The link has carried all the bytes its budget allows.
+    BudgetSpent = 7,
+    /// The link already carries as many streams as its budget allows.
+    StreamLimit = 8,
 }
 
 impl Refusal {
@@ -64,6 +68,8 @@ impl Refusal {
             4 => Self::BadVersion,
             5 => Self::HeaderTooLarge,
             6 => Self::Revoked,
+            7 => Self::BudgetSpent,
+            8 => Self::StreamLimit,
             _ => return None,
         })
     }
@@ -77,6 +83,8 @@ impl Refusal {
             Self::BadVersion => "bad_version",
             Self::HeaderTooLarge => "header_too_large",
             Self::Revoked => "revoked",
+            Self::BudgetSpent => "budget_spent",
+            Self::StreamLimit => "stream_limit",
         }
     }
 }
@@ -224,7 +232,12 @@ mod tests {
         );
         assert_eq!(Response::decode_prefix([0, 0]).unwrap(), None);
         assert!(Response::decode_prefix([99, 0]).is_err());
-        for code in 1..=6 {
+        assert_eq!(
+            Response::decode_prefix([7, 0]).unwrap(),
+            Some((Refusal::BudgetSpent, 0))
+        );
+        assert_eq!(Refusal::StreamLimit.as_str(), "stream_limit");
+        for code in 1..=8 {
             assert_eq!(Refusal::from_code(code).unwrap().code(), code);
         }
     }

@@ -7,12 +7,13 @@
 //! | QUIC stream finished | TCP `shutdown(Write)` |
 //! | TCP reset | QUIC `reset` + `stop` |
 //! | QUIC stream reset or stopped | TCP reset (zero linger) |
-//! | `cancel` completes (link revoked) | both: QUIC reset + TCP reset |
+//! | `cancel` completes with a code (link revoked, budget spent) | both: QUIC reset + TCP reset |
+//! | the link's byte budget runs out mid-chunk | what fits passes, then both are reset |
 //!
 //! Each direction holds at most one chunk of [`CHUNK`] bytes; everything else is QUIC flow
 //! control and TCP windows, so a slow reader slows the writer instead of growing a queue.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +22,8 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+use super::budget::LinkBudget;
 
 /// Largest chunk moved at once, per direction (under glibc's mmap threshold, so buffers come
 /// from the heap instead of fresh pages).
@@ -32,14 +35,28 @@ const MIN_SPARE: usize = 8 * 1024;
 pub const RESET_TCP: VarInt = VarInt::from_u32(1);
 /// Stream error code: the link was revoked or expired.
 pub const RESET_REVOKED: VarInt = VarInt::from_u32(2);
+/// Stream error code: the link's byte budget is spent.
+pub const RESET_BUDGET: VarInt = VarInt::from_u32(3);
 
-/// Byte counters of one stream (the link's metric counters, shared).
+/// The name of a stream error code, for logs.
+pub fn reset_reason(code: VarInt) -> &'static str {
+    match code.into_inner() {
+        1 => "tcp_reset",
+        2 => "revoked",
+        3 => "budget_spent",
+        _ => "unknown",
+    }
+}
+
+/// Byte counters of one stream (the link's metric counters, shared), and its link's budget.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
     /// Bytes from TCP into the stream.
     pub sent: Counter,
     /// Bytes from the stream into TCP.
     pub received: Counter,
+    /// The link's budget, when it has one.
+    pub budget: Option<Arc<LinkBudget>>,
 }
 
 /// How a pumped stream ended.
@@ -49,19 +66,31 @@ pub enum Ended {
     Closed,
     /// One side reset; the reset was passed on.
     Reset,
-    /// `cancel` fired; both sides were reset.
-    Cancelled,
+    /// Cut short here with this stream error code (`cancel`, or the budget); both sides were
+    /// reset.
+    Cancelled(VarInt),
 }
 
 enum Dir {
     Done,
     Reset,
+    /// The budget ran out.
+    Spent,
+}
+
+/// How many of `n` bytes the budget lets through.
+fn allowance(budget: Option<&LinkBudget>, n: usize) -> usize {
+    match budget {
+        None => n,
+        Some(b) => usize::try_from(b.spend(n as u64)).unwrap_or(n),
+    }
 }
 
 async fn tcp_to_quic(
     tcp: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream,
     counter: &Counter,
+    budget: Option<&LinkBudget>,
 ) -> Dir {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
@@ -74,10 +103,16 @@ async fn tcp_to_quic(
                 return Dir::Done;
             }
             Ok(n) => {
-                counter.inc_by(n as u64);
-                if send.write_chunk(buf.split().freeze()).await.is_err() {
+                let allowed = allowance(budget, n);
+                counter.inc_by(allowed as u64);
+                let mut chunk = buf.split().freeze();
+                chunk.truncate(allowed);
+                if !chunk.is_empty() && send.write_chunk(chunk).await.is_err() {
                     // The peer stopped or reset the stream.
                     return Dir::Reset;
+                }
+                if allowed < n {
+                    return Dir::Spent;
                 }
             }
             Err(_) => {
@@ -92,14 +127,20 @@ async fn quic_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut tokio::net::tcp::WriteHalf<'_>,
     counter: &Counter,
+    budget: Option<&LinkBudget>,
 ) -> Dir {
     loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
-                counter.inc_by(chunk.bytes.len() as u64);
-                if tcp.write_all(&chunk.bytes).await.is_err() {
+                let n = chunk.bytes.len();
+                let allowed = allowance(budget, n);
+                counter.inc_by(allowed as u64);
+                if tcp.write_all(&chunk.bytes[..allowed]).await.is_err() {
                     let _ = recv.stop(RESET_TCP);
                     return Dir::Reset;
+                }
+                if allowed < n {
+                    return Dir::Spent;
                 }
             }
             Ok(None) => {
@@ -111,20 +152,21 @@ async fn quic_to_tcp(
     }
 }
 
-/// Pumps `tcp` ⇄ (`send`, `recv`) until both directions end, a reset travels, or `cancel`
-/// completes.
+/// Pumps `tcp` ⇄ (`send`, `recv`) until both directions end, a reset travels, the budget runs
+/// out, or `cancel` completes with the stream error code to reset both sides with.
 pub async fn pump(
     mut tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: Counters,
-    cancel: impl Future<Output = ()>,
+    cancel: impl Future<Output = VarInt>,
 ) -> Ended {
     let _ = tcp.set_nodelay(true);
+    let budget = counters.budget.as_deref();
     let ended = {
         let (mut tr, mut tw) = tcp.split();
-        let up = tcp_to_quic(&mut tr, &mut send, &counters.sent);
-        let down = quic_to_tcp(&mut recv, &mut tw, &counters.received);
+        let up = tcp_to_quic(&mut tr, &mut send, &counters.sent, budget);
+        let down = quic_to_tcp(&mut recv, &mut tw, &counters.received, budget);
         tokio::pin!(up, down, cancel);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -132,12 +174,14 @@ pub async fn pump(
                 d = &mut up, if !up_done => match d {
                     Dir::Done => up_done = true,
                     Dir::Reset => break Ended::Reset,
+                    Dir::Spent => break Ended::Cancelled(RESET_BUDGET),
                 },
                 d = &mut down, if !down_done => match d {
                     Dir::Done => down_done = true,
                     Dir::Reset => break Ended::Reset,
+                    Dir::Spent => break Ended::Cancelled(RESET_BUDGET),
                 },
-                () = &mut cancel => break Ended::Cancelled,
+                code = &mut cancel => break Ended::Cancelled(code),
             }
             if up_done && down_done {
                 break Ended::Closed;
@@ -145,10 +189,9 @@ pub async fn pump(
         }
     };
     if ended != Ended::Closed {
-        let code = if ended == Ended::Cancelled {
-            RESET_REVOKED
-        } else {
-            RESET_TCP
+        let code = match ended {
+            Ended::Cancelled(code) => code,
+            _ => RESET_TCP,
         };
         let _ = send.reset(code);
         let _ = recv.stop(code);

@@ -750,8 +750,10 @@ async fn storage_does_not_grow_from_replays_or_strangers() {
         &Document::Advertisement(Advertisement {
             collab: "collab-x".into(),
             node: n("org-a/n1"),
-            relay: Some("127.0.0.1:4433".into()),
-            gateway: None,
+            endpoints: vec![fedmesh_documents::Endpoint::Quic {
+                address: "127.0.0.1:4433".into(),
+            }],
+            instance: None,
             exposes: vec![],
             issued_at: now,
         }),
@@ -829,8 +831,10 @@ async fn a_member_storage_quota_is_enforced() {
             &Document::Advertisement(Advertisement {
                 collab: "collab-x".into(),
                 node: n("org-a/n1"),
-                relay: Some("127.0.0.1:4433".into()),
-                gateway: None,
+                endpoints: vec![fedmesh_documents::Endpoint::Quic {
+                    address: "127.0.0.1:4433".into(),
+                }],
+                instance: None,
                 exposes: exposes.clone(),
                 issued_at: now - 200 + i,
             }),
@@ -960,8 +964,8 @@ async fn refusals_are_logged_once_per_reason_and_caller() {
         &Document::Advertisement(Advertisement {
             collab: "collab-x".into(),
             node: n("org-a/n1"),
-            relay: None,
-            gateway: None,
+            endpoints: Vec::new(),
+            instance: None,
             exposes: vec![],
             issued_at: jws::unix(SystemTime::now()),
         }),
@@ -1052,8 +1056,10 @@ async fn documents_signed_with_a_certificate_not_valid_now_are_refused() {
         &Document::Advertisement(Advertisement {
             collab: "collab-x".into(),
             node: n("org-a/n1"),
-            relay: Some("127.0.0.1:4433".into()),
-            gateway: None,
+            endpoints: vec![fedmesh_documents::Endpoint::Quic {
+                address: "127.0.0.1:4433".into(),
+            }],
+            instance: None,
             exposes: vec![],
             issued_at: jws::unix(two_days_ago) + 60,
         }),

@@ -12,6 +12,7 @@ mod examples;
 mod hub;
 mod hub_hardening;
 mod relay;
+mod relay_security;
 mod shutdown;
 mod tampering;
 mod tls;

@@ -23,22 +23,22 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-const SECOND: Duration = Duration::from_secs(1);
+pub(super) const SECOND: Duration = Duration::from_secs(1);
 
-fn n(s: &str) -> NodeRef {
+pub(super) fn n(s: &str) -> NodeRef {
     s.parse().unwrap()
 }
 
-fn a() -> NodeRef {
+pub(super) fn a() -> NodeRef {
     n("org-a/n1")
 }
 
-fn b() -> NodeRef {
+pub(super) fn b() -> NodeRef {
     n("org-b/n1")
 }
 
 /// org-a and org-b, org-b exposing `port` → `target`.
-async fn two_nodes(
+pub(super) async fn two_nodes(
     dir: &std::path::Path,
     port: u16,
     target: SocketAddr,
@@ -72,6 +72,7 @@ fn fast_refusals() -> RelayOptions {
     RelayOptions {
         max_udp_payload: 65_000,
         target_deadline: SECOND,
+        ..RelayOptions::default()
     }
 }
 
@@ -278,7 +279,7 @@ async fn unreachable_target_closes_the_client_cleanly_with_a_reason() {
 }
 
 /// A bare QUIC client speaking the relay protocol with `identity`.
-async fn raw_client(
+pub(super) async fn raw_client(
     identity: &NodeIdentity,
     bundle: &TrustBundle,
     to: SocketAddr,
@@ -296,7 +297,7 @@ async fn raw_client(
 }
 
 /// Sends `header` on a new stream and reads the answer.
-async fn ask(conn: &quinn::Connection, header: &[u8]) -> Response {
+pub(super) async fn ask(conn: &quinn::Connection, header: &[u8]) -> Response {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(header).await.unwrap();
     let mut prefix = [0u8; 2];
@@ -330,7 +331,7 @@ async fn streams_without_a_link_and_bad_headers_are_refused() {
     let conn = raw_client(
         &a_state.identity().unwrap(),
         &a_state.trust_bundle().unwrap(),
-        mesh.node(&b()).relay_addr,
+        mesh.node(&b()).relay_addr.unwrap(),
         &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
     )
     .await
@@ -426,7 +427,7 @@ async fn a_peer_of_another_collaboration_fails_the_handshake() {
     let err = match raw_client(
         &stranger,
         &b_bundle,
-        mesh.node(&b()).relay_addr,
+        mesh.node(&b()).relay_addr.unwrap(),
         &SpiffeId::new("collab-x", "org-b", "n1").unwrap(),
     )
     .await

@@ -7,7 +7,7 @@ use std::{
 };
 
 use fedmesh_certs::{
-    CollabCa, IssuancePolicy, NodeIdentity, NodeKey, SpiffeId, TrustBundle,
+    CollabCa, IssuancePolicy, NodeIdentity, NodeKey, PeerGate, SpiffeId, Standing, TrustBundle,
     tls::{self, certificate_error},
 };
 use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
@@ -75,7 +75,17 @@ async fn handshake(
     client: Option<rustls::ClientConfig>,
     dial: &SpiffeId,
 ) -> (Result<SpiffeId, rustls::Error>, Result<(), String>) {
-    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(server, bundle, ALPN).unwrap()));
+    let config = tls::server_config(server, bundle, ALPN).unwrap();
+    handshake_with(config, client, dial).await
+}
+
+/// [`handshake`] against a server with `config`.
+async fn handshake_with(
+    config: rustls::ServerConfig,
+    client: Option<rustls::ClientConfig>,
+    dial: &SpiffeId,
+) -> (Result<SpiffeId, rustls::Error>, Result<(), String>) {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_task = tokio::spawn(async move {
@@ -303,4 +313,68 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+#[tokio::test]
+async fn a_gate_refuses_revoked_serials_revoked_nodes_and_non_members_and_reports_each() {
+    let c = Collab::new("collab-x");
+    let server = c.node("org-s");
+    let a = c.node("org-a");
+    let serial = a.info().serial.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let observer = {
+        let seen = seen.clone();
+        Arc::new(
+            move |e: &fedmesh_certs::Error, info: Option<&fedmesh_certs::CertInfo>| {
+                let who = info.map(|i| format!("{} {}", i.spiffe_id, i.serial));
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{} | {e}", who.unwrap_or_default()));
+            },
+        )
+    };
+    let gate = PeerGate::new(Standing::default()).observed(observer);
+    let pair = |org: &str| (org.to_owned(), "n1".to_owned());
+    let cases = [
+        (Standing::new([pair("org-s"), pair("org-a")], [], []), None),
+        (
+            Standing::new([pair("org-s"), pair("org-a")], [], [serial.clone()]),
+            Some("its certificate serial is revoked"),
+        ),
+        (
+            Standing::new([pair("org-s"), pair("org-a")], [pair("org-a")], []),
+            Some("its node is revoked"),
+        ),
+        (
+            Standing::new([pair("org-s")], [], []),
+            Some("its node is not a member of the collaboration"),
+        ),
+        (Standing::default(), Some("members are not known yet")),
+    ];
+    for (standing, refused) in cases {
+        gate.set(standing);
+        let config = tls::server_config_gated(&server, &c.bundle, ALPN, &gate).unwrap();
+        let client = tls::client_config(&a, &c.bundle, ALPN).unwrap();
+        let (result, _) = handshake_with(config, Some(client), server.spiffe_id()).await;
+        match refused {
+            None => assert_eq!(result.unwrap(), *a.spiffe_id()),
+            Some(why) => {
+                let reason = server_reason(result);
+                assert!(
+                    reason.starts_with(&format!(
+                        "peer spiffe://collab-x.fedmesh/org/org-a/node/n1 (certificate serial {serial}) is refused"
+                    )) && reason.contains(why),
+                    "{reason}"
+                );
+            }
+        }
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        seen.iter().all(|line| line.starts_with(&format!(
+            "spiffe://collab-x.fedmesh/org/org-a/node/n1 {serial} |"
+        ))),
+        "{seen:?}"
+    );
 }

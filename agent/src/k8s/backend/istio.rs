@@ -115,8 +115,7 @@ pub(super) fn render(
         .map(fedmesh_documents::Member::node_ref)
         .filter(|m| m != inputs.node)
         .filter_map(|m| {
-            let gateway: GatewayAddr =
-                ledger.advertisement(&m)?.gateway.as_deref()?.parse().ok()?;
+            let gateway: GatewayAddr = ledger.advertisement(&m)?.istio_gateway()?.parse().ok()?;
             Some((m, Peer { gateway }))
         })
         .collect();
