@@ -4,11 +4,14 @@
 //! keep the agent busy either.
 //!
 //! ```text
-//!  page ──triage──▶ fresh envelopes (seq above everything seen) ──verify──▶ ledger
-//!          │
+//!  page ──▶ collaboration, checkpoint (when below it) ──verify (once: known by hash)──▶ ledger
+//!    │
+//!    └─triage──▶ fresh envelopes (seq above everything seen) ──verify──▶ ledger
+//!          │                       (a node's ledger skips what cannot concern it)
 //!          └─▶ anomalies: cursor went back, old envelopes served again, more than asked for,
 //!              nothing new at once (the long poll did not wait), only forgeries, an answer
 //!              over the size bound ──▶ metric + throttled WARN + back off (1 s .. 60 s)
+//!  ledger says revocations are withheld ──▶ metric + throttled WARN (no link is in force)
 //! ```
 //!
 //! Old envelopes are skipped without being verified again, a page holds at most [`PAGE_LIMIT`]
@@ -22,7 +25,7 @@ use std::{
 };
 
 use anyhow::Result;
-use fedmesh_documents::{Envelope, Ledger};
+use fedmesh_documents::{Envelope, Ingested, Ledger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -65,6 +68,8 @@ pub(crate) enum Anomaly {
     NotAdvancing,
     /// New envelopes, none of which verified.
     OnlyForgeries,
+    /// Owner documents name revocations that were not served.
+    WithheldRevocations,
 }
 
 impl Anomaly {
@@ -76,6 +81,7 @@ impl Anomaly {
             Self::OversizedPage => "oversized_page",
             Self::NotAdvancing => "not_advancing",
             Self::OnlyForgeries => "only_forgeries",
+            Self::WithheldRevocations => "withheld_revocations",
         }
     }
 }
@@ -148,18 +154,49 @@ pub(super) async fn follow(
         let pause = match page {
             Ok(page) => {
                 let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
+                let now = SystemTime::now();
                 let mut rejected = Vec::new();
-                for env in &fresh {
-                    if let Err(rejection) = ledger.ingest(env, SystemTime::now()) {
-                        warn!(%rejection, "document refused; keeping the last verified state");
-                        rejected.push(rejection);
+                let mut changed = !fresh.is_empty();
+                // The collaboration and, below it, the checkpoint come before the documents;
+                // both are known by hash after the first time.
+                let mut first = vec![ledger.ingest_jws(&page.collab_jws, now)];
+                if let Some(cp) = page.checkpoint.as_ref().filter(|cp| cp.seq > cursor) {
+                    first.push(ledger.ingest(cp, now));
+                }
+                for outcome in first {
+                    match outcome {
+                        Ok(Ingested::Changed) => changed = true,
+                        Ok(_) => {}
+                        Err(rejection) => {
+                            warn!(%rejection, "document refused; keeping the last verified state");
+                            rejected.push(rejection);
+                        }
                     }
                 }
-                if fresh.is_empty() && asked.elapsed() < QUICK {
+                let mut refused = 0;
+                for env in &fresh {
+                    if let Err(rejection) = ledger.ingest(env, now) {
+                        warn!(%rejection, "document refused; keeping the last verified state");
+                        rejected.push(rejection);
+                        refused += 1;
+                    }
+                }
+                for rejection in ledger.take_late_rejections() {
+                    warn!(%rejection, "document refused; keeping the last verified state");
+                    rejected.push(rejection);
+                }
+                if page.docs.is_empty() && page.cursor > cursor {
+                    // What lay between was compacted away.
+                    ledger.advance_cursor(page.cursor);
+                } else if fresh.is_empty() && asked.elapsed() < QUICK {
                     anomalies.insert(Anomaly::NotAdvancing);
                 }
-                if !fresh.is_empty() && rejected.len() == fresh.len() {
+                if !fresh.is_empty() && refused == fresh.len() {
                     anomalies.insert(Anomaly::OnlyForgeries);
+                }
+                if let Some(withheld) = ledger.withheld() {
+                    // Backing off would not bring them; the ledger keeps every link down.
+                    report(Anomaly::WithheldRevocations, &withheld.to_string());
                 }
                 if !rejected.is_empty() {
                     snapshot_tx.send_modify(|s| {
@@ -169,7 +206,7 @@ pub(super) async fn follow(
                         s.rejections.drain(..excess);
                     });
                 }
-                if !fresh.is_empty() {
+                if changed {
                     ledger_tx.send_replace(Arc::new(ledger.clone()));
                 }
                 for &anomaly in &anomalies {
@@ -224,6 +261,7 @@ mod tests {
     fn page(seqs: &[u64], cursor: u64) -> DocsPage {
         DocsPage {
             collab_jws: String::new(),
+            checkpoint: None,
             docs: seqs
                 .iter()
                 .map(|&seq| Envelope {

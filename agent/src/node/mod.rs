@@ -255,6 +255,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let istio = controller
         .as_ref()
         .is_some_and(|c| c.settings().mode == k8s::Mode::Istio);
+    crate::enroll::ensure_valid_certificate(&state).await?;
     let identity = state.identity()?;
     let bundle = state.trust_bundle()?;
     let metrics = Arc::new(Metrics::default());
@@ -285,7 +286,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     publish_advertisement(&state, &hub, &advertise, &opts.exposes, istio).await?;
     info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
 
-    let (ledger_tx, ledger_rx) = watch::channel(Arc::new(Ledger::new(&state.config.owner_pin)));
+    let (ledger_tx, ledger_rx) =
+        watch::channel(Arc::new(Ledger::for_node(&state.config.owner_pin, &node)));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (names_tx, names_rx) = watch::channel(Arc::new(NameMap::new()));
 
@@ -684,6 +686,9 @@ async fn renew_loop(
 }
 
 async fn renew_once(state: &NodeState) -> Result<()> {
+    if state.identity()?.info().not_after <= SystemTime::now() {
+        return crate::enroll::reattest(state).await;
+    }
     let key = NodeKey::from_pem(&files::read_to_string(&state.key_path())?)?;
     let csr = key.csr(&state.spiffe_id()?)?;
     let renewed = state

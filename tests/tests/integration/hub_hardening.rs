@@ -707,6 +707,7 @@ async fn storage_does_not_grow_from_replays_or_strangers() {
                 terms: terms.clone(),
                 approved_by: "alice@org-a".into(),
                 approved_at: at,
+                revocations: 0,
             }),
             &Signer::Owner(&key),
         )
@@ -809,11 +810,13 @@ async fn storage_does_not_grow_from_replays_or_strangers() {
 async fn a_member_storage_quota_is_enforced() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
-    let process = hub(&data, &["--init"]);
-    let (_owner, nodes) = collab(process.address(), tmp.path(), &["org-a/n1"]).await;
+    let process = hub(&data, &["--init", "--member-quota-bytes", "200000"]);
+    let (_owner, nodes) = collab(process.address(), tmp.path(), &["org-a/n1", "org-b/n1"]).await;
     let a = &nodes[0];
     let member = a.hub_client().unwrap();
     let signer = a.signer().unwrap();
+    // Advertisements of 55 KB, each newer than the last: each replaces the one before, so the
+    // member's storage does not grow (the quota is less than four of them).
     let exposes: Vec<Exposure> = (1..=1100)
         .map(|port| Exposure {
             port,
@@ -821,10 +824,7 @@ async fn a_member_storage_quota_is_enforced() {
         })
         .collect();
     let now = jws::unix(SystemTime::now());
-    let mut stored = 0usize;
-    let mut bytes = 0usize;
-    let mut refusal_message = None;
-    for i in 0..150u64 {
+    for i in 0..40u64 {
         let advert = jws::sign(
             &Document::Advertisement(Advertisement {
                 collab: "collab-x".into(),
@@ -838,26 +838,58 @@ async fn a_member_storage_quota_is_enforced() {
         )
         .unwrap();
         assert!(advert.len() > 55_000, "{}", advert.len());
-        match member.submit("collab-x", advert.clone()).await {
-            Ok(_) => {
-                stored += 1;
-                bytes += advert.len();
-            }
+        member.submit("collab-x", advert).await.unwrap();
+    }
+    let page = member.docs("collab-x", 0, Duration::ZERO).await.unwrap();
+    let adverts = page
+        .docs
+        .iter()
+        .filter(|e| e.kind == fedmesh_documents::DocKind::Advertisement)
+        .count();
+    assert_eq!(adverts, 1, "only the latest advertisement is kept");
+
+    // Link requests (each for another link) add up, to the quota.
+    let ports: Vec<fedmesh_documents::PortSpec> = (1..=32)
+        .map(|p| format!("{p}:abcdefghijklmno").parse().unwrap())
+        .collect();
+    let mut stored = 0usize;
+    let mut refusal_message = None;
+    for i in 0..200u64 {
+        let terms = fedmesh_documents::LinkTerms::new(
+            "collab-x",
+            n("org-a/n1"),
+            n("org-b/n1"),
+            ports.clone(),
+            now + 3600 + i,
+            None,
+        )
+        .unwrap();
+        let request = jws::sign(
+            &Document::LinkRequest(fedmesh_documents::LinkRequest {
+                terms,
+                requested_by: "org-a/n1".into(),
+                requested_at: now,
+            }),
+            &Signer::Node(&signer),
+        )
+        .unwrap();
+        match member.submit("collab-x", request).await {
+            Ok(_) => stored += 1,
             Err(e) => {
                 let (status, message) = refusal::<()>(Err(e));
-                assert_eq!(status, 403, "{message}");
-                refusal_message = Some(message);
+                refusal_message = Some(format!("{status} {message}"));
                 break;
             }
         }
     }
-    let message = refusal_message.expect("150 advertisements of 60 KB were all stored");
+    let message = refusal_message.expect("200 link requests were all stored");
     assert!(
-        message.contains("storage quota per member exceeded") && message.contains("org-a/n1"),
+        message.starts_with("403")
+            && message.contains("storage quota per member exceeded")
+            && message.contains("org-a/n1"),
         "{message}"
     );
-    assert!(bytes <= 4 << 20, "{bytes} bytes stored");
-    assert!(stored >= 50, "only {stored} stored");
+    assert!(stored >= 10, "only {stored} stored");
     process.stop();
 }
 
