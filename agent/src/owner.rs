@@ -13,6 +13,7 @@
 //! collaboration change another command made first is read back and the change applied on top.
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -43,6 +44,8 @@ const LEDGER_FILE: &str = "ledger.json";
 pub const CHECKPOINT_EVERY: u64 = 64;
 /// How often a collaboration change is tried again after another command changed it first.
 const COLLAB_ATTEMPTS: usize = 8;
+/// Longest an owner command waits in all for the hub's rate limits.
+const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Where the hub is and how to recognise it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -155,9 +158,15 @@ impl Owner {
         Ok(jws::sign(doc, &Signer::Owner(&self.key))?)
     }
 
+    /// Submits a signed document (waiting out the hub's rate limit, see [`patiently`]).
+    async fn submit(&self, jws: String) -> Result<u64> {
+        let submitted = patiently(|| self.hub.submit(&self.collab.id, jws.clone())).await?;
+        Ok(submitted.seq)
+    }
+
     async fn publish_collab(&self) -> Result<()> {
         let jws = self.sign(&Document::Collaboration(self.collab.clone()))?;
-        self.hub.submit_collab(jws).await?;
+        patiently(|| self.hub.submit_collab(jws.clone())).await?;
         self.save_collab()
     }
 
@@ -181,7 +190,7 @@ impl Owner {
             secret_sha256: secret_digest(&secret),
             not_after: unix(SystemTime::now() + ttl),
         });
-        self.hub.submit(&self.collab.id, self.sign(&grant)?).await?;
+        self.submit(self.sign(&grant)?).await?;
         Ok(JoinToken {
             hub: self.hub_address.url.clone(),
             hub_pin: self.hub_address.pin.clone(),
@@ -270,7 +279,7 @@ impl Owner {
             requested_by: self.collab.owner_name.clone(),
             requested_at: unix(SystemTime::now()),
         });
-        self.hub.submit(&self.collab.id, self.sign(&doc)?).await?;
+        self.submit(self.sign(&doc)?).await?;
         Ok(terms)
     }
 
@@ -289,7 +298,7 @@ impl Owner {
             approved_at: unix(SystemTime::now()),
             revocations: ledger.revocations_through(),
         });
-        self.hub.submit(&self.collab.id, self.sign(&doc)?).await?;
+        self.submit(self.sign(&doc)?).await?;
         Ok(status.terms)
     }
 
@@ -318,9 +327,7 @@ impl Owner {
             nodes: nodes.to_vec(),
             issued_at: unix(SystemTime::now()),
         };
-        self.hub
-            .submit(&self.collab.id, self.sign(&Document::Revocation(list))?)
-            .await?;
+        self.submit(self.sign(&Document::Revocation(list))?).await?;
         let folded = ledger.checkpoint().map_or(0, |c| c.revocations);
         if number.saturating_sub(folded) >= CHECKPOINT_EVERY {
             // Best effort: another command may be making one at the same time.
@@ -366,7 +373,7 @@ impl Owner {
                 jws::MAX_JWS_BYTES
             );
         }
-        self.hub.submit(&self.collab.id, signed).await?;
+        self.submit(signed).await?;
         Ok(checkpoint)
     }
 
@@ -410,7 +417,7 @@ pub async fn fetch_ledger(hub: &HubClient, collab: &str, pin: &str) -> Result<Le
 pub async fn sync(hub: &HubClient, collab: &str, ledger: &mut Ledger) -> Result<()> {
     loop {
         let since = ledger.cursor();
-        let page = hub.docs(collab, since, Duration::ZERO).await?;
+        let page = patiently(|| hub.docs(collab, since, Duration::ZERO)).await?;
         if page.cursor < since {
             // The hub does not know this cursor (restored from a backup, or another hub):
             // start over from its whole history.
@@ -443,6 +450,28 @@ pub async fn sync(hub: &HubClient, collab: &str, ledger: &mut Ledger) -> Result<
         );
     }
     Ok(())
+}
+
+/// Runs a hub request; when the hub says too many requests (429), waits and tries again, for
+/// at most [`RATE_LIMIT_PATIENCE`] in all.
+async fn patiently<T, F, Fut>(mut request: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut pause = Duration::from_millis(250);
+    let mut waited = Duration::ZERO;
+    loop {
+        match request().await {
+            Err(e) if e.status() == Some(429) && waited < RATE_LIMIT_PATIENCE => {
+                tracing::debug!(error = %e, ?pause, "the hub limits this client's requests; waiting");
+                tokio::time::sleep(pause).await;
+                waited += pause;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The hub's HTTP status in `error`, if the hub answered.

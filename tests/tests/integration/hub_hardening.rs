@@ -1106,3 +1106,163 @@ async fn documents_signed_with_a_certificate_not_valid_now_are_refused() {
         "{message}"
     );
 }
+
+/// The kinds of the documents the hub serves from the start, counted.
+async fn kinds(reader: &HubClient) -> std::collections::BTreeMap<String, usize> {
+    let page = reader.docs("collab-x", 0, Duration::ZERO).await.unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for env in &page.docs {
+        *counts.entry(env.kind.to_string()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_history_is_compacted_and_readers_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let process = hub(&data, &["--init"]);
+    let (owner, nodes) = collab(
+        process.address(),
+        tmp.path(),
+        &["org-a/n1", "org-b/n1", "org-c/n1"],
+    )
+    .await;
+    let key = owner_key(tmp.path());
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    // Every node advertises five times, each newer than the last.
+    let now = jws::unix(SystemTime::now());
+    for node in &nodes {
+        for i in 0..5 {
+            let advert = Document::Advertisement(Advertisement {
+                collab: "collab-x".into(),
+                node: node.config.node.clone(),
+                relay: Some(format!("127.0.0.1:{}", 4000 + i)),
+                gateway: None,
+                exposes: Vec::new(),
+                issued_at: now - 10 + i,
+            });
+            let signed = jws::sign(&advert, &Signer::Node(&node.signer().unwrap())).unwrap();
+            node.hub_client()
+                .unwrap()
+                .submit("collab-x", signed)
+                .await
+                .unwrap();
+        }
+    }
+    // Twelve links, six of them revoked one at a time, one expiring at once.
+    let mut ids = Vec::new();
+    for port in 0..12u16 {
+        let ttl = Duration::from_secs(if port == 11 { 2 } else { 3600 });
+        let terms = fedmesh_agent::owner::terms(
+            "collab-x",
+            &n("org-a/n1"),
+            &n("org-b/n1"),
+            &[(7000 + port).to_string().parse().unwrap()],
+            ttl,
+            None,
+        )
+        .unwrap();
+        owner.request(terms.clone()).await.unwrap();
+        owner.approve(&terms.id).await.unwrap();
+        ids.push(terms.id);
+    }
+    for id in &ids[..6] {
+        owner
+            .revoke(std::slice::from_ref(id), &[], &[])
+            .await
+            .unwrap();
+    }
+    // Four collaboration versions (one per member added), one kept; one advertisement each.
+    let expect = |pairs: &[(&str, usize)]| -> std::collections::BTreeMap<String, usize> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    };
+    assert_eq!(
+        kinds(&reader).await,
+        expect(&[
+            ("collaboration", 1),
+            ("advertisement", 3),
+            ("link request", 12),
+            ("approval", 12),
+            ("revocation", 6),
+        ])
+    );
+
+    // A checkpoint that leaves out a revoked link is refused: the revocation would be lost.
+    let ledger = owner.ledger().await.unwrap();
+    let mut partial = fedmesh_documents::Checkpoint {
+        collab: "collab-x".into(),
+        number: 1,
+        revocations: ledger.revocations_through(),
+        links: ids[1..6].to_vec(),
+        issued_at: jws::unix(SystemTime::now()),
+        ..Default::default()
+    };
+    let (status, message) = refusal(
+        reader
+            .submit(
+                "collab-x",
+                jws::sign(&Document::Checkpoint(partial.clone()), &Signer::Owner(&key)).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains(&format!("leaves out link {}", ids[0])),
+        "{message}"
+    );
+
+    // The owner's checkpoint: revocations and the links they ended are dropped, and so is the
+    // link that expired.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cp = owner.checkpoint().await.unwrap();
+    assert_eq!((cp.number, cp.revocations, cp.links.len()), (1, 6, 6));
+    let after = expect(&[
+        ("collaboration", 1),
+        ("advertisement", 3),
+        ("link request", 5),
+        ("approval", 5),
+        ("checkpoint", 1),
+    ]);
+    assert_eq!(kinds(&reader).await, after);
+    // A second checkpoint under the same number names the real cause.
+    partial.links = cp.links.clone();
+    let (status, message) = refusal(
+        reader
+            .submit(
+                "collab-x",
+                jws::sign(&Document::Checkpoint(partial), &Signer::Owner(&key)).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("another owner command"), "{message}");
+
+    // A reader from the start gets the checkpoint first and computes what the owner has.
+    let fresh = fedmesh_agent::owner::fetch_ledger(&reader, "collab-x", &owner.pin())
+        .await
+        .unwrap();
+    let kept = owner.ledger().await.unwrap();
+    let t = SystemTime::now();
+    assert_eq!(fresh.links(t), kept.links(t));
+    assert_eq!(fresh.revocation().links, kept.revocation().links);
+    assert_eq!(fresh.withheld(), None);
+    let page = nodes[0]
+        .hub_client()
+        .unwrap()
+        .docs("collab-x", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.checkpoint.is_some(), "served first below it");
+
+    // Across a restart the hub holds the same, and readers still agree.
+    process.stop();
+    let process = hub(&data, &[]);
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    assert_eq!(kinds(&reader).await, after);
+    let again = fedmesh_agent::owner::fetch_ledger(&reader, "collab-x", &owner.pin())
+        .await
+        .unwrap();
+    assert_eq!(again.links(t), kept.links(t));
+    process.stop();
+}

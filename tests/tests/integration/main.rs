@@ -5,6 +5,7 @@
 
 mod chart;
 mod cli_certs;
+mod control;
 mod examples;
 mod hub;
 mod hub_hardening;
