@@ -340,6 +340,30 @@ impl Ledger {
         }
     }
 
+    /// A copy for readers: everything verified, without what only further ingesting needs (the
+    /// hashes of verified documents, advertisements kept aside), so publishing it after every
+    /// change costs little however long the history was.
+    pub fn view(&self) -> Self {
+        Self {
+            pin: self.pin.clone(),
+            focus: self.focus.clone(),
+            collab: self.collab.clone(),
+            bundle: self.bundle.clone(),
+            requests: self.requests.clone(),
+            approvals: self.approvals.clone(),
+            decisions: self.decisions.clone(),
+            adverts: self.adverts.clone(),
+            revocation: self.revocation.clone(),
+            revoked_in: self.revoked_in.clone(),
+            numbers: self.numbers.clone(),
+            checkpoint: self.checkpoint.clone(),
+            deferred: BTreeMap::new(),
+            cursor: self.cursor,
+            verified: HashMap::new(),
+            late: Vec::new(),
+        }
+    }
+
     /// The ledger as JSON, to keep between runs.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()

@@ -207,7 +207,7 @@ pub(super) async fn follow(
                     });
                 }
                 if changed {
-                    ledger_tx.send_replace(Arc::new(ledger.clone()));
+                    ledger_tx.send_replace(Arc::new(ledger.view()));
                 }
                 for &anomaly in &anomalies {
                     let detail = format!(

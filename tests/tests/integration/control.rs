@@ -104,7 +104,10 @@ async fn a_node_down_past_its_certificate_comes_back_by_itself_unless_revoked() 
     for node in [&a, &c] {
         mesh.nodes.remove(node).unwrap().shutdown().await.unwrap();
     }
-    mesh.owner.revoke(&[], &[c.clone()], &[]).await.unwrap();
+    mesh.owner
+        .revoke(&[], std::slice::from_ref(&c), &[])
+        .await
+        .unwrap();
     tokio::time::sleep(3 * life).await;
     for node in [&a, &c] {
         let info = mesh.state(node).unwrap().identity().unwrap().info().clone();
