@@ -11,8 +11,9 @@
 //!  Flower clients org-b, org-c ─▶ server at org-a (port 8080)
 //! ```
 //!
-//! Each organisation's algorithms listen on their own real port (port + 10000 here, because all
-//! three share one machine); peers reach them at `<org>.collab-x.fedmesh:<port>`.
+//! Each organisation's algorithms listen on a port of their own (a free one, picked at start,
+//! because all three share one machine with whatever else runs there; FEDMESH_LISTEN says which);
+//! peers reach them at `<org>.collab-x.fedmesh:<port>`.
 
 use std::{
     collections::BTreeMap,
@@ -32,9 +33,9 @@ use tokio::{
 };
 
 use crate::{
-    cli::owner::print_table,
     mesh::{LocalMesh, MeshOptions, NodeSpec},
     node::Expose,
+    output::table,
 };
 
 /// The demo's vantage6 task id (every demo link serves it).
@@ -47,8 +48,8 @@ pub struct Org {
     pub node: NodeRef,
     /// Its index: MPyC party index, vantage6 organisation id minus one.
     pub index: usize,
-    /// Ports it exposes and where its algorithms listen.
-    pub exposes: Vec<Expose>,
+    /// Ports it exposes (its algorithms listen on free ports picked at start).
+    pub exposes: Vec<PortSpec>,
 }
 
 /// A link the demo opens.
@@ -64,10 +65,9 @@ pub struct DemoLink {
 
 /// The demo's organisations.
 pub fn orgs() -> Vec<Org> {
-    let expose = |port: u16, label: &str| Expose {
+    let expose = |port: u16, label: &str| PortSpec {
         port,
         label: Some(label.to_owned()),
-        target: format!("127.0.0.1:{}", port + 10_000),
     };
     vec![
         Org {
@@ -123,14 +123,22 @@ pub fn links() -> Vec<DemoLink> {
 /// Starts the demo collaboration in `dir` with `links` approved.
 pub async fn start(dir: &Path, opts: &MeshOptions, links: &[DemoLink]) -> Result<LocalMesh> {
     let orgs = orgs();
-    let specs: Vec<NodeSpec> = orgs
-        .iter()
-        .map(|o| NodeSpec {
+    let mut specs = Vec::new();
+    for o in &orgs {
+        let mut exposes = Vec::new();
+        for p in &o.exposes {
+            exposes.push(Expose {
+                port: p.port,
+                label: p.label.clone(),
+                target: format!("127.0.0.1:{}", free_port()?),
+            });
+        }
+        specs.push(NodeSpec {
             node: o.node.clone(),
             organization_id: Some(o.index as u64 + 1),
-            exposes: o.exposes.clone(),
-        })
-        .collect();
+            exposes,
+        });
+    }
     let mesh = LocalMesh::start(dir, opts, &specs).await?;
     for l in links {
         mesh.link(
@@ -157,6 +165,22 @@ pub async fn start(dir: &Path, opts: &MeshOptions, links: &[DemoLink]) -> Result
     Ok(mesh)
 }
 
+/// A TCP port free on every address now (the kernel's pick; it stays free unless something
+/// else takes it before the algorithm binds it).
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Where `node`'s algorithms listen for `port`.
+fn target(mesh: &LocalMesh, node: &NodeRef, port: u16) -> Result<String> {
+    mesh.options
+        .get(node)
+        .and_then(|o| o.exposes.iter().find(|e| e.port == port))
+        .map(|e| e.target.clone())
+        .with_context(|| format!("{node} exposes no port {port}"))
+}
+
 /// Prints the links and each organisation's peer table.
 pub async fn print_overview(mesh: &LocalMesh) -> Result<()> {
     println!(
@@ -176,14 +200,17 @@ pub async fn print_overview(mesh: &LocalMesh) -> Result<()> {
                 l.terms
                     .ports
                     .iter()
-                    .map(port_text)
+                    .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
                 l.state.to_string(),
             ]
         })
         .collect();
-    print_table(&["LINK", "FROM", "TO", "PORTS", "STATE"], &rows);
+    print!(
+        "{}",
+        table(&["LINK", "FROM", "TO", "PORTS", "STATE"], &rows)
+    );
     for (node, handle) in &mesh.nodes {
         let snap = handle.snapshot.borrow().clone();
         println!("\n{node} sees (FEDMESH_PEERS):");
@@ -195,17 +222,10 @@ pub async fn print_overview(mesh: &LocalMesh) -> Result<()> {
         if rows.is_empty() {
             println!("  (no peers it may dial)");
         } else {
-            print_table(&["PEER NAME", "ADDRESS"], &rows);
+            print!("{}", table(&["PEER NAME", "ADDRESS"], &rows));
         }
     }
     Ok(())
-}
-
-fn port_text(p: &PortSpec) -> String {
-    match &p.label {
-        Some(l) => format!("{}:{l}", p.port),
-        None => p.port.to_string(),
-    }
 }
 
 /// Sends 64 KiB through every link to an echo server at the target and checks it comes back.
@@ -214,13 +234,7 @@ pub async fn prove_traffic(mesh: &LocalMesh, links: &[DemoLink]) -> Result<()> {
     println!("\ntraffic through every link:");
     for l in links {
         let (from, to) = (&orgs[l.from], &orgs[l.to]);
-        let target = to
-            .exposes
-            .iter()
-            .find(|e| e.port == l.port.port)
-            .context("demo link to an unexposed port")?
-            .target
-            .clone();
+        let target = target(mesh, &to.node, l.port.port)?;
         let echo = TcpListener::bind(&target)
             .await
             .with_context(|| format!("binding a test echo server on {target}"))?;
@@ -242,7 +256,7 @@ pub async fn prove_traffic(mesh: &LocalMesh, links: &[DemoLink]) -> Result<()> {
                 "  {} -> {} {:<12} via {addr:<20} {n} bytes echoed intact in {:.1} ms",
                 from.node,
                 to.node,
-                port_text(&l.port),
+                l.port.to_string(),
                 elapsed.as_secs_f64() * 1e3
             ),
             Err(e) => bail!("{} -> {} port {}: {e:#}", from.node, to.node, l.port.port),
@@ -286,8 +300,8 @@ pub fn environment(mesh: &LocalMesh, org: &Org) -> Result<BTreeMap<String, Strin
     let listen: BTreeMap<String, String> = org
         .exposes
         .iter()
-        .map(|e| (e.port.to_string(), e.target.clone()))
-        .collect();
+        .map(|p| Ok((p.port.to_string(), target(mesh, &org.node, p.port)?)))
+        .collect::<Result<_>>()?;
     let admin = handle
         .admin_addr
         .context("demo agents serve an admin API")?;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use fedmesh_certs::id::TRUST_DOMAIN_SUFFIX;
 use hickory_server::{
     Server,
     net::runtime::Time,
@@ -49,7 +50,10 @@ impl PeerDns {
     /// `Ok(addresses)` or the response code to send.
     pub fn lookup(&self, name: &str, rtype: RecordType) -> Result<Vec<IpAddr>, ResponseCode> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if !(name == "fedmesh" || name.ends_with(".fedmesh")) {
+        let under_fedmesh = name
+            .strip_suffix(TRUST_DOMAIN_SUFFIX)
+            .is_some_and(|head| head.is_empty() || head.ends_with('.'));
+        if !under_fedmesh {
             return Err(ResponseCode::Refused);
         }
         let names = self.names.borrow();

@@ -22,7 +22,6 @@ use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cli::certs::load_or_create_key,
     hub::{
         api::{EnrollRequest, Enrolled, JoinToken, REATTEST_AUDIENCE, ReattestClaims},
         client::HubClient,
@@ -201,7 +200,7 @@ pub async fn enroll(
         config,
     };
     let id = state.spiffe_id()?;
-    let key = load_or_create_key(&state.key_path())?;
+    let key = files::load_or_create_key(&state.key_path())?;
     let (csr_pem, cert_pem) = match offline_cert {
         Some(cert) => (None, Some(cert)),
         None => (Some(key.csr(&id)?.pem), None),

@@ -1,20 +1,31 @@
 //! The `fedmesh` binary: installs the *ring* crypto provider, parses the command line, runs it,
-//! and turns an error into one line on stderr and a non-zero exit.
+//! and turns the outcome into an exit status (0 success, 1 a difference found, 2 an error; see
+//! `fedmesh --help`), an error into one line on stderr.
+
+use std::process::ExitCode;
 
 use clap::Parser;
-use fedmesh_agent::{cli::Cli, telemetry};
+use fedmesh_agent::{
+    cli::{self, Cli, Status},
+    telemetry,
+};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     // One crypto provider for the whole process: ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    telemetry::init(cli.log_filter());
+    telemetry::init(&cli.log_filter(), cli.log_format);
     match cli.run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Ok(status) => {
+            if let Status::Differs(what) = &status {
+                eprintln!("{what}");
+            }
+            ExitCode::from(status.code())
+        }
+        Err(error) => {
+            eprintln!("error: {}", cli::error_line(&error));
+            ExitCode::from(cli::ERROR)
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use fedmesh_documents::{CollabPolicy, NodeRef, PortSpec, TaskRef};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     enroll::{self, NodeState},
@@ -44,6 +45,7 @@ pub struct LocalMesh {
     pub nodes: BTreeMap<NodeRef, NodeHandle>,
     /// Options each agent was started with (to restart it).
     pub options: BTreeMap<NodeRef, NodeOptions>,
+    hub_stop: CancellationToken,
     hub_task: JoinHandle<()>,
 }
 
@@ -108,9 +110,10 @@ impl LocalMesh {
             pin: hub_state.cert().pin(),
         };
         let config = Arc::new(hub_state.cert().server_config()?);
+        let hub_stop = CancellationToken::new();
+        let stopped = hub_stop.clone();
         let hub_task = tokio::spawn(async move {
-            if let Err(error) = hub::run(listener, hub_state, config, std::future::pending()).await
-            {
+            if let Err(error) = hub::run(listener, hub_state, config, stopped.cancelled()).await {
                 tracing::error!(%error, "embedded hub stopped");
             }
         });
@@ -131,6 +134,7 @@ impl LocalMesh {
             owner: Owner::load(&dir.join("owner"))?,
             nodes: BTreeMap::new(),
             options: BTreeMap::new(),
+            hub_stop,
             hub_task,
         };
         for (i, spec) in nodes.iter().enumerate() {
@@ -213,12 +217,13 @@ impl LocalMesh {
         Ok(addr)
     }
 
-    /// Stops every agent and the hub.
+    /// Stops every agent, then the hub, and waits until all of them have stopped.
     pub async fn shutdown(self) -> Result<()> {
         for (_, handle) in self.nodes {
             handle.shutdown().await?;
         }
-        self.hub_task.abort();
+        self.hub_stop.cancel();
+        self.hub_task.await.context("the embedded hub panicked")?;
         Ok(())
     }
 }

@@ -60,6 +60,8 @@ pub struct Metrics {
     /// Answers from the hub that an honest hub does not give, by kind (see
     /// `node::follow::Anomaly`).
     pub hub_anomalies: Family<ReasonLabels, Counter>,
+    /// Peers whose advertised relay host name does not resolve.
+    pub peers_unresolved: Gauge,
 }
 
 impl Default for Metrics {
@@ -76,6 +78,7 @@ impl Default for Metrics {
         let peer_rtt_us = Family::<PeerLabels, Gauge>::default();
         let peer_path_mtu = Family::<PeerLabels, Gauge>::default();
         let hub_anomalies = Family::<ReasonLabels, Counter>::default();
+        let peers_unresolved = Gauge::default();
         let mut registry = Registry::with_prefix("fedmesh");
         registry.register(
             "links_active",
@@ -123,9 +126,15 @@ impl Default for Metrics {
             "Answers from the hub an honest hub does not give (the agent backs off), by kind",
             hub_anomalies.clone(),
         );
+        registry.register(
+            "peers_unresolved",
+            "Peers whose advertised relay host name does not resolve",
+            peers_unresolved.clone(),
+        );
         Self {
             registry,
             hub_anomalies,
+            peers_unresolved,
             peer_rtt_us,
             peer_path_mtu,
             links_active,

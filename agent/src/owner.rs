@@ -20,22 +20,18 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use fedmesh_certs::files;
+use fedmesh_certs::{files, time::unix};
 use fedmesh_documents::{
     Approval, Checkpoint, CollabPolicy, Collaboration, Document, JoinGrant, Ledger, LinkRequest,
     LinkStatus, LinkTerms, Member, NodeRef, OwnerKey, PortSpec, Revocation, Signer, TaskRef, jws,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    cli::certs,
-    hub::{
-        api::{
-            CA_REQUEST_AUDIENCE, CaRequest, JoinToken, OWNER_TOKEN_AUDIENCE, OwnerToken,
-            secret_digest,
-        },
-        client::{ClientError, HubClient},
+use crate::hub::{
+    api::{
+        CA_REQUEST_AUDIENCE, CaRequest, JoinToken, OWNER_TOKEN_AUDIENCE, OwnerToken, secret_digest,
     },
+    client::{ClientError, HubClient},
 };
 
 /// The owner's kept ledger, in the owner directory.
@@ -80,10 +76,6 @@ pub struct Owner {
     hub: HubClient,
 }
 
-fn unix(t: SystemTime) -> u64 {
-    jws::unix(t)
-}
-
 impl Owner {
     /// Creates a collaboration: owner key, CA (here or at the hub), the signed document, and
     /// uploads it.
@@ -97,9 +89,14 @@ impl Owner {
                 .await?
                 .ca_pem
         } else {
-            certs::init_ca(&new.id, dir, fedmesh_certs::ca::DEFAULT_CA_VALIDITY)?
-                .cert_pem()
-                .to_owned()
+            files::init_ca(
+                &new.id,
+                dir,
+                SystemTime::now(),
+                fedmesh_certs::ca::DEFAULT_CA_VALIDITY,
+            )?
+            .cert_pem()
+            .to_owned()
         };
         files::create_secret(&key_path, key.private_pem().as_bytes())?;
         let hub = hub.with_owner_token(session_token(&key, &new.id)?);

@@ -9,6 +9,10 @@
 //!            the connection closed gracefully after max_lifetime
 //! ```
 //!
+//! On shutdown the listener closes first; every connection then finishes its request in flight
+//! (a long poll is cut short) for at most [`DRAIN`], and the rest are closed, so nothing
+//! outlives the server.
+//!
 //! A connection over a cap is accepted and closed at once, so the listen backlog never fills
 //! and the process never runs out of file descriptors (`accept` failing with "Too many open
 //! files" makes a server unreachable for everyone). Refusals are logged at WARN through a
@@ -35,11 +39,16 @@ use rustls::pki_types::CertificateDer;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
+    task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::throttle::Throttle;
+
+/// How long shutdown waits for open connections to finish their requests in flight.
+pub const DRAIN: Duration = Duration::from_secs(2);
 
 /// File descriptors kept for everything but client connections (store, listeners, logs).
 pub const RESERVED_FDS: usize = 64;
@@ -173,8 +182,12 @@ pub async fn serve(
     ));
     let acceptor = tls.map(TlsAcceptor::from);
     let counts = Arc::new(Mutex::new(Counts::default()));
+    let stop = CancellationToken::new();
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Forget connections that have ended.
+        while connections.try_join_next().is_some() {}
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -186,7 +199,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         };
         let slot = match admit(&counts, remote.ip(), cap, bounds.max_connections_per_ip) {
             Ok(slot) => slot,
@@ -200,15 +213,20 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, app, throttle) = (acceptor.clone(), app.clone(), throttle.clone());
-        tokio::spawn(async move {
+        let (acceptor, app, throttle, stop) = (
+            acceptor.clone(),
+            app.clone(),
+            throttle.clone(),
+            stop.clone(),
+        );
+        connections.spawn(async move {
             let _slot = slot;
             let Some(acceptor) = acceptor else {
                 let peer = Peer {
                     remote,
                     certs: None,
                 };
-                serve_connection(tcp, app, peer, &bounds).await;
+                serve_connection(tcp, app, peer, &bounds, &stop).await;
                 return;
             };
             let refused = |reason: &'static str, error: String| {
@@ -234,13 +252,32 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-            serve_connection(tls, app, Peer { remote, certs }, &bounds).await;
+            serve_connection(tls, app, Peer { remote, certs }, &bounds, &stop).await;
         });
     }
+    drop(listener);
+    stop.cancel();
+    let drained = tokio::time::timeout(DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(
+            open = connections.len(),
+            "closing connections still busy at shutdown"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
 }
 
-async fn serve_connection<I>(io: I, app: Router, peer: Peer, bounds: &Bounds)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    peer: Peer,
+    bounds: &Bounds,
+    stop: &CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let remote = peer.remote;
@@ -253,6 +290,10 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
         () = tokio::time::sleep(bounds.max_lifetime) => {
             conn.as_mut().graceful_shutdown();
             // The request in flight (a long poll, at most a minute) gets its answer.

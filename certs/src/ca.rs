@@ -11,7 +11,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 
 use crate::{
-    Error, IssuancePolicy, Result, SpiffeId, TrustDomain, csr, fingerprint, time_util,
+    Error, IssuancePolicy, Result, SpiffeId, TrustDomain, csr, fingerprint, time,
     verify::{self, CertInfo},
 };
 
@@ -51,8 +51,8 @@ impl CollabCa {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![SanType::URI(trust_domain.uri().try_into()?)];
         params.serial_number = Some(random_serial()?);
-        params.not_before = time_util::to_offset(now);
-        params.not_after = time_util::to_offset(now + validity);
+        params.not_before = time::to_offset(now);
+        params.not_after = time::to_offset(now + validity);
         let cert = params.self_signed(&key)?;
         let cert_der = cert.der().clone();
         Ok(Self {
@@ -163,8 +163,8 @@ impl CollabCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.serial_number = Some(random_serial()?);
-        params.not_before = time_util::to_offset(now - backdate);
-        params.not_after = time_util::to_offset(now + ttl);
+        params.not_before = time::to_offset(now - backdate);
+        params.not_after = time::to_offset(now + ttl);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(key, &self.issuer)?;
         let der = cert.der().clone();

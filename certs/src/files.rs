@@ -1,14 +1,60 @@
 //! PEM files on disk. Private keys are written `0600`, atomically: a temporary file in the same
 //! directory, created with that mode, synced, then renamed over the target.
+//!
+//! A CA directory holds `ca.pem` and `ca-key.pem` (0600); a node key is one PEM file (0600),
+//! made where it is used.
 
 use std::{
     fs::{self, OpenOptions},
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
+    time::{Duration, SystemTime},
 };
 
-use crate::{Error, Result};
+use crate::{CollabCa, Error, NodeKey, Result};
+
+/// The CA certificate's path in a CA directory.
+pub fn ca_cert_path(dir: &Path) -> PathBuf {
+    dir.join("ca.pem")
+}
+
+/// The CA key's path in a CA directory.
+pub fn ca_key_path(dir: &Path) -> PathBuf {
+    dir.join("ca-key.pem")
+}
+
+/// Loads the CA in `dir`.
+pub fn load_ca(dir: &Path) -> Result<CollabCa> {
+    let cert = read_to_string(&ca_cert_path(dir))?;
+    let key = read_to_string(&ca_key_path(dir))?;
+    CollabCa::from_pem(&cert, &key)
+}
+
+/// Creates a CA for `collab` in `dir`, valid from `now` for `validity`; refuses to overwrite
+/// one ([`Error::Exists`]).
+pub fn init_ca(collab: &str, dir: &Path, now: SystemTime, validity: Duration) -> Result<CollabCa> {
+    let (cert_path, key_path) = (ca_cert_path(dir), ca_key_path(dir));
+    for p in [&cert_path, &key_path] {
+        refuse_existing(p)?;
+    }
+    let ca = CollabCa::generate(collab, now, validity)?;
+    create_secret(&key_path, ca.key_pem().as_bytes())?;
+    write_public(&cert_path, ca.cert_pem().as_bytes())?;
+    Ok(ca)
+}
+
+/// Loads the node key at `path`, or makes one there (0600).
+pub fn load_or_create_key(path: &Path) -> Result<NodeKey> {
+    if path.exists() {
+        return NodeKey::from_pem(&read_to_string(path)?).map_err(|e| {
+            Error::InvalidKey(format!("{} is not a usable node key ({e})", path.display()))
+        });
+    }
+    let key = NodeKey::generate()?;
+    create_secret(path, key.private_pem().as_bytes())?;
+    Ok(key)
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -98,6 +144,35 @@ mod tests {
         assert_eq!(mode, 0o600);
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn ca_directories_and_node_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = init_ca("c", dir.path(), now, Duration::from_secs(3600)).unwrap();
+        assert_eq!(load_ca(dir.path()).unwrap().cert_pem(), ca.cert_pem());
+        let mode = fs::metadata(ca_key_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = init_ca("c", dir.path(), now, Duration::from_secs(3600)).unwrap_err();
+        assert!(matches!(again, Error::Exists(_)), "{again}");
+
+        let path = dir.path().join("node-key.pem");
+        let key = load_or_create_key(&path).unwrap();
+        assert_eq!(
+            load_or_create_key(&path).unwrap().private_pem(),
+            key.private_pem()
+        );
+        fs::write(&path, "not a key").unwrap();
+        let err = load_or_create_key(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("node-key.pem is not a usable node key"),
+            "{err}"
+        );
     }
 
     #[test]

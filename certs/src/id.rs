@@ -3,8 +3,17 @@
 //! A collaboration `c` is the trust domain `c.fedmesh`; a node `n` of organisation `o` in it is
 //! `spiffe://c.fedmesh/org/o/node/n`, with DNS name `n.o.c.fedmesh`. Every name is a lowercase
 //! DNS label: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
+//!
+//! [`PeerNames`] is the one rule for the names algorithms dial, whoever serves them (the
+//! relay's DNS and `FEDMESH_PEERS`, or Istio ServiceEntries): every node is
+//! `<node>.<org>.<collab>.fedmesh`, and an organisation with exactly one node in the
+//! collaboration is also `<org>.<collab>.fedmesh`.
 
-use std::{fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use crate::{Error, Result};
 
@@ -59,6 +68,14 @@ impl TrustDomain {
         })
     }
 
+    /// Parses the domain `<collab>.fedmesh`; `None` when it is not a fedmesh trust domain.
+    pub fn from_domain(domain: &str) -> Option<Result<Self>> {
+        let collab = domain
+            .strip_suffix(TRUST_DOMAIN_SUFFIX)?
+            .strip_suffix('.')?;
+        Some(Self::new(collab))
+    }
+
     /// The collaboration id.
     pub fn collab(&self) -> &str {
         &self.collab
@@ -72,6 +89,56 @@ impl TrustDomain {
     /// The SPIFFE ID of node `node` of organisation `org` in this trust domain.
     pub fn node(&self, org: &str, node: &str) -> Result<SpiffeId> {
         SpiffeId::new(&self.collab, org, node)
+    }
+
+    /// `<org>.<collab>.fedmesh`: the name of an organisation with one node (see [`PeerNames`]).
+    pub fn org_name(&self, org: &str) -> String {
+        format!("{org}.{self}")
+    }
+}
+
+/// The DNS names algorithms use for the nodes of one collaboration.
+///
+/// A node is always `<node>.<org>.<collab>.fedmesh`. An organisation with exactly one node among
+/// the collaboration's members is also `<org>.<collab>.fedmesh`, naming that node. An
+/// organisation with several nodes has no organisation name: it would name no node in
+/// particular (DNS would answer both nodes' addresses for one name, and two ServiceEntries
+/// would claim one host), and a name that appeared and vanished as links come and go would
+/// break the algorithms that use it. Membership, not links, decides, so a name is stable for as
+/// long as the organisation's membership is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerNames {
+    domain: TrustDomain,
+    /// Organisations with exactly one member node.
+    single: BTreeSet<String>,
+}
+
+impl PeerNames {
+    /// The names in `domain` given every member node as `(org, node)` (the local one included).
+    pub fn new<'a>(
+        domain: TrustDomain,
+        members: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut nodes: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (org, node) in members {
+            nodes.entry(org).or_default().insert(node);
+        }
+        let single = nodes
+            .into_iter()
+            .filter(|(_, nodes)| nodes.len() == 1)
+            .map(|(org, _)| org.to_owned())
+            .collect();
+        Self { domain, single }
+    }
+
+    /// The names of node `node` of organisation `org`: its node name first, then its
+    /// organisation's name when that names it alone.
+    pub fn of(&self, org: &str, node: &str) -> Vec<String> {
+        let mut names = vec![format!("{node}.{org}.{}", self.domain)];
+        if self.single.contains(org) {
+            names.push(self.domain.org_name(org));
+        }
+        names
     }
 }
 
@@ -114,9 +181,8 @@ impl SpiffeId {
         let (domain, path) = rest
             .split_once('/')
             .ok_or_else(|| fail("has no path; expected /org/<org>/node/<node>"))?;
-        let collab = domain
-            .strip_suffix(".fedmesh")
-            .ok_or_else(|| fail("trust domain must be <collab>.fedmesh"))?;
+        let domain = TrustDomain::from_domain(domain)
+            .ok_or_else(|| fail("trust domain must be <collab>.fedmesh"))??;
         let parts: Vec<&str> = path.split('/').collect();
         let [org_kw, org, node_kw, node] = parts[..] else {
             return Err(fail("path must be /org/<org>/node/<node>"));
@@ -124,7 +190,7 @@ impl SpiffeId {
         if org_kw != "org" || node_kw != "node" {
             return Err(fail("path must be /org/<org>/node/<node>"));
         }
-        Self::new(collab, org, node)
+        Self::new(&domain.collab, org, node)
     }
 
     /// Parses the node DNS name `<node>.<org>.<collab>.fedmesh`.
@@ -209,6 +275,16 @@ mod tests {
         assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
         assert_eq!(SpiffeId::from_dns_name(&id.dns_name()).unwrap(), id);
         assert_eq!(id.short(), "org-a/n1");
+    }
+
+    #[test]
+    fn organisations_with_one_node_have_a_name() {
+        let domain = TrustDomain::new("c").unwrap();
+        let names = PeerNames::new(domain, [("a", "n1"), ("b", "n1"), ("b", "n2"), ("a", "n1")]);
+        assert_eq!(names.of("a", "n1"), ["n1.a.c.fedmesh", "a.c.fedmesh"]);
+        assert_eq!(names.of("b", "n1"), ["n1.b.c.fedmesh"]);
+        assert_eq!(names.of("b", "n2"), ["n2.b.c.fedmesh"]);
+        assert_eq!(TrustDomain::new("c").unwrap().org_name("a"), "a.c.fedmesh");
     }
 
     #[test]

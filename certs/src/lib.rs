@@ -15,6 +15,7 @@
 //! - [`tls`]: rustls server and client configs for mutual TLS pinned to one collaboration.
 //! - [`renew`]: when to renew (two thirds of the lifetime).
 //! - [`files`]: PEM files, private keys written `0600` atomically.
+//! - [`time`]: Unix seconds and RFC 3339, the one place time is converted.
 //!
 //! ```text
 //!  node                                  collaboration CA
@@ -34,13 +35,13 @@ pub mod files;
 pub mod id;
 pub mod policy;
 pub mod renew;
+pub mod time;
 pub mod tls;
 pub mod verify;
 
 mod error;
 #[cfg(test)]
 mod issuance_tests;
-mod time_util;
 
 pub use ca::{CollabCa, IssuedCert};
 pub use csr::{Csr, NodeKey};

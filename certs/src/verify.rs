@@ -10,7 +10,7 @@ use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnch
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-use crate::{Error, Result, SpiffeId, TrustDomain, time_util};
+use crate::{Error, Result, SpiffeId, TrustDomain, time};
 
 /// What a node certificate says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,8 +38,8 @@ impl CertInfo {
         Ok(Self {
             spiffe_id: spiffe_id_of(&cert)?,
             serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
-            not_before: time_util::from_unix(cert.validity().not_before.timestamp()),
-            not_after: time_util::from_unix(cert.validity().not_after.timestamp()),
+            not_before: time::from_x509(cert.validity().not_before.timestamp()),
+            not_after: time::from_x509(cert.validity().not_after.timestamp()),
             issuer: cert.issuer().to_string(),
             subject: cert.subject().to_string(),
             fingerprint: crate::fingerprint(der),
@@ -86,11 +86,9 @@ pub fn ca_trust_domain(ca_der: &[u8]) -> Result<TrustDomain> {
         .into_iter()
         .next()
         .ok_or_else(|| Error::InvalidCa("no spiffe://<collab>.fedmesh URI SAN".into()))?;
-    let collab = uri
-        .strip_prefix("spiffe://")
-        .and_then(|d| d.strip_suffix(".fedmesh"))
-        .ok_or_else(|| Error::InvalidCa(format!("URI SAN {uri} is not a fedmesh trust domain")))?;
-    TrustDomain::new(collab)
+    uri.strip_prefix("spiffe://")
+        .and_then(TrustDomain::from_domain)
+        .ok_or_else(|| Error::InvalidCa(format!("URI SAN {uri} is not a fedmesh trust domain")))?
 }
 
 /// Verifies `chain` (end entity first) against the CA `ca_der` at `now`, for `usage`, and returns
@@ -120,23 +118,19 @@ pub fn verify_chain(
         SIG_ALGS,
         &[anchor],
         intermediates,
-        time_util::unix_time(now),
+        time::unix_time(now),
         key_usage,
         None,
         None,
     )
     .map_err(|e| match e {
         webpki::Error::CertExpired { .. } => Error::Expired {
-            not_after: time_util::rfc3339(time_util::from_unix(
-                cert.validity().not_after.timestamp(),
-            )),
-            now: time_util::rfc3339(now),
+            not_after: time::rfc3339(time::from_x509(cert.validity().not_after.timestamp())),
+            now: time::rfc3339(now),
         },
         webpki::Error::CertNotValidYet { .. } => Error::NotYetValid {
-            not_before: time_util::rfc3339(time_util::from_unix(
-                cert.validity().not_before.timestamp(),
-            )),
-            now: time_util::rfc3339(now),
+            not_before: time::rfc3339(time::from_x509(cert.validity().not_before.timestamp())),
+            now: time::rfc3339(now),
         },
         // Another CA, or a forgery naming ours as issuer: either way not signed by our key.
         webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {

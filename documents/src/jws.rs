@@ -13,7 +13,7 @@
 //! signed document has exactly one valid encoding, and a rewritten signature is not a new
 //! document.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_certs::{CertInfo, NodeKey, TrustBundle, verify::Usage};
@@ -343,7 +343,7 @@ pub fn verify_node(
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    let signed_at = UNIX_EPOCH + Duration::from_secs(signed_at(&doc));
+    let signed_at = fedmesh_certs::time::from_unix(signed_at(&doc));
     if signed_at > now + MAX_CLOCK_SKEW {
         return Err(Error::Signature(format!(
             "document claims to be signed {}s in the future",
@@ -373,7 +373,4 @@ pub fn signed_at(doc: &Document) -> u64 {
     }
 }
 
-/// Unix seconds of `t`.
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
+pub use fedmesh_certs::time::unix;

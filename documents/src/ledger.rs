@@ -33,7 +33,7 @@ use std::{
     time::SystemTime,
 };
 
-use fedmesh_certs::{CertInfo, TrustBundle};
+use fedmesh_certs::{CertInfo, TrustBundle, id::TRUST_DOMAIN_SUFFIX};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -854,7 +854,7 @@ impl Ledger {
             return refuse(
                 Invalid,
                 format!(
-                    "CA is for trust domain {}, not {}.fedmesh",
+                    "CA is for trust domain {}, not {}.{TRUST_DOMAIN_SUFFIX}",
                     bundle.trust_domain(),
                     c.id
                 ),
@@ -1062,6 +1062,30 @@ fn mislabelled(env: &Envelope, kind: DocKind, subject: &str) -> Refusal {
             env.kind, env.subject
         ),
     )
+}
+
+impl Ledger {
+    /// The links `local` carries at `now`: those in force ([`Ledger::effective_links`]) less
+    /// the ones its sysadmin vetoed locally (by link id), with why the others touching it are
+    /// not in force. The node agent and its Kubernetes controller both start from this.
+    pub fn links_in_force(
+        &self,
+        local: &NodeRef,
+        vetoed: &BTreeSet<String>,
+        now: SystemTime,
+    ) -> (Vec<EffectiveLink>, Vec<Rejection>) {
+        let (mut links, rejections) = self.effective_links(local, now);
+        links.retain(|l| !vetoed.contains(&l.terms.id));
+        (links, rejections)
+    }
+
+    /// When the first of `links` stops being in force (the links in force change then).
+    pub fn next_expiry(links: &[EffectiveLink]) -> Option<SystemTime> {
+        links
+            .iter()
+            .map(|l| fedmesh_certs::time::from_unix(l.terms.not_after))
+            .min()
+    }
 }
 
 /// Records the first verified document per link id; later ones change nothing.

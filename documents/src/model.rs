@@ -117,6 +117,16 @@ impl PortSpec {
     }
 }
 
+impl fmt::Display for PortSpec {
+    /// `11365` or `11365:mpc`, as [`FromStr`] reads it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.label {
+            Some(label) => write!(f, "{}:{label}", self.port),
+            None => write!(f, "{}", self.port),
+        }
+    }
+}
+
 impl FromStr for PortSpec {
     type Err = Error;
 
@@ -666,6 +676,9 @@ mod tests {
                 .contains("not a number")
         );
         assert!("1:MPC".parse::<PortSpec>().is_err());
+        for text in ["11365:mpc", "8080"] {
+            assert_eq!(text.parse::<PortSpec>().unwrap().to_string(), text);
+        }
     }
 
     #[test]

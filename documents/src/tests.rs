@@ -574,3 +574,34 @@ fn signatures_are_low_s_and_a_rewritten_signature_is_refused() {
         }
     }
 }
+
+#[test]
+fn links_in_force_leave_out_local_vetoes_and_end_at_expiry() {
+    let f = fixture();
+    let mut l = ledger(&f);
+    let short = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    let long = f.terms("org-c/n1", "org-a/n1", &["2"], 2 * HOUR);
+    for t in [&short, &long] {
+        accept(&mut l, &f, f.request(t));
+        accept(&mut l, &f, f.approval(t));
+    }
+    let a = n("org-a/n1");
+    let none = std::collections::BTreeSet::new();
+    let (links, _) = l.links_in_force(&a, &none, f.now);
+    assert_eq!(links.len(), 2);
+    assert_eq!(
+        Ledger::next_expiry(&links),
+        Some(fedmesh_certs::time::from_unix(short.not_after))
+    );
+
+    let vetoed = std::collections::BTreeSet::from([long.id.clone()]);
+    let (links, _) = l.links_in_force(&a, &vetoed, f.now);
+    assert_eq!(links.len(), 1, "a local veto leaves the link out");
+    assert_eq!(links[0].terms, short);
+
+    let at_expiry = fedmesh_certs::time::from_unix(short.not_after);
+    let (links, _) = l.links_in_force(&a, &none, at_expiry);
+    assert_eq!(links.len(), 1, "in force until not_after, not at it");
+    assert_eq!(links[0].terms, long);
+    assert_eq!(Ledger::next_expiry(&[]), None);
+}

@@ -14,7 +14,8 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion};
 use fedmesh_documents::{EffectiveLink, LinkTerms, NodeRef};
-use fedmesh_mesh_config::{NodeView, Peer, RenderOptions, render, schema::Schemas};
+use fedmesh_istio_schema::Schemas;
+use fedmesh_mesh_config::{NodeView, Peer, RenderOptions, render};
 
 const SIZES: [usize; 3] = [10, 100, 500];
 
@@ -40,6 +41,7 @@ fn view(peers: usize) -> NodeView {
     let mut view = NodeView {
         collab: "bench".into(),
         local: local.clone(),
+        members: (0..=peers).map(node).collect(),
         peers: BTreeMap::new(),
         links: Vec::new(),
         services: BTreeMap::new(),

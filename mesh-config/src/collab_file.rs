@@ -32,10 +32,9 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use fedmesh_certs::id::validate_label;
+use fedmesh_certs::{id::validate_label, time::parse_rfc3339};
 use fedmesh_documents::{EffectiveLink, LinkTerms, NodeRef, PortSpec, TaskRef};
 use serde::Deserialize;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     Error, Result,
@@ -232,7 +231,7 @@ impl CollabFile {
                 ports.push(spec);
             }
             let not_after =
-                parse_time(&l.expires).map_err(|e| field(at("expires"), &l.expires, e))?;
+                parse_rfc3339(&l.expires).map_err(|e| field(at("expires"), &l.expires, e))?;
             let task = l.task.map(|t| TaskRef {
                 task_id: t.task_id,
                 parent_id: t.parent_id,
@@ -329,6 +328,7 @@ impl CollabFile {
         Ok(NodeView {
             collab: self.collab.clone(),
             local: local.clone(),
+            members: self.members.keys().cloned().collect(),
             peers,
             links,
             services,
@@ -336,13 +336,6 @@ impl CollabFile {
             credentials: None,
         })
     }
-}
-
-/// Parses an RFC 3339 time into Unix seconds (not before 1970).
-pub fn parse_time(s: &str) -> Result<u64, String> {
-    let t = OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|e| format!("not an RFC 3339 time like 2099-01-01T00:00:00Z ({e})"))?;
-    u64::try_from(t.unix_timestamp()).map_err(|_| "is before 1970".to_owned())
 }
 
 #[cfg(test)]

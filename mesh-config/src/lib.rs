@@ -1,5 +1,6 @@
 //! Pure rendering of one node's effective peer links into the Istio and Kubernetes objects that
-//! carry them, and validation of those objects against Istio's own CRD schemas.
+//! carry them. The tests validate every rendered object against Istio's own CRD schemas
+//! (`fedmesh-istio-schema`, a dev-dependency: the validator is not part of the product).
 //!
 //! A sysadmin audits the result with `kubectl`: every object is labelled
 //! `app.kubernetes.io/managed-by: fedmesh`, `fedmesh.io/collaboration`, `fedmesh.io/peer` and
@@ -15,15 +16,13 @@
 //! - [`addresses`]: the stable VIP allocator ([`addresses::assign`]), shared with the relay.
 //! - [`collab_file`]: the human-writable collaboration file ([`CollabFile`]) for GitOps and
 //!   tests, parsed and validated into views.
-//! - [`schema`]: validators built from Istio's CRD bundle ([`schema::Schemas`]): JSON Schema,
-//!   unknown fields, and the CEL rules (`cel`, private) the API server would evaluate.
 //!
 //! ```text
 //!  collaboration file ──CollabFile::parse──► CollabFile ──view(node, now)──┐
 //!  ledger (signed documents) ──effective links──────────────────────────► NodeView
 //!                                                                            │ render(view, options, now)
 //!                                                                            ▼
-//!                                      Rendered { objects, vips } ──Schemas::validate_all──► apply / prune
+//!                                      Rendered { objects, vips } ──────────────────────► apply / prune
 //! ```
 //!
 //! Nothing here does I/O, reads the clock or talks to a cluster: time is an argument.
@@ -32,13 +31,11 @@
 pub mod addresses;
 pub mod collab_file;
 pub mod render;
-pub mod schema;
 pub mod view;
 
-mod cel;
 mod error;
 
 pub use collab_file::CollabFile;
-pub use error::{Error, Result, Violation};
+pub use error::{Error, Result};
 pub use render::{ObjectKey, Rendered, render};
 pub use view::{Credentials, GatewayAddr, NodeView, Peer, RenderOptions};

@@ -33,10 +33,13 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use fedmesh_certs::{SpiffeId, id::validate_label};
+use fedmesh_certs::{
+    SpiffeId, TrustDomain,
+    id::{PeerNames, TRUST_DOMAIN_SUFFIX, validate_label},
+    time::rfc3339_unix as rfc3339,
+};
 use fedmesh_documents::{EffectiveLink, NodeRef};
 use serde_json::{Map, Value, json};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     Error, Result,
@@ -199,18 +202,20 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
     let mut objects = r.baseline()?;
     // Growing a large Vec frees large blocks, which is costly with some allocators.
     objects.reserve(6 * outbound.len() + 5 * inbound.len());
-    let mut per_org: BTreeMap<&str, usize> = BTreeMap::new();
-    for peer in outbound.keys() {
-        *per_org.entry(peer.org.as_str()).or_default() += 1;
-    }
+    let names = PeerNames::new(
+        TrustDomain::new(&view.collab)?,
+        view.members
+            .iter()
+            .map(|m| (m.org.as_str(), m.node.as_str())),
+    );
     let services = default_services(&inbound, &view.services);
     let peers: BTreeSet<&NodeRef> = outbound.keys().chain(inbound.keys()).copied().collect();
     for peer in peers {
         if let (Some(links), Some(info), Some(vip)) =
             (outbound.get(peer), view.peers.get(peer), vips.get(peer))
         {
-            let alias = per_org.get(peer.org.as_str()) == Some(&1);
-            objects.extend(r.outbound(peer, info, *vip, alias, links)?);
+            let hosts = names.of(&peer.org, &peer.node);
+            objects.extend(r.outbound(peer, info, *vip, hosts, links)?);
         }
         if let Some(links) = inbound.get(peer) {
             objects.extend(r.inbound(peer, links, &services)?);
@@ -469,7 +474,7 @@ impl Renderer<'_> {
         peer: &NodeRef,
         info: &Peer,
         vip: Ipv4Addr,
-        alias: bool,
+        hosts: Vec<String>,
         links: &[&EffectiveLink],
     ) -> Result<Vec<Value>> {
         let o = self.options;
@@ -477,10 +482,6 @@ impl Renderer<'_> {
         let collab = self.collab();
         let id = SpiffeId::new(collab, &peer.org, &peer.node)?;
         let host = id.dns_name();
-        let mut hosts = vec![host.clone()];
-        if alias {
-            hosts.push(format!("{}.{collab}.fedmesh", peer.org));
-        }
         let ports = Ports::of(links);
         let out = peer_name(collab, "out", peer, None);
         let egress = peer_name(collab, "egress", peer, None);
@@ -841,7 +842,7 @@ fn pods_in(ns: &str, key: &str, value: &str) -> Value {
 /// `<src-node>.<src-org>.p<port>.<dst-node>.<dst-org>.<collab>.fedmesh`.
 pub fn sni(collab: &str, src: &NodeRef, port: u16, dst: &NodeRef) -> Result<String> {
     let name = format!(
-        "{}.{}.p{port}.{}.{}.{collab}.fedmesh",
+        "{}.{}.p{port}.{}.{}.{collab}.{TRUST_DOMAIN_SUFFIX}",
         src.node, src.org, dst.node, dst.org
     );
     if name.len() > 253 {
@@ -885,12 +886,6 @@ fn as_text(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
 }
 
-/// RFC 3339 in UTC, when the time can be written so.
-fn rfc3339(unix: u64) -> Option<String> {
-    let t = OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
-    t.format(&Rfc3339).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -916,6 +911,7 @@ mod tests {
         NodeView {
             collab: "c".into(),
             local: n("a/n1"),
+            members: ["a/n1", "b/n1", "b/n2"].into_iter().map(n).collect(),
             peers: BTreeMap::from([
                 (n("b/n1"), peer("gw.b.example:443")),
                 (n("b/n2"), peer("192.0.2.1:8443")),
@@ -1022,7 +1018,7 @@ mod tests {
         assert_eq!(
             se["spec"],
             json!({
-                "hosts": ["n2.b.c.fedmesh", "b.c.fedmesh"],
+                "hosts": ["n2.b.c.fedmesh"],
                 "addresses": ["240.241.0.9"],
                 "ports": [{"number": 11366, "name": "tcp-mpc", "protocol": "TCP"}],
                 "location": "MESH_EXTERNAL",

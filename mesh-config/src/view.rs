@@ -1,7 +1,12 @@
 //! What [`crate::render()`] takes: one node's view of its collaboration, and the options that
 //! say where things live in the node's cluster.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+};
 
 use fedmesh_certs::id::validate_label;
 use fedmesh_documents::{EffectiveLink, NodeRef};
@@ -22,6 +27,9 @@ pub struct NodeView {
     pub collab: String,
     /// The node the objects are for.
     pub local: NodeRef,
+    /// Every node of the collaboration, `local` included. It decides which organisations have a
+    /// name of their own ([`fedmesh_certs::id::PeerNames`]).
+    pub members: BTreeSet<NodeRef>,
     /// Where the other nodes can be reached. A node this one dials must be here.
     pub peers: BTreeMap<NodeRef, Peer>,
     /// The links in force that concern `local` (both directions). Links that have expired at the

@@ -71,9 +71,12 @@ fn synthetic_view(local: &NodeRef, links: &[EffectiveLink]) -> NodeView {
         }
     }
     peers.remove(local);
+    let mut members: BTreeSet<NodeRef> = peers.keys().cloned().collect();
+    members.insert(local.clone());
     NodeView {
         collab: "collab-x".into(),
         local: local.clone(),
+        members,
         peers,
         links: links
             .iter()

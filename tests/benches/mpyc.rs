@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedmesh_agent::{demo, mesh::MeshOptions};
+use fedmesh_agent::demo;
 
 const RUNS: usize = 7;
 
@@ -69,7 +69,7 @@ async fn main() {
     let python = fedmesh_tests::python();
     let script = fedmesh_tests::repo_root().join("examples/mpyc/party.py");
     let tmp = tempfile::tempdir().expect("tmp");
-    let mesh = demo::start(tmp.path(), &MeshOptions::default(), &demo::links())
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &demo::links())
         .await
         .expect("mesh");
     let command = format!("{} {}", python.display(), script.display());

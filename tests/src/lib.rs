@@ -20,13 +20,20 @@ pub fn subscribe() {
 
 /// Runs the built `fedmesh` with `args` in `dir`; returns (success, stdout, stderr).
 pub fn fedmesh(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = fedmesh_exit(dir, args);
+    (code == 0, stdout, stderr)
+}
+
+/// Runs the built `fedmesh` with `args` in `dir` (logs filtered by `RUST_LOG` only as the
+/// caller's environment says); returns (exit code, stdout, stderr).
+pub fn fedmesh_exit(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(fedmesh_bin())
         .args(args)
         .current_dir(dir)
         .output()
         .expect("run fedmesh (build the workspace first: cargo build --workspace)");
     (
-        out.status.success(),
+        out.status.code().expect("fedmesh exits with a code"),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -108,6 +115,28 @@ impl Drop for TestHub {
     }
 }
 
+/// Waits until the agent's metrics text satisfies `f` (checked every 50 ms), failing the test
+/// with the metrics after `within`; returns the text. For gauges a task refreshes on its own
+/// schedule: the test waits for the value, not for a guessed time.
+pub async fn metrics_until(
+    metrics: &fedmesh_agent::metrics::Metrics,
+    within: std::time::Duration,
+    f: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = metrics.render();
+        if f(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the metrics did not reach the expected state within {within:?}:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -127,16 +156,52 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// Mesh options whose loopback addresses no other test in any process on this machine uses at
-/// the same time (tests run in parallel threads and, under nextest, parallel processes).
+/// Mesh options whose loopback addresses nothing else on this machine uses while this test
+/// process runs: a second octet claimed with an exclusive lock (tests run in parallel threads
+/// and, under nextest, parallel processes; a claim ends with its process). The demo's own
+/// octet ([`MeshOptions::default`](fedmesh_agent::mesh::MeshOptions), 77) is never claimed,
+/// so the tests pass beside a running `fedmesh demo --keep`.
 pub fn mesh_options() -> fedmesh_agent::mesh::MeshOptions {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // 200 distinct second octets from 20 up, spread by process id.
-    let octet = 20 + (std::process::id().wrapping_mul(7).wrapping_add(n * 13) % 200) as u8;
     fedmesh_agent::mesh::MeshOptions {
-        loopback_octet: octet,
+        loopback_octet: claim_loopback_octet(),
         ..Default::default()
+    }
+}
+
+/// Claims a second octet `x` for `127.x.0.0/16`, held until this process exits.
+pub fn claim_loopback_octet() -> u8 {
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let demo = fedmesh_agent::mesh::MeshOptions::default().loopback_octet;
+    let dir = std::env::temp_dir().join("fedmesh-test-loopback");
+    std::fs::create_dir_all(&dir).expect("lock directory");
+    // Start where this process's id points, so parallel processes rarely contend.
+    let start = std::process::id() as usize;
+    let octets: Vec<u8> = (20..=250).filter(|o| *o != demo).collect();
+    for step in 0..octets.len() {
+        let octet = octets[(start + step) % octets.len()];
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("127.{octet}.lock")))
+            .expect("lock file");
+        if file.try_lock().is_ok() {
+            HELD.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(file);
+            return octet;
+        }
+    }
+    panic!("every loopback range 127.20-250.0.0/16 is taken by other test processes");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_claims_are_exclusive_and_leave_the_demo_alone() {
+        let (a, b) = (super::claim_loopback_octet(), super::claim_loopback_octet());
+        assert_ne!(a, b);
+        assert!(![a, b].contains(&77));
     }
 }

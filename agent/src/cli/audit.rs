@@ -10,21 +10,22 @@
 
 use std::{path::PathBuf, time::SystemTime};
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use anyhow::{Context, Result};
+use clap::Args;
 use fedmesh_certs::files;
 use fedmesh_documents::{Ledger, NodeRef};
 use fedmesh_mesh_config::Credentials;
 
-use super::node::KubeArgs;
+use super::{Status, node::KubeArgs};
 use crate::{
     enroll::NodeState,
     k8s::{
-        Controller, Mode,
+        Controller,
         controller::read_credentials,
         desired::Memory,
         plan::{self, Report},
     },
+    output::{Format, table},
     owner,
 };
 
@@ -36,22 +37,14 @@ pub struct AuditArgs {
     state: PathBuf,
     #[command(flatten)]
     kube: KubeArgs,
-    /// Output format.
+    /// Output format: text (one row per object that differs, and a summary line), or the
+    /// whole report as JSON or YAML.
     #[arg(long, value_enum, default_value_t)]
-    output: AuditOutput,
+    output: Format,
 }
 
-/// How `fedmesh audit` prints its findings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum AuditOutput {
-    /// One row per object that differs, and a summary line.
-    #[default]
-    Table,
-    /// The whole report as JSON.
-    Json,
-}
-
-pub(crate) async fn run_audit(args: AuditArgs) -> Result<()> {
+/// Exit 1 when the cluster differs from what the verified links want.
+pub(crate) async fn run_audit(args: AuditArgs) -> Result<Status> {
     let AuditArgs {
         state,
         kube,
@@ -70,9 +63,10 @@ pub(crate) async fn run_audit(args: AuditArgs) -> Result<()> {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
-    let credentials = match controller.settings().mode {
-        Mode::Istio => Some(read_credentials(&node)?),
-        Mode::Relay => None,
+    let credentials = if controller.settings().mode.needs_credentials() {
+        Some(read_credentials(&node)?)
+    } else {
+        None
     };
     let report = audit(
         &controller,
@@ -84,10 +78,16 @@ pub(crate) async fn run_audit(args: AuditArgs) -> Result<()> {
     )
     .await?;
     print!("{}", format(&report, output)?);
-    if !report.matches {
-        bail!("the cluster differs from what the verified links want");
+    Ok(status(&report))
+}
+
+/// The exit status of a report.
+pub fn status(report: &Report) -> Status {
+    if report.matches {
+        Status::Success
+    } else {
+        Status::Differs("the cluster differs from what the verified links want".into())
     }
-    Ok(())
 }
 
 /// Compares the cluster with what the verified links want.
@@ -107,9 +107,9 @@ pub async fn audit(
 }
 
 /// The report as text.
-pub fn format(report: &Report, output: AuditOutput) -> Result<String> {
-    if output == AuditOutput::Json {
-        return Ok(format!("{}\n", serde_json::to_string_pretty(report)?));
+pub fn format(report: &Report, output: Format) -> Result<String> {
+    if let Some(text) = output.render(report)? {
+        return Ok(text);
     }
     let mut out = String::new();
     if !report.differences.is_empty() {
@@ -156,29 +156,6 @@ pub fn format(report: &Report, output: AuditOutput) -> Result<String> {
     Ok(out)
 }
 
-/// Left-aligned columns, two spaces apart.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let cells: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        format!("{}\n", cells.join("  ").trim_end())
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     //! `fedmesh audit` against a scripted API server (no cluster can run here): the cluster as
@@ -188,6 +165,7 @@ mod tests {
 
     use super::*;
     use crate::k8s::{
+        Mode,
         desired::{self, Inputs},
         fixtures::*,
     };
@@ -248,7 +226,7 @@ mod tests {
 
         assert!(!report.matches);
         assert_eq!(
-            format(&report, AuditOutput::Table).unwrap(),
+            format(&report, Format::Text).unwrap(),
             "\
 STATUS    KIND                 NAMESPACE       NAME                   DETAIL
 missing   Sidecar              vantage6-tasks  fm-c                   wanted by a verified link
@@ -258,8 +236,12 @@ the cluster differs from the verified links: 1 missing, 1 modified, 1 extra (of 
 "
         );
         let json: serde_json::Value =
-            serde_json::from_str(&format(&report, AuditOutput::Json).unwrap()).unwrap();
+            serde_json::from_str(&format(&report, Format::Json).unwrap()).unwrap();
         assert_eq!(json["matches"], false);
+        let yaml: serde_json::Value =
+            serde_saphyr::from_str(&format(&report, Format::Yaml).unwrap()).unwrap();
+        assert_eq!(yaml, json, "YAML says what JSON says");
+        assert_eq!(status(&report).code(), 1, "drift exits 1");
         assert_eq!(
             json["differences"][1],
             json!({
@@ -277,8 +259,9 @@ the cluster differs from the verified links: 1 missing, 1 modified, 1 extra (of 
             differences: vec![],
         };
         assert_eq!(
-            format(&report, AuditOutput::Table).unwrap(),
+            format(&report, Format::Text).unwrap(),
             "all 17 objects match the verified links\n"
         );
+        assert_eq!(status(&report), Status::Success);
     }
 }

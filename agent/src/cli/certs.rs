@@ -3,27 +3,20 @@
 //! certificates move.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
 use fedmesh_certs::{
-    CertInfo, CollabCa, IssuancePolicy, NodeKey, SpiffeId, TrustBundle, files, verify::Usage,
+    CertInfo, IssuancePolicy, SpiffeId, TrustBundle, files, time::rfc3339, verify::Usage,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Serialize;
 
-/// Output format of inspecting and listing commands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// Human-readable text.
-    #[default]
-    Text,
-    /// JSON.
-    Json,
-}
+use super::Status;
+use crate::output::Format;
 
 /// `fedmesh ca ...`
 #[derive(Debug, Subcommand)]
@@ -33,8 +26,8 @@ pub enum CaCommand {
         /// Collaboration id (a lowercase DNS label); the trust domain is <collab>.fedmesh.
         #[arg(long)]
         collab: String,
-        /// Directory to write the CA into.
-        #[arg(long)]
+        /// Directory to write the CA into (ca.pem, ca-key.pem).
+        #[arg(long = "ca-dir", visible_alias = "dir")]
         dir: PathBuf,
         /// How long the CA is valid.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
@@ -43,7 +36,7 @@ pub enum CaCommand {
     /// Sign a node's CSR under the issuance policy.
     Sign {
         /// Directory holding ca.pem and ca-key.pem.
-        #[arg(long)]
+        #[arg(long = "ca-dir", visible_alias = "dir")]
         dir: PathBuf,
         /// The CSR (PEM).
         #[arg(long)]
@@ -92,48 +85,8 @@ pub enum CertCommand {
         ca: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        output: Format,
     },
-}
-
-/// The CA certificate's path in a CA directory.
-pub fn ca_cert_path(dir: &Path) -> PathBuf {
-    dir.join("ca.pem")
-}
-
-/// The CA key's path in a CA directory.
-pub fn ca_key_path(dir: &Path) -> PathBuf {
-    dir.join("ca-key.pem")
-}
-
-/// Loads the CA in `dir`.
-pub fn load_ca(dir: &Path) -> Result<CollabCa> {
-    let cert = files::read_to_string(&ca_cert_path(dir))?;
-    let key = files::read_to_string(&ca_key_path(dir))?;
-    Ok(CollabCa::from_pem(&cert, &key)?)
-}
-
-/// Creates a CA in `dir`, refusing to overwrite one.
-pub fn init_ca(collab: &str, dir: &Path, validity: Duration) -> Result<CollabCa> {
-    let (cert_path, key_path) = (ca_cert_path(dir), ca_key_path(dir));
-    for p in [&cert_path, &key_path] {
-        files::refuse_existing(p).context("a CA is already initialised there")?;
-    }
-    let ca = CollabCa::generate(collab, SystemTime::now(), validity)?;
-    files::create_secret(&key_path, ca.key_pem().as_bytes())?;
-    files::write_public(&cert_path, ca.cert_pem().as_bytes())?;
-    Ok(ca)
-}
-
-/// Loads the node key at `path`, or makes one there (0600).
-pub fn load_or_create_key(path: &Path) -> Result<NodeKey> {
-    if path.exists() {
-        return NodeKey::from_pem(&files::read_to_string(path)?)
-            .with_context(|| format!("{} is not a usable node key", path.display()));
-    }
-    let key = NodeKey::generate()?;
-    files::create_secret(path, key.private_pem().as_bytes())?;
-    Ok(key)
 }
 
 pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
@@ -143,7 +96,7 @@ pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
             dir,
             validity,
         } => {
-            let ca = init_ca(&collab, &dir, validity)?;
+            let ca = files::init_ca(&collab, &dir, SystemTime::now(), validity)?;
             println!(
                 "created CA for trust domain {} in {}\nfingerprint sha256:{}",
                 ca.trust_domain(),
@@ -158,7 +111,7 @@ pub(crate) fn run_ca(cmd: CaCommand) -> Result<()> {
             ttl,
             max_ttl,
         } => {
-            let ca = load_ca(&dir)?;
+            let ca = files::load_ca(&dir)?;
             let policy = IssuancePolicy::with_max_ttl(max_ttl)?;
             let csr_pem = files::read_to_string(&csr)?;
             let issued = ca.sign_csr_pem(&csr_pem, &policy, ttl, SystemTime::now())?;
@@ -183,7 +136,7 @@ pub(crate) fn run_csr(args: CsrArgs) -> Result<()> {
         out,
     } = args;
     let id = SpiffeId::new(&collab, &org, &node)?;
-    let node_key = load_or_create_key(&key)?;
+    let node_key = files::load_or_create_key(&key)?;
     let csr = node_key.csr(&id)?;
     files::write_public(&out, csr.pem.as_bytes())?;
     println!("wrote CSR for {id} to {}", out.display());
@@ -216,7 +169,8 @@ struct Verification {
     error: Option<String>,
 }
 
-pub(crate) fn run_cert(cmd: CertCommand) -> Result<()> {
+/// Exit 1 when `--ca` is given and the certificate does not verify.
+pub(crate) fn run_cert(cmd: CertCommand) -> Result<Status> {
     let CertCommand::Inspect { cert, ca, output } = cmd;
     let pem = files::read_to_string(&cert)?;
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
@@ -251,14 +205,14 @@ pub(crate) fn run_cert(cmd: CertCommand) -> Result<()> {
         fingerprint: info.fingerprint.clone(),
         verification,
     };
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print_text(&report),
+    match output.render(&report)? {
+        Some(text) => print!("{text}"),
+        None => print_text(&report),
     }
-    if let Some(error) = failed {
-        bail!("verification failed: {error}");
-    }
-    Ok(())
+    Ok(match failed {
+        Some(error) => Status::Differs(format!("verification failed: {error}")),
+        None => Status::Success,
+    })
 }
 
 fn print_text(r: &Inspection) {
@@ -287,9 +241,4 @@ fn print_text(r: &Inspection) {
             Some(e) => println!("{:<12} FAILED: {e}", "verified"),
         }
     }
-}
-
-/// Formats a time as RFC 3339 (UTC, seconds).
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -21,8 +21,9 @@ pub struct DemoArgs {
     /// Keep the collaboration running until interrupted.
     #[arg(long)]
     keep: bool,
-    /// Keep state here instead of a temporary directory.
-    #[arg(long)]
+    /// Keep the collaboration's state (hub data, owner, node states) here instead of in a
+    /// temporary directory.
+    #[arg(long = "state-dir", visible_alias = "dir")]
     dir: Option<PathBuf>,
 }
 

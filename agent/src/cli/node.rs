@@ -5,10 +5,18 @@
 //! when the cluster serves Istio's APIs (`--mode auto`, the default) or `--mode istio`, else
 //! the relay behind one Service per peer.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{
+    Args, Subcommand, ValueEnum,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
 use fedmesh_certs::files;
 use fedmesh_mesh_config::{RenderOptions, addresses::Pool};
 
@@ -18,30 +26,30 @@ use super::{
 };
 use crate::{
     enroll,
-    k8s::{self, PortRange},
+    k8s::{self, Mode, PortRange},
     node::{self, Expose, NodeOptions},
+    output::{Format, table},
     relay::{DEFAULT_LOOPBACK_POOL, RelayOptions},
 };
 
-/// How the agent carries links.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// In Kubernetes: Istio when the cluster serves its APIs, else the relay. On a machine:
-    /// the relay.
-    #[default]
-    Auto,
-    /// Apply Istio objects (Kubernetes only).
-    Istio,
-    /// Carry the traffic with fedmesh's own QUIC relay.
-    Relay,
+/// `--mode`: a mesh backend ([`Mode`]), or `auto` (`None`): in Kubernetes, Istio when the
+/// cluster serves its APIs, else the relay; on a machine, the relay.
+fn mode_parser() -> impl TypedValueParser<Value = Option<Mode>> {
+    let auto = PossibleValue::new("auto")
+        .help("In Kubernetes: Istio when the cluster serves its APIs, else the relay");
+    let modes = Mode::value_variants()
+        .iter()
+        .filter_map(ValueEnum::to_possible_value);
+    PossibleValuesParser::new(std::iter::once(auto).chain(modes))
+        .map(|name| Mode::ALL.into_iter().find(|m| m.as_str() == name))
 }
 
 /// Where and how the agent works in a cluster (`fedmesh node --kubernetes`, `fedmesh audit`).
 #[derive(Debug, Args)]
 pub struct KubeArgs {
     /// How links are carried.
-    #[arg(long, env = "FEDMESH_MODE", value_enum, default_value_t)]
-    pub(crate) mode: Mode,
+    #[arg(long, env = "FEDMESH_MODE", default_value = "auto", value_parser = mode_parser())]
+    pub(crate) mode: AutoMode,
     /// The agent's namespace (credentials, gateway objects, Services, PeerLinks); default: the
     /// pod's own.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -72,6 +80,10 @@ pub struct KubeArgs {
     resync: Duration,
 }
 
+/// A mode, or none to detect it (`--mode auto`). An alias, so clap reads the argument as one
+/// value that is always present (its default is `auto`), not as an optional argument.
+type AutoMode = Option<Mode>;
+
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .map(|pair| {
@@ -92,11 +104,7 @@ impl KubeArgs {
             None => RenderOptions::default(),
         };
         Ok(k8s::Options {
-            mode: match self.mode {
-                Mode::Auto => None,
-                Mode::Istio => Some(k8s::Mode::Istio),
-                Mode::Relay => Some(k8s::Mode::Relay),
-            },
+            mode: self.mode,
             namespace: self.namespace.clone(),
             render,
             pod_labels: self.pod_selector.clone(),
@@ -121,11 +129,15 @@ pub struct NodeArgs {
 pub enum NodeCommand {
     /// Enroll with a join token: make the node key here, get a certificate.
     Enroll(EnrollArgs),
-    /// Print this node's peer map (FEDMESH_PEERS: name -> IP:ports) as JSON.
+    /// Print this node's peer map (FEDMESH_PEERS: name -> IP:ports), as the running agent last
+    /// wrote it.
     Peers {
         /// Node state directory.
-        #[arg(long)]
+        #[arg(long, env = "FEDMESH_STATE")]
         state: PathBuf,
+        /// Output format (text: one line per peer name; json: the FEDMESH_PEERS value).
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
     },
 }
 
@@ -172,12 +184,44 @@ pub struct RunArgs {
 pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
         Some(NodeCommand::Enroll(args)) => owner::run_enroll(args).await,
-        Some(NodeCommand::Peers { state }) => {
-            println!("{}", files::read_to_string(&state.join("peers.json"))?);
-            Ok(())
-        }
+        Some(NodeCommand::Peers { state, output }) => print_peers(&state, output),
         None => run_agent(args.run).await,
     }
+}
+
+/// Prints `peers.json`, or says why there is none yet.
+fn print_peers(state: &Path, output: Format) -> Result<()> {
+    let path = state.join("peers.json");
+    if !path.exists() {
+        if !state.join("node.json").exists() {
+            bail!(
+                "{} is not a node state directory; enroll first: `fedmesh node enroll --token \
+                 <token> --state {}`",
+                state.display(),
+                state.display()
+            );
+        }
+        bail!(
+            "no peer map in {} yet: the agent writes it once it has synced with the hub; start \
+             it with `fedmesh node --state {}`",
+            state.display(),
+            state.display()
+        );
+    }
+    let peers: BTreeMap<String, Vec<String>> = serde_json::from_str(&files::read_to_string(&path)?)
+        .with_context(|| format!("{} is not a peer map", path.display()))?;
+    match output.render(&peers)? {
+        Some(text) => print!("{text}"),
+        None if peers.is_empty() => println!("no peers: no link in force lets this node dial one"),
+        None => {
+            let rows: Vec<[String; 2]> = peers
+                .into_iter()
+                .map(|(name, addrs)| [name, addrs.join(", ")])
+                .collect();
+            print!("{}", table(&["PEER NAME", "ADDRESS"], &rows));
+        }
+    }
+    Ok(())
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {
@@ -199,7 +243,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     };
     let kubernetes = match (kubernetes, kube.mode) {
         (true, _) => Some(kube.options()?),
-        (false, Mode::Istio) => bail!("--mode istio needs --kubernetes"),
+        (false, Some(mode)) if !mode.relay_carries() => {
+            bail!("--mode {mode} needs --kubernetes")
+        }
         (false, _) => None,
     };
     if !state.join("node.json").exists()

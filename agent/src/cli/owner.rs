@@ -11,10 +11,13 @@ use fedmesh_documents::{
     Verdict, jws,
 };
 
-use super::certs::{Output, rfc3339};
+use fedmesh_certs::time::rfc3339;
+
+use crate::output::Format;
 use crate::{
     enroll::{self, NodeState},
-    hub::api::JoinToken,
+    hub::{api::JoinToken, client::ClientError},
+    output::table,
     owner::{self, HubAddress, NewCollab, Owner},
 };
 
@@ -40,7 +43,7 @@ pub struct CreateArgs {
     #[arg(long)]
     id: String,
     /// Owner directory to create (owner key, collaboration document, offline CA).
-    #[arg(long)]
+    #[arg(long = "owner-dir", visible_alias = "dir")]
     dir: PathBuf,
     /// The hub's URL.
     #[arg(long)]
@@ -67,7 +70,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct JoinTokenArgs {
     /// Owner directory.
-    #[arg(long)]
+    #[arg(long = "owner-dir", visible_alias = "dir")]
     dir: PathBuf,
     /// The node that may join, as <org>/<node>.
     #[arg(long)]
@@ -90,7 +93,7 @@ pub enum LinkCommand {
         /// Link id.
         id: String,
         /// Owner directory.
-        #[arg(long)]
+        #[arg(long = "owner-dir", visible_alias = "dir")]
         dir: PathBuf,
     },
     /// Consent to a link to this node (receiving node).
@@ -102,7 +105,7 @@ pub enum LinkCommand {
         /// Link id.
         id: String,
         /// Owner directory.
-        #[arg(long)]
+        #[arg(long = "owner-dir", visible_alias = "dir")]
         dir: PathBuf,
     },
     /// List links and their states.
@@ -111,16 +114,16 @@ pub enum LinkCommand {
         who: Who,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
-        output: Output,
+        output: Format,
     },
 }
 
-/// Acting as the owner (`--dir`) or as a node (`--state`).
+/// Acting as the owner (`--owner-dir`) or as a node (`--state`).
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct Who {
     /// Owner directory.
-    #[arg(long)]
+    #[arg(long = "owner-dir", visible_alias = "dir")]
     dir: Option<PathBuf>,
     /// Node state directory.
     #[arg(long)]
@@ -274,8 +277,15 @@ pub(crate) async fn run_enroll(args: EnrollArgs) -> Result<()> {
     let token = read_join_token(token_file.as_deref())?.with_context(|| {
         format!("give the join token in a file (--token-file) or in {JOIN_TOKEN_ENV}")
     })?;
+    let offline = cert.is_some();
     let cert = cert.map(|p| files::read_to_string(&p)).transpose()?;
-    let node = enroll::enroll(&token, &state, cert).await?;
+    let node = match enroll::enroll(&token, &state, cert).await {
+        Ok(node) => node,
+        Err(error) if !offline && ca_is_offline(&error) => {
+            return Err(error.context(offline_ca_hint(&token, &state)));
+        }
+        Err(error) => return Err(error),
+    };
     let info = node.identity()?.info().clone();
     println!(
         "enrolled {} (certificate {} valid until {})",
@@ -284,6 +294,32 @@ pub(crate) async fn run_enroll(args: EnrollArgs) -> Result<()> {
         rfc3339(info.not_after)
     );
     Ok(())
+}
+
+/// Whether the hub refused an enrollment because the collaboration's CA is offline.
+fn ca_is_offline(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ClientError>(),
+            Some(ClientError::Refused { message, .. }) if message.contains("CA is offline")
+        )
+    })
+}
+
+/// How to enroll with an offline CA, for this token and state directory.
+fn offline_ca_hint(token: &JoinToken, state: &std::path::Path) -> String {
+    let s = state.display();
+    format!(
+        "the collaboration {collab} keeps its CA offline, so the hub cannot sign a certificate \
+         for {node}. Make a CSR for the key now in {s}/node-key.pem: `fedmesh csr --collab \
+         {collab} --org {org} --node {name} --key {s}/node-key.pem --out {name}.csr`; have the \
+         owner sign it: `fedmesh ca sign --ca-dir <owner dir> --csr {name}.csr --out {name}.pem`; \
+         then enroll with it: `fedmesh node enroll --token <token> --state {s} --cert {name}.pem`",
+        collab = token.collab,
+        node = token.node,
+        org = token.node.org,
+        name = token.node.node,
+    )
 }
 
 pub(crate) async fn run_link(cmd: LinkCommand) -> Result<()> {
@@ -316,7 +352,7 @@ pub(crate) async fn run_link(cmd: LinkCommand) -> Result<()> {
                     .await?;
                     ledger.links(std::time::SystemTime::now())
                 }
-                (None, None) => bail!("give --dir (owner) or --state (node)"),
+                (None, None) => bail!("give --owner-dir (owner) or --state (node)"),
             };
             print_links(&links, output)
         }
@@ -357,7 +393,7 @@ async fn request(args: RequestArgs) -> Result<()> {
                 .await?;
             terms
         }
-        (None, None) => bail!("give --dir (owner) or --state (node)"),
+        (None, None) => bail!("give --owner-dir (owner) or --state (node)"),
     };
     println!("{}", terms.id);
     Ok(())
@@ -386,27 +422,19 @@ async fn decide(args: DecideArgs, verdict: Verdict) -> Result<()> {
 fn when(t: Option<u64>) -> String {
     t.map_or_else(
         || "-".to_owned(),
-        |s| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s)),
+        |s| rfc3339(fedmesh_certs::time::from_unix(s)),
     )
 }
 
-fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(links)?);
+fn print_links(links: &[LinkStatus], output: Format) -> Result<()> {
+    if let Some(text) = output.render(links)? {
+        print!("{text}");
         return Ok(());
     }
     let rows: Vec<[String; 9]> = links
         .iter()
         .map(|l| {
-            let ports: Vec<String> = l
-                .terms
-                .ports
-                .iter()
-                .map(|p| match &p.label {
-                    Some(label) => format!("{}:{label}", p.port),
-                    None => p.port.to_string(),
-                })
-                .collect();
+            let ports: Vec<String> = l.terms.ports.iter().map(ToString::to_string).collect();
             [
                 l.terms.id.clone(),
                 l.terms.from.to_string(),
@@ -444,28 +472,6 @@ fn print_links(links: &[LinkStatus], output: Output) -> Result<()> {
         "APPROVED",
         "DECIDED",
     ];
-    print_table(&header, &rows);
+    print!("{}", table(&header, &rows));
     Ok(())
-}
-
-/// Prints left-aligned columns.
-pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
 }

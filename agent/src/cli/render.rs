@@ -7,18 +7,20 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
+use fedmesh_certs::time::{self, parse_rfc3339};
 use fedmesh_documents::NodeRef;
 use fedmesh_mesh_config::{
     CollabFile, ObjectKey, Rendered,
-    collab_file::parse_time,
     render::{COLLABORATION, MANAGED_BY, to_yaml},
 };
 use serde_json::Value;
+
+use crate::output::Format;
 
 /// `fedmesh render`
 #[derive(Debug, Args)]
@@ -37,10 +39,14 @@ pub struct RenderArgs {
     /// Render as of this time (RFC 3339) instead of now; links expired by then are left out.
     #[arg(long, value_parser = parse_now)]
     now: Option<SystemTime>,
+    /// Output format: text and yaml print a YAML stream (`---` before each object), json a
+    /// JSON array of the objects.
+    #[arg(long, value_enum, default_value_t, conflicts_with = "out_dir")]
+    output: Format,
 }
 
 fn parse_now(s: &str) -> Result<SystemTime, String> {
-    parse_time(s).map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+    parse_rfc3339(s).map(time::from_unix)
 }
 
 /// Runs `fedmesh render`.
@@ -50,12 +56,17 @@ pub(crate) fn run_render(args: RenderArgs) -> Result<()> {
         node,
         out_dir,
         now,
+        output,
     } = args;
     let (file, rendered) = render_file(&collab_file, &node, now.unwrap_or_else(SystemTime::now))?;
     for (peer, reason) in &rendered.skipped {
         eprintln!("warning: nothing outbound rendered for {peer}: {reason}");
     }
     match out_dir {
+        None if output == Format::Json => print!(
+            "{}",
+            Format::Json.render(&rendered.objects)?.unwrap_or_default()
+        ),
         None => print!("{}", rendered.to_yaml()?),
         Some(dir) => {
             let (written, removed) = write_dir(&dir, &file.collab, &rendered)?;

@@ -1,6 +1,6 @@
 //! The thin async shell around the Kubernetes API: detect Istio, list what fedmesh manages,
 //! apply what differs, delete what is no longer wanted, write PeerLinks. Everything it decides
-//! comes from the pure [`desired`](super::desired) and [`plan`](super::plan) modules.
+//! comes from the pure [`desired`] and [`plan`] modules.
 //!
 //! One pass:
 //!
@@ -44,10 +44,7 @@ use super::{
     resources::{PEERLINK, Scope},
     selector,
 };
-use crate::enroll::NodeState;
-
-/// The API groups (at version v1) whose presence means Istio.
-pub const ISTIO_GROUPS: [&str; 2] = ["networking.istio.io", "security.istio.io"];
+use crate::{enroll::NodeState, node::identity::IdentityWatch};
 
 /// What the node agent's relay, DNS and snapshot need from the cluster side.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,16 +104,16 @@ pub struct Outcome {
     pub next_expiry: Option<SystemTime>,
 }
 
-/// Whether the cluster serves Istio's `networking.istio.io/v1` and `security.istio.io/v1`.
+/// The backend the cluster supports, from the API groups it serves ([`Mode::detect`]).
 pub async fn detect(client: &Client) -> Result<Mode> {
-    let groups = client.list_api_groups().await?;
-    let istio = ISTIO_GROUPS.iter().all(|name| {
-        groups
-            .groups
-            .iter()
-            .any(|g| g.name == *name && g.versions.iter().any(|v| v.version == "v1"))
-    });
-    Ok(if istio { Mode::Istio } else { Mode::Relay })
+    let groups: Vec<(String, Vec<String>)> = client
+        .list_api_groups()
+        .await?
+        .groups
+        .into_iter()
+        .map(|g| (g.name, g.versions.into_iter().map(|v| v.version).collect()))
+        .collect();
+    Ok(Mode::detect(&groups))
 }
 
 /// The Kubernetes side of the agent.
@@ -143,16 +140,7 @@ impl Controller {
             Some(mode) => mode,
             None => detect(&client).await?,
         };
-        if mode == Mode::Istio {
-            options.render.validate()?;
-            if options.render.mesh_namespace != namespace {
-                return Err(Error::Options(format!(
-                    "the render options put the gateways and credentials in {:?}, but the agent \
-                     runs in {namespace:?}; set mesh_namespace: {namespace}",
-                    options.render.mesh_namespace
-                )));
-            }
-        }
+        mode.check(&options.render, &namespace)?;
         let settings = Settings {
             mode,
             namespace,
@@ -329,15 +317,7 @@ impl Controller {
         }
         writes += self.write_peerlinks(&desired, &peerlinks).await?;
 
-        let addresses = match self.settings.mode {
-            Mode::Istio => desired
-                .memory
-                .vips
-                .iter()
-                .map(|(peer, ip)| (peer.clone(), IpAddr::V4(*ip)))
-                .collect(),
-            Mode::Relay => cluster_ips(&desired, &served),
-        };
+        let addresses = self.settings.mode.addresses(&desired, &served);
         let to_report = vetoed
             .iter()
             .filter(|(id, _)| {
@@ -355,7 +335,7 @@ impl Controller {
                 addresses,
                 listeners: desired.listeners.clone(),
             },
-            next_expiry: desired::next_expiry(&desired.links),
+            next_expiry: Ledger::next_expiry(&desired.links),
             memory: desired.memory,
             to_report,
             writes,
@@ -413,6 +393,7 @@ impl Controller {
         self,
         state: Arc<NodeState>,
         mut ledger: watch::Receiver<Arc<Ledger>>,
+        mut identity: IdentityWatch,
         placement: watch::Sender<Arc<Placement>>,
         resync: Duration,
         cancel: CancellationToken,
@@ -423,6 +404,7 @@ impl Controller {
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
+        let ca_pem = files::read_to_string(&state.ca_path())?;
         let mut reported = BTreeSet::new();
         let mut peerlink_changes = std::pin::pin!(self.peerlink_changes());
         info!(mode = %self.settings.mode, namespace = %self.settings.namespace, "Kubernetes controller started");
@@ -430,19 +412,14 @@ impl Controller {
             let current = ledger.borrow_and_update().clone();
             let now = SystemTime::now();
             let mut wake = resync;
-            let credentials = match self.settings.mode {
-                Mode::Istio => read_credentials(&state).map(Some),
-                Mode::Relay => Ok(None),
-            };
-            let pass = match credentials {
-                Ok(credentials) => {
-                    self.reconcile(&current, &node, credentials.as_ref(), &memory, now)
-                        .await
-                }
-                Err(error) => Err(Error::Options(format!(
-                    "reading this node's credentials: {error:#}"
-                ))),
-            };
+            let credentials = self
+                .settings
+                .mode
+                .needs_credentials()
+                .then(|| identity.borrow_and_update().credentials(&ca_pem));
+            let pass = self
+                .reconcile(&current, &node, credentials.as_ref(), &memory, now)
+                .await;
             match pass {
                 Ok(Some(outcome)) => {
                     if outcome.writes > 0 {
@@ -484,6 +461,8 @@ impl Controller {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 changed = ledger.changed() => if changed.is_err() { return Ok(()) },
+                // A renewed certificate goes into the credentials Secret.
+                changed = identity.changed() => if changed.is_err() { return Ok(()) },
                 Some(()) = peerlink_changes.next() => {
                     // One pass for a burst of changes (kubectl applying several, this agent's
                     // own status writes).
@@ -498,22 +477,6 @@ impl Controller {
 
 /// How long the controller lets a burst of PeerLink changes settle before its pass.
 const PEERLINK_SETTLE: Duration = Duration::from_millis(200);
-
-/// The ClusterIP of each peer's Service, from the apply responses or the live objects.
-fn cluster_ips(
-    desired: &Desired,
-    served: &BTreeMap<ObjectKey, Value>,
-) -> BTreeMap<NodeRef, IpAddr> {
-    served
-        .iter()
-        .filter(|(key, _)| key.kind == "Service")
-        .filter_map(|(key, object)| {
-            let peer = desired.services.get(&key.name)?;
-            let ip = object["spec"]["clusterIP"].as_str()?.parse().ok()?;
-            Some((peer.clone(), ip))
-        })
-        .collect()
-}
 
 fn key_object(key: &ObjectKey) -> Value {
     serde_json::json!({

@@ -1,78 +1,20 @@
 //! What the cluster should hold for this node. Pure: the verified ledger, the sysadmin's vetoes,
 //! what was allocated before and `now` go in; objects, PeerLinks and peer addresses come out.
-//!
-//! - Istio mode: mesh-config's [`render`](fedmesh_mesh_config::render()) of the links in force,
-//!   with peers' gateways from their signed advertisements and this node's credentials.
-//! - Relay mode: one `Service` per peer this node dials, in front of the agent pod. Each of the
-//!   peer's ports is the algorithm's real port and leads to a pod port the relay listens on,
-//!   allocated from a [`PortRange`] deterministically (the `<org>/<node>:<port>` hash picks the
-//!   first choice) and stably (an allocation is kept while the (peer, port) is wanted).
+//! The links in force are the ledger's ([`Ledger::links_in_force`]); the objects that carry
+//! them are the mesh backend's ([`super::backend`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::{Ipv4Addr, SocketAddr},
-    str::FromStr,
-    time::{SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use fedmesh_documents::{EffectiveLink, Ledger, NodeRef};
-use fedmesh_mesh_config::{
-    Credentials, GatewayAddr, NodeView, Peer,
-    render::{APPROVED_BY, COLLABORATION, DIRECTION, EXPIRES, LINKS, MANAGED_BY, PEER, PURPOSE},
-};
+use fedmesh_mesh_config::Credentials;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::{Error, FIELD_MANAGER, Mode, Result, Settings, fnv1a, peerlink};
-
-/// Pod ports `first-last` (inclusive) for the relay's per-(peer, port) listeners.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    first: u16,
-    last: u16,
-}
-
-impl PortRange {
-    /// The default: `20000-29999`.
-    pub const DEFAULT: Self = Self {
-        first: 20_000,
-        last: 29_999,
-    };
-
-    fn len(self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    /// Parses `20000-29999`. Ports below 1024 are refused: the agent runs as non-root.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (first, last) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not <first>-<last>, e.g. 20000-29999"))?;
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("{p:?} is not a port"))
-        };
-        let (first, last) = (port(first)?, port(last)?);
-        if first < 1024 || first > last {
-            return Err(format!(
-                "{s:?}: need 1024 <= first <= last (the agent runs as non-root)"
-            ));
-        }
-        Ok(Self { first, last })
-    }
-}
+use super::{Result, Settings, peerlink};
 
 /// What earlier passes allocated; persisted by the caller so peers keep their addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,8 +80,9 @@ pub fn compute(
     let Some(collab) = inputs.ledger.collaboration() else {
         return Ok(None);
     };
-    let (mut links, _) = inputs.ledger.effective_links(inputs.node, inputs.now);
-    links.retain(|l| !inputs.vetoed.contains(&l.terms.id));
+    let (links, _) = inputs
+        .ledger
+        .links_in_force(inputs.node, inputs.vetoed, inputs.now);
     let mut desired = Desired {
         collab: collab.id.clone(),
         objects: Vec::new(),
@@ -149,184 +92,10 @@ pub fn compute(
         listeners: BTreeMap::new(),
         memory: Memory::default(),
     };
-    match settings.mode {
-        Mode::Istio => istio(settings, inputs, memory, &mut desired)?,
-        Mode::Relay => relay(settings, memory, inputs.node, &mut desired)?,
-    }
+    settings
+        .mode
+        .render(settings, inputs, memory, &mut desired)?;
     Ok(Some(desired))
-}
-
-fn istio(
-    settings: &Settings,
-    inputs: &Inputs<'_>,
-    memory: &Memory,
-    desired: &mut Desired,
-) -> Result<()> {
-    let ledger = inputs.ledger;
-    let peers = ledger
-        .collaboration()
-        .into_iter()
-        .flat_map(|c| &c.members)
-        .map(fedmesh_documents::Member::node_ref)
-        .filter(|m| m != inputs.node)
-        .filter_map(|m| {
-            let gateway: GatewayAddr =
-                ledger.advertisement(&m)?.gateway.as_deref()?.parse().ok()?;
-            Some((m, Peer { gateway }))
-        })
-        .collect();
-    let view = NodeView {
-        collab: desired.collab.clone(),
-        local: inputs.node.clone(),
-        peers,
-        links: desired.links.clone(),
-        services: BTreeMap::new(),
-        vips: memory.vips.clone(),
-        credentials: inputs.credentials.cloned(),
-    };
-    let rendered = fedmesh_mesh_config::render(&view, &settings.render, inputs.now)?;
-    for object in &rendered.objects {
-        settings.scope_of(object)?;
-    }
-    desired.objects = rendered.objects;
-    desired.memory.vips = rendered.vips;
-    Ok(())
-}
-
-fn relay(
-    settings: &Settings,
-    memory: &Memory,
-    local: &NodeRef,
-    desired: &mut Desired,
-) -> Result<()> {
-    let mut outbound: BTreeMap<&NodeRef, Vec<&EffectiveLink>> = BTreeMap::new();
-    for link in &desired.links {
-        if link.terms.from == *local {
-            outbound.entry(&link.terms.to).or_default().push(link);
-        }
-    }
-    let wanted = outbound.iter().flat_map(|(peer, links)| {
-        links
-            .iter()
-            .flat_map(|l| &l.terms.ports)
-            .map(|p| ((*peer).clone(), p.port))
-    });
-    let pod_ports = allocate(settings.pod_ports, &memory.pod_ports, wanted)?;
-    let mut objects = Vec::new();
-    for (peer, links) in &outbound {
-        let ports = &pod_ports[*peer];
-        let name = service_name(&desired.collab, peer);
-        objects.push(service(
-            settings,
-            &desired.collab,
-            &name,
-            peer,
-            ports,
-            links,
-        ));
-        desired.services.insert(name, (*peer).clone());
-        for (port, pod_port) in ports {
-            desired.listeners.insert(
-                SocketAddr::from(([0, 0, 0, 0], *pod_port)),
-                ((*peer).clone(), *port),
-            );
-        }
-    }
-    desired.objects = objects;
-    desired.memory.pod_ports = pod_ports;
-    Ok(())
-}
-
-/// Gives every wanted (peer, port) a pod port of `range`, keeping `previous` allocations.
-pub fn allocate(
-    range: PortRange,
-    previous: &BTreeMap<NodeRef, BTreeMap<u16, u16>>,
-    wanted: impl IntoIterator<Item = (NodeRef, u16)>,
-) -> Result<BTreeMap<NodeRef, BTreeMap<u16, u16>>> {
-    let wanted: BTreeSet<(NodeRef, u16)> = wanted.into_iter().collect();
-    let size = range.len();
-    if wanted.len() > size as usize {
-        return Err(Error::Options(format!(
-            "{} (peer, port) listeners do not fit the pod port range {range}; widen --pod-ports",
-            wanted.len()
-        )));
-    }
-    let in_range = |p: u16| (range.first..=range.last).contains(&p);
-    let mut taken = BTreeSet::new();
-    let mut out: BTreeMap<NodeRef, BTreeMap<u16, u16>> = BTreeMap::new();
-    let mut fresh = Vec::new();
-    for (peer, port) in wanted {
-        match previous.get(&peer).and_then(|p| p.get(&port)) {
-            Some(pod) if in_range(*pod) && taken.insert(*pod) => {
-                out.entry(peer).or_default().insert(port, *pod);
-            }
-            _ => fresh.push((peer, port)),
-        }
-    }
-    for (peer, port) in fresh {
-        let start = (fnv1a(format!("{peer}:{port}").as_bytes()) % u64::from(size)) as u32;
-        let pod = (0..size)
-            .map(|step| range.first + ((start + step) % size) as u16)
-            .find(|p| !taken.contains(p))
-            .ok_or_else(|| Error::Options(format!("the pod port range {range} is full")))?;
-        taken.insert(pod);
-        out.entry(peer).or_default().insert(port, pod);
-    }
-    Ok(out)
-}
-
-/// `fm-<collab>-<org>-<node>-<hash>`, at most 63 characters; the hash tells `org-a/n1` from
-/// `org/a-n1`.
-pub fn service_name(collab: &str, peer: &NodeRef) -> String {
-    let parts = ["fm", collab, &peer.org, &peer.node];
-    let hash = fnv1a(parts.join("/").as_bytes()) & 0xffff_ffff;
-    let readable = parts.join("-");
-    let head = readable.get(..54).unwrap_or(&readable);
-    format!("{}-{hash:08x}", head.trim_end_matches('-'))
-}
-
-fn service(
-    settings: &Settings,
-    collab: &str,
-    name: &str,
-    peer: &NodeRef,
-    ports: &BTreeMap<u16, u16>,
-    links: &[&EffectiveLink],
-) -> Value {
-    let ids: BTreeSet<&str> = links.iter().map(|l| l.terms.id.as_str()).collect();
-    let approvers: BTreeSet<&str> = links.iter().map(|l| l.approved_by.as_str()).collect();
-    let expires = links.iter().map(|l| l.terms.not_after).min().unwrap_or(0);
-    let ports: Vec<Value> = ports
-        .iter()
-        .map(|(port, pod)| {
-            json!({"name": format!("tcp-{port}"), "protocol": "TCP", "port": port, "targetPort": pod})
-        })
-        .collect();
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": {
-                MANAGED_BY: FIELD_MANAGER,
-                COLLABORATION: collab,
-                PEER: format!("{}.{}", peer.org, peer.node),
-                DIRECTION: "outbound",
-            },
-            "annotations": {
-                PURPOSE: format!("relay: algorithm pods reach {peer} here, on its approved ports"),
-                LINKS: ids.into_iter().collect::<Vec<_>>().join(", "),
-                APPROVED_BY: approvers.into_iter().collect::<Vec<_>>().join(", "),
-                EXPIRES: peerlink::rfc3339(expires),
-            },
-        },
-        "spec": {
-            "type": "ClusterIP",
-            "selector": settings.pod_labels,
-            "ports": ports,
-        },
-    })
 }
 
 fn peerlinks(settings: &Settings, inputs: &Inputs<'_>) -> Vec<DesiredPeerLink> {
@@ -347,95 +116,4 @@ fn peerlinks(settings: &Settings, inputs: &Inputs<'_>) -> Vec<DesiredPeerLink> {
             }
         })
         .collect()
-}
-
-/// When the next link in force expires (the objects change then).
-pub fn next_expiry(links: &[EffectiveLink]) -> Option<SystemTime> {
-    links
-        .iter()
-        .map(|l| UNIX_EPOCH + std::time::Duration::from_secs(l.terms.not_after))
-        .min()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn n(s: &str) -> NodeRef {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn port_ranges_parse_and_refuse() {
-        assert_eq!(
-            "20000-29999".parse::<PortRange>().unwrap(),
-            PortRange::DEFAULT
-        );
-        assert_eq!(PortRange::DEFAULT.to_string(), "20000-29999");
-        for bad in ["80-90", "3000-2000", "x-1", "20000"] {
-            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn pod_ports_are_deterministic_and_stable() {
-        let range: PortRange = "30000-30003".parse().unwrap();
-        let first = allocate(
-            range,
-            &BTreeMap::new(),
-            [(n("b/n1"), 11366), (n("c/n1"), 11366)],
-        )
-        .unwrap();
-        assert_eq!(
-            first,
-            allocate(
-                range,
-                &BTreeMap::new(),
-                [(n("c/n1"), 11366), (n("b/n1"), 11366)]
-            )
-            .unwrap(),
-            "the same wish gives the same answer, whatever the order"
-        );
-        // A newcomer never moves an existing allocation.
-        let more = allocate(
-            range,
-            &first,
-            [
-                (n("a/n1"), 1),
-                (n("b/n1"), 11366),
-                (n("c/n1"), 11366),
-                (n("d/n1"), 2),
-            ],
-        )
-        .unwrap();
-        assert_eq!(more[&n("b/n1")], first[&n("b/n1")]);
-        assert_eq!(more[&n("c/n1")], first[&n("c/n1")]);
-        let all: BTreeSet<u16> = more.values().flat_map(|m| m.values().copied()).collect();
-        assert_eq!(all, BTreeSet::from([30000, 30001, 30002, 30003]));
-        assert!(
-            allocate(
-                range,
-                &more,
-                [
-                    (n("e/n1"), 1),
-                    (n("a/n1"), 1),
-                    (n("b/n1"), 11366),
-                    (n("c/n1"), 11366),
-                    (n("d/n1"), 2)
-                ]
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn service_names_are_labels_and_unambiguous() {
-        assert_eq!(service_name("c", &n("org-b/n1")), "fm-c-org-b-n1-ae08affc");
-        assert_ne!(
-            service_name("c", &n("org-b/n1")),
-            service_name("c", &n("org/b-n1"))
-        );
-        let long = "x".repeat(63);
-        assert_eq!(service_name(&long, &n("b/n1")).len(), 63);
-    }
 }

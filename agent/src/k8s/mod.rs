@@ -15,16 +15,19 @@
 //! are mesh-config's render of the links in force, plus this node's credentials Secret in the
 //! agent's namespace. Without Istio, the relay carries the links and the objects are one
 //! `Service` per peer in front of the agent pod (the peer's real ports, each leading to a pod
-//! port the relay listens on).
+//! port the relay listens on). Each is a [`backend`].
 //!
 //! # Layout
 //!
+//! - [`backend`]: the mesh backends (Istio; relay Services), each the kinds it writes and its
+//!   render, and the one [`Mode`] enum that picks one.
 //! - [`resources`]: the kinds fedmesh writes, and the namespaces it writes them in.
 //! - [`desired`]: the pure computation of what the cluster should hold.
 //! - [`plan`]: the pure comparison of desired and live objects.
 //! - [`peerlink`]: the `PeerLink` custom resource, its conditions and reasons.
 //! - [`controller`]: the thin async shell around the Kubernetes API.
 
+pub mod backend;
 pub mod controller;
 pub mod desired;
 pub mod peerlink;
@@ -41,32 +44,14 @@ use std::{collections::BTreeMap, time::Duration};
 use fedmesh_mesh_config::RenderOptions;
 
 pub use self::{
+    backend::{Mode, relay::PortRange},
     controller::{Controller, Placement},
-    desired::PortRange,
     peerlink::PeerLink,
     plan::{Diff, Plan},
 };
 
 /// The one field manager of every write fedmesh makes.
 pub const FIELD_MANAGER: &str = "fedmesh";
-
-/// How the links are carried in the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Istio objects rendered by mesh-config.
-    Istio,
-    /// fedmesh's QUIC relay, one Service per peer in front of the agent pod.
-    Relay,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Istio => "istio",
-            Self::Relay => "relay",
-        })
-    }
-}
 
 /// How to run in a cluster, as given on the command line.
 #[derive(Clone, Debug)]

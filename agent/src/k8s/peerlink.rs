@@ -7,8 +7,9 @@
 //! follow linkerd2's habit: type and reason strings are constants in [`conditions`] and
 //! [`reasons`], and every condition has one constructor.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
+use fedmesh_certs::time::{self, unix};
 use fedmesh_documents::{LinkState, LinkStatus, NodeRef, PortSpec, Verdict};
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -398,21 +399,14 @@ pub fn shown(link: &LinkStatus, at: SystemTime) -> bool {
 fn ports(ports: &[PortSpec]) -> String {
     ports
         .iter()
-        .map(|p| match &p.label {
-            Some(label) => format!("{}:{label}", p.port),
-            None => p.port.to_string(),
-        })
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// RFC 3339 in UTC.
-pub(crate) fn rfc3339(unix: u64) -> String {
-    crate::cli::certs::rfc3339(UNIX_EPOCH + Duration::from_secs(unix))
+pub(crate) fn rfc3339(secs: u64) -> String {
+    time::rfc3339(time::from_unix(secs))
 }
 
 #[cfg(test)]
@@ -445,7 +439,7 @@ mod tests {
     }
 
     fn at(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(secs)
+        time::from_unix(secs)
     }
 
     fn summary(s: &PeerLinkStatus) -> Vec<(String, String, String)> {

@@ -1,10 +1,11 @@
-//! The kinds fedmesh writes, and the namespaces it writes each in. This table is the whole of
-//! what the controller lists, applies and prunes; the Helm chart's Roles grant exactly it.
+//! The kinds fedmesh writes, and the namespaces it writes each in: the `PeerLink` resource and
+//! each mesh backend's kinds ([`super::backend`]). These tables are the whole of what the
+//! controller lists, applies and prunes; the Helm chart's Roles grant exactly them.
 
 use kube::discovery::ApiResource;
 use serde_json::Value;
 
-use super::{Error, Mode, Result, Settings};
+use super::{Error, Result, Settings};
 
 /// Which namespace a kind is written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +29,8 @@ pub struct Kind {
     pub place: Place,
 }
 
-const fn kind(
+/// A [`Kind`] (for the backends' tables).
+pub(super) const fn kind(
     api_version: &'static str,
     kind: &'static str,
     plural: &'static str,
@@ -41,68 +43,6 @@ const fn kind(
         place,
     }
 }
-
-/// What Istio mode writes, in the order it is listed.
-pub const ISTIO: &[Kind] = &[
-    kind("v1", "Secret", "secrets", Place::Agent),
-    kind(
-        "networking.istio.io/v1",
-        "ServiceEntry",
-        "serviceentries",
-        Place::Agent,
-    ),
-    kind(
-        "networking.istio.io/v1",
-        "DestinationRule",
-        "destinationrules",
-        Place::Agent,
-    ),
-    kind(
-        "networking.istio.io/v1",
-        "Gateway",
-        "gateways",
-        Place::Agent,
-    ),
-    kind(
-        "networking.istio.io/v1",
-        "VirtualService",
-        "virtualservices",
-        Place::Agent,
-    ),
-    kind(
-        "security.istio.io/v1",
-        "AuthorizationPolicy",
-        "authorizationpolicies",
-        Place::Agent,
-    ),
-    kind(
-        "security.istio.io/v1",
-        "AuthorizationPolicy",
-        "authorizationpolicies",
-        Place::Algorithm,
-    ),
-    kind(
-        "security.istio.io/v1",
-        "PeerAuthentication",
-        "peerauthentications",
-        Place::Algorithm,
-    ),
-    kind(
-        "networking.istio.io/v1",
-        "Sidecar",
-        "sidecars",
-        Place::Algorithm,
-    ),
-    kind(
-        "networking.k8s.io/v1",
-        "NetworkPolicy",
-        "networkpolicies",
-        Place::Algorithm,
-    ),
-];
-
-/// What relay mode writes.
-pub const RELAY: &[Kind] = &[kind("v1", "Service", "services", Place::Agent)];
 
 /// The `PeerLink` resource (written in both modes).
 pub const PEERLINK: Kind = kind("fedmesh.io/v1alpha1", "PeerLink", "peerlinks", Place::Agent);
@@ -144,11 +84,8 @@ impl Settings {
 
     /// Every (kind, namespace) this mode writes, in listing order.
     pub fn scopes(&self) -> Vec<Scope> {
-        let kinds = match self.mode {
-            Mode::Istio => ISTIO,
-            Mode::Relay => RELAY,
-        };
-        kinds
+        self.mode
+            .kinds()
             .iter()
             .map(|k| Scope {
                 kind: *k,
@@ -187,8 +124,7 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::k8s::fixtures::settings;
+    use crate::k8s::{Mode, fixtures::settings};
     use serde_json::json;
 
     #[test]
@@ -208,12 +144,12 @@ mod tests {
 
     #[test]
     fn resources_split_group_and_version() {
-        let r = ISTIO[1].resource();
+        let r = Mode::Istio.kinds()[1].resource();
         assert_eq!(
             (r.group.as_str(), r.version.as_str(), r.plural.as_str()),
             ("networking.istio.io", "v1", "serviceentries")
         );
-        let core = RELAY[0].resource();
+        let core = Mode::Relay.kinds()[0].resource();
         assert_eq!((core.group.as_str(), core.version.as_str()), ("", "v1"));
     }
 }

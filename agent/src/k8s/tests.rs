@@ -41,6 +41,10 @@ fn rendered(collab: &Collab) -> Vec<Value> {
     let view = NodeView {
         collab: "c".into(),
         local: Collab::node(),
+        members: ["a/n1", "b/n1", "c/n1"]
+            .into_iter()
+            .map(|m| m.parse().unwrap())
+            .collect(),
         peers: BTreeMap::from([
             ("b/n1".parse().unwrap(), peer("gw.b.example:443")),
             ("c/n1".parse().unwrap(), peer("192.0.2.7:443")),

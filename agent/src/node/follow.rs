@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::Snapshot;
+use super::{Snapshot, identity::IdentityWatch};
 use crate::{
     enroll::NodeState,
     hub::{
@@ -114,10 +114,12 @@ pub(crate) fn triage(
 }
 
 /// Follows the hub: long-polls for documents and verifies each into the ledger. A document that
-/// does not verify is reported and skipped; everything verified before stays.
+/// does not verify is reported and skipped; everything verified before stays. The ledger is
+/// published only when a document changed it (a long-poll that returns empty wakes nobody).
 pub(super) async fn follow(
     state: Arc<NodeState>,
     mut hub: HubClient,
+    mut identity: IdentityWatch,
     ledger_tx: watch::Sender<Arc<Ledger>>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
@@ -126,7 +128,6 @@ pub(super) async fn follow(
     let mut ledger = (**ledger_tx.borrow()).clone();
     let mut backoff = MIN_BACKOFF;
     let mut retry = MIN_RETRY;
-    let mut serial = state.identity()?.info().serial.clone();
     let throttle = Throttle::default();
     let report = |anomaly: Anomaly, detail: &str| {
         metrics.hub_anomaly(anomaly.name());
@@ -139,11 +140,8 @@ pub(super) async fn follow(
     };
     loop {
         // After a renewal, talk to the hub with the new certificate.
-        if let Ok(identity) = state.identity()
-            && identity.info().serial != serial
-        {
-            hub = state.hub_client()?;
-            serial = identity.info().serial.clone();
+        if identity.has_changed().unwrap_or(false) {
+            hub = identity.borrow_and_update().hub_client(&state)?;
         }
         let cursor = ledger.cursor();
         let asked = Instant::now();
@@ -156,29 +154,25 @@ pub(super) async fn follow(
                 let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
                 let now = SystemTime::now();
                 let mut rejected = Vec::new();
-                let mut changed = !fresh.is_empty();
+                let mut changed = false;
+                let mut refused = 0;
                 // The collaboration and, below it, the checkpoint come before the documents;
                 // both are known by hash after the first time.
-                let mut first = vec![ledger.ingest_jws(&page.collab_jws, now)];
+                let mut outcomes = vec![ledger.ingest_jws(&page.collab_jws, now)];
                 if let Some(cp) = page.checkpoint.as_ref().filter(|cp| cp.seq > cursor) {
-                    first.push(ledger.ingest(cp, now));
+                    outcomes.push(ledger.ingest(cp, now));
                 }
-                for outcome in first {
+                let first = outcomes.len();
+                outcomes.extend(fresh.iter().map(|env| ledger.ingest(env, now)));
+                for (i, outcome) in outcomes.into_iter().enumerate() {
                     match outcome {
                         Ok(Ingested::Changed) => changed = true,
                         Ok(_) => {}
                         Err(rejection) => {
                             warn!(%rejection, "document refused; keeping the last verified state");
                             rejected.push(rejection);
+                            refused += usize::from(i >= first);
                         }
-                    }
-                }
-                let mut refused = 0;
-                for env in &fresh {
-                    if let Err(rejection) = ledger.ingest(env, now) {
-                        warn!(%rejection, "document refused; keeping the last verified state");
-                        rejected.push(rejection);
-                        refused += 1;
                     }
                 }
                 for rejection in ledger.take_late_rejections() {
@@ -202,7 +196,10 @@ pub(super) async fn follow(
                     snapshot_tx.send_modify(|s| {
                         let s = Arc::make_mut(s);
                         s.rejections.extend(rejected);
-                        let excess = s.rejections.len().saturating_sub(100);
+                        let excess = s
+                            .rejections
+                            .len()
+                            .saturating_sub(super::plan::MAX_REJECTIONS);
                         s.rejections.drain(..excess);
                     });
                 }

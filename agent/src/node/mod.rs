@@ -1,16 +1,22 @@
 //! The node agent in relay mode.
 //!
 //! ```text
-//!  hub ──long-poll──▶ follow ──Ledger──▶ reconcile (every change, and every second for expiry)
-//!                    (verify every            │ effective links at now
-//!                     document, keep the      ├──▶ relay: listeners, admission, open streams
-//!                     last verified state)    ├──▶ DNS names and peers.json (FEDMESH_PEERS)
-//!                                             └──▶ snapshot: admin API, metrics, vantage6 API
-//!  renew: at two thirds of the certificate's life, a new key and CSR → hub → relay TLS
+//!  hub ──long-poll──▶ follow ──Ledger──┐
+//!                    (verify every     │   resolve: advertised relay host names
+//!                     document, keep   ├──────────────────────────────────────┐
+//!                     the last         ▼                                      ▼
+//!                     verified state) plan (pure: links in force, addresses, names, relay config)
+//!                                      │ on every input change and at the next link expiry
+//!                                      ├──▶ relay: listeners, admission, open streams
+//!                                      ├──▶ DNS names and peers.json (FEDMESH_PEERS)
+//!                                      └──▶ snapshot: admin API, metrics, vantage6 API
+//!  renew: at two thirds of the certificate's life, a new certificate on the identity channel
+//!         (relay TLS, hub client, Istio credentials follow it)
 //! ```
 //!
 //! Everything the agent decides comes from documents it verified itself; the hub only carries
-//! them.
+//! them. What it decides is [`plan::plan`]'s, a pure function; this module only runs tasks,
+//! writes files and hands the plan on.
 //!
 //! In Kubernetes ([`NodeOptions::kubernetes`]) a [`k8s::Controller`] runs beside the reconciler:
 //! it applies the Istio objects (and the relay then admits nothing), or one Service per peer in
@@ -20,6 +26,9 @@
 
 pub mod admin;
 mod follow;
+pub mod identity;
+pub mod plan;
+mod resolve;
 pub mod v6;
 
 use std::{
@@ -33,24 +42,28 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fedmesh_certs::{NodeKey, files, renew, verify::Usage};
+use fedmesh_certs::{TrustBundle, files, verify::Usage};
 use fedmesh_documents::{
-    Advertisement, Document, EffectiveLink, Exposure, Ledger, NodeRef, PortSpec, Rejection, Signer,
-    jws,
+    Advertisement, Document, EffectiveLink, Exposure, Ledger, NodeRef, NodeSigner, PortSpec,
+    Rejection, Signer, jws,
 };
-use fedmesh_mesh_config::addresses::{self, Pool};
+use fedmesh_mesh_config::addresses::Pool;
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::{
+    identity::{Identity, IdentityWatch},
+    plan::NodePlan,
+};
 use crate::{
     dns::{self, NameMap},
     enroll::NodeState,
     hub::client::HubClient,
     k8s::{self, Placement},
     metrics::Metrics,
-    relay::{Policy, Relay, RelayConfig, RelayOptions, TlsMaterial},
+    relay::{Relay, RelayOptions, TlsMaterial},
 };
 
 /// A port this node's algorithms expose to peers, and where inbound streams for it go.
@@ -120,10 +133,14 @@ pub struct PeerView {
     pub ports: Vec<PortSpec>,
     /// Its DNS names.
     pub names: Vec<String>,
+    /// Why the relay cannot dial it (its advertised address does not resolve, or it has
+    /// advertised none), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 /// What the agent currently knows.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Links in force that concern this node.
     pub links: Vec<EffectiveLink>,
@@ -144,24 +161,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// The `FEDMESH_PEERS` map: every peer name → `IP:port`s.
     pub fn peer_map(&self) -> BTreeMap<String, Vec<String>> {
-        let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for view in self.peers.values() {
-            let addrs: Vec<String> = view
-                .ports
-                .iter()
-                .map(|p| SocketAddr::new(view.ip, p.port).to_string())
-                .collect();
-            for name in &view.names {
-                map.entry(name.clone())
-                    .or_default()
-                    .extend(addrs.iter().cloned());
-            }
-        }
-        for addrs in map.values_mut() {
-            addrs.sort();
-            addrs.dedup();
-        }
-        map
+        plan::peer_map(&self.peers)
     }
 }
 
@@ -181,6 +181,8 @@ pub struct NodeHandle {
     pub metrics: Arc<Metrics>,
     /// The addresses the relay listens on for peers.
     pub listening: watch::Receiver<Arc<BTreeSet<SocketAddr>>>,
+    /// The node's current certificate and key.
+    pub identity: IdentityWatch,
     cancel: CancellationToken,
     tasks: JoinSet<Result<()>>,
 }
@@ -252,18 +254,18 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         ),
         None => None,
     };
-    let istio = controller
+    let relay_carries = controller
         .as_ref()
-        .is_some_and(|c| c.settings().mode == k8s::Mode::Istio);
+        .is_none_or(|c| c.settings().mode.relay_carries());
     crate::enroll::ensure_valid_certificate(&state).await?;
-    let identity = state.identity()?;
+    let identity = Arc::new(Identity::load(&state)?);
     let bundle = state.trust_bundle()?;
     let metrics = Arc::new(Metrics::default());
     let relay = Relay::bind(
         opts.relay_listen,
         node.clone(),
         &TlsMaterial {
-            identity: &identity,
+            identity: &identity.tls,
             bundle: &bundle,
         },
         opts.relay,
@@ -282,14 +284,24 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
-    let hub = state.hub_client()?;
-    publish_advertisement(&state, &hub, &advertise, &opts.exposes, istio).await?;
+    let hub = identity.hub_client(&state)?;
+    publish_advertisement(
+        &state,
+        &identity,
+        &hub,
+        &advertise,
+        &opts.exposes,
+        relay_carries,
+    )
+    .await?;
     info!(%node, relay = %relay_addr, advertise = %advertise, "node agent started");
 
+    let (identity_tx, identity_rx) = watch::channel(identity);
     let (ledger_tx, ledger_rx) =
         watch::channel(Arc::new(Ledger::for_node(&state.config.owner_pin, &node)));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (names_tx, names_rx) = watch::channel(Arc::new(NameMap::new()));
+    let (resolved_tx, resolved_rx) = watch::channel(Arc::new(resolve::Resolved::new()));
 
     let dns_addr = match opts.dns_listen {
         Some(addr) => {
@@ -323,27 +335,37 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     };
 
     let shared_state = Arc::new(state);
+    tasks.spawn(follow::follow(
+        shared_state.clone(),
+        hub,
+        identity_rx.clone(),
+        ledger_tx,
+        snapshot_tx.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     {
-        let c = cancel.clone();
-        tasks.spawn(follow::follow(
-            shared_state.clone(),
-            hub,
-            ledger_tx,
-            snapshot_tx.clone(),
+        let (node, ledger, metrics, c) = (
+            node.clone(),
+            ledger_rx.clone(),
             metrics.clone(),
-            c,
-        ));
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            resolve::run(node, ledger, resolved_tx, metrics, c).await;
+            Ok(())
+        });
     }
     let placement = match (controller, &opts.kubernetes) {
         (Some(controller), Some(options)) => {
             let (tx, rx) = watch::channel(Arc::new(Placement::new(controller.settings().mode)));
-            let c = cancel.clone();
             tasks.spawn(controller.run(
                 shared_state.clone(),
                 ledger_rx.clone(),
+                identity_rx.clone(),
                 tx,
                 options.resync,
-                c,
+                cancel.clone(),
             ));
             Some(rx)
         }
@@ -353,8 +375,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let relay = Arc::new(relay);
     {
         let reconciler = Reconciler {
-            state: shared_state.clone(),
             node: node.clone(),
+            dir: shared_state.dir.clone(),
             pool: opts.loopback_pool,
             exposes: opts.exposes.clone(),
             relay: relay.clone(),
@@ -363,20 +385,29 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             metrics: metrics.clone(),
             addresses: load_addresses(&shared_state),
             peers_json: String::new(),
-            placement,
         };
-        let c = cancel.clone();
-        tasks.spawn(reconciler.run(ledger_rx, c));
+        tasks.spawn(reconciler.run(
+            Inputs {
+                ledger: ledger_rx,
+                placement,
+                identity: identity_rx.clone(),
+                resolved: resolved_rx,
+            },
+            cancel.clone(),
+        ));
     }
     {
         let c = cancel.clone();
         let relay = relay.clone();
         tasks.spawn(async move { relay.run(c.cancelled()).await });
     }
-    {
-        let c = cancel.clone();
-        tasks.spawn(renew_loop(shared_state, relay, metrics.clone(), c));
-    }
+    tasks.spawn(follow_identity(
+        relay,
+        bundle,
+        identity_rx.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(renew_loop(shared_state, identity_tx, cancel.clone()));
     Ok(NodeHandle {
         node,
         relay_addr,
@@ -385,24 +416,27 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         snapshot: snapshot_rx,
         metrics,
         listening,
+        identity: identity_rx,
         cancel,
         tasks,
     })
 }
 
-/// Publishes where peers reach this node: the relay, or (Istio mode) the ingress gateway.
+/// Publishes where peers reach this node: the relay, or (a backend that does not use the
+/// relay, such as Istio) the ingress gateway.
 async fn publish_advertisement(
     state: &NodeState,
+    identity: &Identity,
     hub: &HubClient,
     address: &str,
     exposes: &[Expose],
-    istio: bool,
+    relay_carries: bool,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        relay: (!istio).then(|| address.to_owned()),
-        gateway: istio.then(|| address.to_owned()),
+        relay: relay_carries.then(|| address.to_owned()),
+        gateway: (!relay_carries).then(|| address.to_owned()),
         exposes: exposes
             .iter()
             .map(|e| Exposure {
@@ -412,7 +446,8 @@ async fn publish_advertisement(
             .collect(),
         issued_at: jws::unix(SystemTime::now()),
     });
-    let signed = jws::sign(&doc, &Signer::Node(&state.signer()?))?;
+    let signer = NodeSigner::new(identity.tls.chain().to_vec(), identity.key()?);
+    let signed = jws::sign(&doc, &Signer::Node(&signer))?;
     hub.submit(&state.config.collab, signed)
         .await
         .context("publishing this node's advertisement")?;
@@ -431,10 +466,19 @@ fn load_addresses(state: &NodeState) -> BTreeMap<NodeRef, Ipv4Addr> {
         .unwrap_or_default()
 }
 
-/// Turns the ledger into relay config, DNS names, `peers.json` and the snapshot.
+/// What the reconciler follows.
+struct Inputs {
+    ledger: watch::Receiver<Arc<Ledger>>,
+    /// In Kubernetes: what the controller placed.
+    placement: Option<watch::Receiver<Arc<Placement>>>,
+    identity: IdentityWatch,
+    resolved: watch::Receiver<Arc<resolve::Resolved>>,
+}
+
+/// Hands the [`plan`] to the relay, DNS, `peers.json`, `addresses.json` and the snapshot.
 struct Reconciler {
-    state: Arc<NodeState>,
     node: NodeRef,
+    dir: PathBuf,
     pool: Pool,
     exposes: Vec<Expose>,
     relay: Arc<Relay>,
@@ -443,117 +487,95 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     addresses: BTreeMap<NodeRef, Ipv4Addr>,
     peers_json: String,
-    /// In Kubernetes: what the controller placed.
-    placement: Option<watch::Receiver<Arc<Placement>>>,
 }
 
 impl Reconciler {
-    async fn run(
-        mut self,
-        mut ledger: watch::Receiver<Arc<Ledger>>,
-        cancel: CancellationToken,
-    ) -> Result<()> {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Plans on every change of an input and at the next link expiry, until `cancel`.
+    async fn run(mut self, mut inputs: Inputs, cancel: CancellationToken) -> Result<()> {
         loop {
-            let current = ledger.borrow_and_update().clone();
-            if let Err(error) = self.reconcile(&current, SystemTime::now()) {
-                warn!(%error, "reconcile failed");
-            }
+            let now = SystemTime::now();
+            let ledger = inputs.ledger.borrow_and_update().clone();
+            let placement = inputs
+                .placement
+                .as_mut()
+                .map(|p| p.borrow_and_update().clone());
+            let resolved = inputs.resolved.borrow_and_update().clone();
+            let cert_not_after = inputs.identity.borrow_and_update().info().not_after;
+            let next = match self.reconcile(
+                &ledger,
+                placement.as_deref(),
+                &resolved,
+                cert_not_after,
+                now,
+            ) {
+                Ok(next) => next,
+                Err(error) => {
+                    warn!(%error, "reconcile failed; retrying at the next change");
+                    None
+                }
+            };
+            let until_next = async {
+                match next.map(|at| at.duration_since(SystemTime::now()).unwrap_or_default()) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let placement_changed = async {
+                match inputs.placement.as_mut() {
+                    Some(p) => p.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                changed = ledger.changed() => if changed.is_err() { return Ok(()) },
-                _ = tick.tick() => {}
+                changed = inputs.ledger.changed() => if changed.is_err() { return Ok(()) },
+                changed = placement_changed => if changed.is_err() { return Ok(()) },
+                changed = inputs.identity.changed() => if changed.is_err() { return Ok(()) },
+                changed = inputs.resolved.changed() => if changed.is_err() { return Ok(()) },
+                () = until_next => {}
             }
         }
     }
 
-    fn reconcile(&mut self, ledger: &Ledger, now: SystemTime) -> Result<()> {
-        let Some(collab) = ledger.collaboration() else {
-            return Ok(());
+    /// Plans and hands the plan on; returns when the plan changes by itself.
+    fn reconcile(
+        &mut self,
+        ledger: &Ledger,
+        placement: Option<&Placement>,
+        resolved: &resolve::Resolved,
+        cert_not_after: SystemTime,
+        now: SystemTime,
+    ) -> Result<Option<SystemTime>> {
+        let Some(plan) = plan::plan(&plan::Inputs {
+            ledger,
+            node: &self.node,
+            placement,
+            pool: &self.pool,
+            remembered: &self.addresses,
+            resolved,
+            exposes: &self.exposes,
+            now,
+        })?
+        else {
+            return Ok(None);
         };
-        let (mut links, rejections) = ledger.effective_links(&self.node, now);
-        let placement = self.placement.as_ref().map(|p| p.borrow().clone());
-        match &placement {
-            Some(placement) if !placement.synced => links.clear(),
-            Some(placement) => links.retain(|l| !placement.vetoed.contains(&l.terms.id)),
-            None => {}
+        let NodePlan {
+            relay,
+            names,
+            mut snapshot,
+            remember,
+            next_change,
+        } = plan;
+        if placement.is_none() && remember != self.addresses {
+            let text: BTreeMap<String, Ipv4Addr> =
+                remember.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            files::write_public(
+                &self.dir.join("addresses.json"),
+                &serde_json::to_vec_pretty(&text)?,
+            )?;
+            self.addresses = remember;
         }
-        let mut policy = Policy::new(&self.node, &links);
-        let mut ports: BTreeMap<NodeRef, BTreeSet<PortSpec>> = BTreeMap::new();
-        for (peer, port, grant) in policy.outbound() {
-            ports.entry(peer.clone()).or_default().insert(PortSpec {
-                port,
-                label: grant.label.clone(),
-            });
-        }
-        let assigned: BTreeMap<NodeRef, IpAddr> = match &placement {
-            None => self.loopback_addresses(&ports)?,
-            Some(placement) => placement
-                .addresses
-                .iter()
-                .filter(|(peer, _)| ports.contains_key(*peer))
-                .map(|(peer, ip)| (peer.clone(), *ip))
-                .collect(),
-        };
-        if placement
-            .as_ref()
-            .is_some_and(|p| p.mode == k8s::Mode::Istio)
-        {
-            // Istio carries the links; the relay admits nothing.
-            policy = Policy::new(&self.node, &[]);
-        }
-
-        // Org names are shared by an org's nodes; node names are unique.
-        let mut peers = BTreeMap::new();
-        for (peer, ip) in &assigned {
-            let names = vec![
-                format!("{}.{}.{}.fedmesh", peer.node, peer.org, collab.id),
-                format!("{}.{}.fedmesh", peer.org, collab.id),
-            ];
-            peers.insert(
-                peer.clone(),
-                PeerView {
-                    ip: *ip,
-                    ports: ports[peer].iter().cloned().collect(),
-                    names,
-                },
-            );
-        }
-        let relay_config = RelayConfig {
-            policy,
-            peers: ports
-                .keys()
-                .filter_map(|peer| {
-                    let relay = ledger.advertisement(peer)?.relay.as_deref()?;
-                    Some((peer.clone(), resolve(relay).ok()?))
-                })
-                .collect(),
-            listeners: match &placement {
-                Some(placement) => placement.listeners.clone(),
-                None => peers
-                    .iter()
-                    .flat_map(|(peer, view)| {
-                        view.ports
-                            .iter()
-                            .map(|p| (SocketAddr::new(view.ip, p.port), (peer.clone(), p.port)))
-                    })
-                    .collect(),
-            },
-            targets: self
-                .exposes
-                .iter()
-                .map(|e| (e.port, e.target.clone()))
-                .collect(),
-        };
-        self.relay.update(relay_config);
-
-        let mut names = NameMap::new();
-        for view in peers.values() {
-            for name in &view.names {
-                names.entry(name.clone()).or_default().push(view.ip);
-            }
-        }
+        self.relay.update(relay);
         self.names.send_if_modified(|current| {
             if **current == names {
                 return false;
@@ -561,138 +583,100 @@ impl Reconciler {
             *current = Arc::new(names);
             true
         });
-        self.metrics.links_active.set(links.len() as i64);
-
-        let organization_ids = collab
-            .members
-            .iter()
-            .filter_map(|m| m.organization_id.map(|id| (m.org.clone(), id)))
-            .collect();
-        let cert_not_after = self.state.identity().ok().map(|i| i.info().not_after);
-        let next = Snapshot {
-            rejections: merge_rejections(&self.snapshot.borrow().rejections, &rejections),
-            links,
-            peers,
-            synced: true,
-            organization_ids,
-            exposes: self.exposes.clone(),
-            cert_not_after,
-        };
+        self.metrics
+            .links_active
+            .set(i64::try_from(snapshot.links.len()).unwrap_or(i64::MAX));
+        snapshot.rejections =
+            plan::merge_rejections(&self.snapshot.borrow().rejections, &snapshot.rejections);
+        snapshot.cert_not_after = Some(cert_not_after);
         // The file first: whoever sees the new snapshot finds the file already written.
-        let peers_json = serde_json::to_string_pretty(&next.peer_map())?;
+        let peers_json = serde_json::to_string_pretty(&snapshot.peer_map())?;
         if peers_json != self.peers_json {
-            files::write_public(&self.state.dir.join("peers.json"), peers_json.as_bytes())?;
+            files::write_public(&self.dir.join("peers.json"), peers_json.as_bytes())?;
             self.peers_json = peers_json;
         }
         self.snapshot.send_if_modified(|s| {
             let same = s.synced
-                && s.links == next.links
-                && s.peers == next.peers
-                && s.rejections == next.rejections
-                && s.cert_not_after == next.cert_not_after;
+                && s.links == snapshot.links
+                && s.peers == snapshot.peers
+                && s.rejections == snapshot.rejections
+                && s.cert_not_after == snapshot.cert_not_after;
             if !same {
-                *s = Arc::new(next);
+                *s = Arc::new(snapshot);
             }
             !same
         });
-        Ok(())
-    }
-
-    /// On a machine: one loopback address per peer from the pool, remembered in
-    /// `addresses.json` so a peer keeps its address.
-    fn loopback_addresses(
-        &mut self,
-        ports: &BTreeMap<NodeRef, BTreeSet<PortSpec>>,
-    ) -> Result<BTreeMap<NodeRef, IpAddr>> {
-        let assigned = addresses::assign(&self.pool, &self.addresses, ports.keys().cloned())?;
-        let mut remembered = self.addresses.clone();
-        remembered.extend(assigned.iter().map(|(k, v)| (k.clone(), *v)));
-        if remembered != self.addresses {
-            let text: BTreeMap<String, Ipv4Addr> = remembered
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect();
-            files::write_public(
-                &self.state.dir.join("addresses.json"),
-                &serde_json::to_vec_pretty(&text)?,
-            )?;
-            self.addresses = remembered;
-        }
-        Ok(assigned
-            .into_iter()
-            .map(|(peer, ip)| (peer, IpAddr::V4(ip)))
-            .collect())
+        Ok(next_change)
     }
 }
 
-fn merge_rejections(old: &[Rejection], new: &[Rejection]) -> Vec<Rejection> {
-    let mut out = old.to_vec();
-    for r in new {
-        if !out.contains(r) {
-            out.push(r.clone());
-        }
-    }
-    out
-}
-
-/// Resolves an advertised `host:port` (an IP address, or a name via the system resolver).
-fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, addr.to_owned()))
-}
-
-/// Renews the node certificate at two thirds of its life (online CA): a CSR for the node's key,
-/// the hub's signature, then the relay's TLS. The key stays; only the certificate file is
-/// replaced (atomically), so a crash never leaves a key without its certificate.
-async fn renew_loop(
-    state: Arc<NodeState>,
+/// Gives the relay each renewed certificate, for new connections both ways.
+async fn follow_identity(
     relay: Arc<Relay>,
-    metrics: Arc<Metrics>,
+    bundle: TrustBundle,
+    mut identity: IdentityWatch,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let mut wait = Duration::ZERO;
     loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            changed = identity.changed() => if changed.is_err() { return Ok(()) },
+        }
+        let current = identity.borrow_and_update().clone();
+        relay.set_tls(&TlsMaterial {
+            identity: &current.tls,
+            bundle: &bundle,
+        })?;
+        info!(serial = %current.info().serial, "relay presents the renewed certificate");
+    }
+}
+
+/// How long to wait before trying a failed renewal again.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
+
+/// Renews the node certificate at two thirds of its life (online CA): a CSR for the node's key,
+/// the hub's signature, then the new certificate on the identity channel. The key stays; only
+/// the certificate file is replaced (atomically), so a crash never leaves a key without its
+/// certificate.
+async fn renew_loop(
+    state: Arc<NodeState>,
+    identity: watch::Sender<Arc<Identity>>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let mut retry_at = None;
+    loop {
+        let current = identity.borrow().clone();
+        let renew_at = retry_at.unwrap_or_else(|| current.info().renew_at());
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        // Look again at the renewal time, or in 10 s (also after a failed renewal).
-        wait = Duration::from_secs(10);
-        let identity = state.identity()?;
-        let info = identity.info();
-        let now = SystemTime::now();
-        let left = info.not_after.duration_since(now).unwrap_or_default();
-        metrics.cert_expiry_seconds.set(left.as_secs() as i64);
-        if !renew::needs_renewal(info.not_before, info.not_after, now) {
-            let until = info.renew_at().duration_since(now).unwrap_or_default();
-            wait = wait.min(until).max(Duration::from_millis(200));
-            continue;
-        }
-        match renew_once(&state).await {
-            Ok(()) => {
-                let identity = state.identity()?;
-                let bundle = state.trust_bundle()?;
-                relay.set_tls(&TlsMaterial {
-                    identity: &identity,
-                    bundle: &bundle,
-                })?;
-                info!(serial = %identity.info().serial, "certificate renewed");
+        match renew_once(&state, &current).await {
+            Ok(renewed) => {
+                info!(serial = %renewed.info().serial, "certificate renewed");
+                identity.send_replace(Arc::new(renewed));
+                retry_at = None;
             }
-            Err(error) => warn!(%error, "certificate renewal failed; will retry"),
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), retry_in = ?RENEW_RETRY, "certificate renewal failed");
+                retry_at = Some(SystemTime::now() + RENEW_RETRY);
+            }
         }
     }
 }
 
-async fn renew_once(state: &NodeState) -> Result<()> {
-    if state.identity()?.info().not_after <= SystemTime::now() {
-        return crate::enroll::reattest(state).await;
+async fn renew_once(state: &NodeState, current: &Identity) -> Result<Identity> {
+    if current.info().not_after <= SystemTime::now() {
+        // Past its end (the machine slept, or the hub was away that long): no mutual TLS.
+        crate::enroll::reattest(state).await?;
+        return Identity::load(state);
     }
-    let key = NodeKey::from_pem(&files::read_to_string(&state.key_path())?)?;
-    let csr = key.csr(&state.spiffe_id()?)?;
-    let renewed = state
-        .hub_client()?
+    let csr = current.key()?.csr(&state.spiffe_id()?)?;
+    let renewed = current
+        .hub_client(state)?
         .renew(&state.config.collab, csr.pem)
         .await?;
     let bundle = state.trust_bundle()?;
@@ -702,6 +686,7 @@ async fn renew_once(state: &NodeState) -> Result<()> {
     if info.spiffe_id != state.spiffe_id()? {
         bail!("the hub renewed the wrong identity: {}", info.spiffe_id);
     }
-    state.save_cert(&renewed.cert_pem)?;
-    Ok(())
+    let identity = Identity::from_pem(renewed.cert_pem, current.key_pem.clone())?;
+    state.save_cert(&identity.cert_pem)?;
+    Ok(identity)
 }

@@ -35,7 +35,7 @@ use quinn::{Connection, Endpoint, TransportConfig, VarInt, crypto::rustls as qru
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
 };
 use tracing::{debug, info, warn};
 
@@ -46,6 +46,8 @@ use self::{
 };
 use crate::metrics::{DirectionLabels, Metrics};
 
+/// How long shutdown lets connection and stream tasks end by themselves.
+const DRAIN: Duration = Duration::from_secs(2);
 /// How long a stream header may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the dialling side waits for a peer connection before giving up on a client.
@@ -172,6 +174,8 @@ struct Shared {
     client_config: std::sync::Mutex<quinn::ClientConfig>,
     metrics: Arc<Metrics>,
     options: RelayOptions,
+    /// Every connection and stream task, so shutdown can wait for them and end them.
+    tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
 /// One peer's connection, and when to try again after a failed dial.
@@ -225,6 +229,7 @@ impl Relay {
                 client_config: std::sync::Mutex::new(client_config(tls_material, options)?),
                 metrics,
                 options,
+                tasks: std::sync::Mutex::new(JoinSet::new()),
             }),
             config,
             options,
@@ -279,6 +284,24 @@ impl Relay {
         stop.cancel();
         let _ = listeners.await;
         self.shared.endpoint.close(VarInt::from_u32(0), b"shutdown");
+        // Closing the endpoint ends every connection and stream; let their tasks finish, and end
+        // whatever has not within a moment, so no task outlives the relay.
+        let mut tasks = std::mem::take(
+            &mut *self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let drained =
+            tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            debug!(
+                open = tasks.len(),
+                "ending relay tasks still busy at shutdown"
+            );
+            tasks.shutdown().await;
+        }
         Ok(())
     }
 }
@@ -299,6 +322,17 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
 // Connections
 
 impl Shared {
+    /// Runs `task` as one of the relay's tasks (see [`Relay::run`]'s drain).
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget tasks that have ended.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
     fn slot(&self, peer: &NodeRef) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut peers = self
             .peers
@@ -346,7 +380,7 @@ impl Shared {
                 s.conn = Some(conn.clone());
                 s.backoff = Duration::ZERO;
                 s.next_attempt = None;
-                tokio::spawn(serve_connection(self.clone(), conn.clone(), peer.clone()));
+                self.spawn(serve_connection(self.clone(), conn.clone(), peer.clone()));
                 Ok(conn)
             }
             Err(error) => {
@@ -381,8 +415,9 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
 /// Accepts incoming QUIC connections and serves their streams.
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
-        let shared = shared.clone();
-        tokio::spawn(async move {
+        let task = shared.clone();
+        shared.spawn(async move {
+            let shared = task;
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(conn) => conn,
@@ -426,7 +461,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: Connection, peer: NodeRef) 
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(inbound_stream(shared.clone(), peer.clone(), send, recv));
+                shared.spawn(inbound_stream(shared.clone(), peer.clone(), send, recv));
             }
             Err(e) => {
                 debug!(%peer, error = %describe_connection_error(&e), "peer connection ended");
@@ -704,7 +739,7 @@ async fn accept_clients(shared: Arc<Shared>, listener: TcpListener, peer: NodeRe
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
-                tokio::spawn(outbound_stream(shared.clone(), tcp, peer.clone(), port));
+                shared.spawn(outbound_stream(shared.clone(), tcp, peer.clone(), port));
             }
             Err(error) => {
                 warn!(%peer, port, %error, "accept failed");

@@ -1,8 +1,9 @@
 //! Shared by the integration tests: the three-organisation example, rendered at a fixed time.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
+use fedmesh_certs::time;
 use fedmesh_documents::NodeRef;
 use fedmesh_mesh_config::{CollabFile, NodeView, Rendered, render};
 
@@ -14,8 +15,7 @@ pub(crate) const GOLDEN_NOW: &str = "2030-01-01T00:00:00Z";
 pub(crate) const NODES: [&str; 3] = ["org-a/n1", "org-b/n1", "org-c/n1"];
 
 pub(crate) fn now() -> SystemTime {
-    let secs = fedmesh_mesh_config::collab_file::parse_time(GOLDEN_NOW).unwrap();
-    UNIX_EPOCH + Duration::from_secs(secs)
+    time::from_unix(time::parse_rfc3339(GOLDEN_NOW).unwrap())
 }
 
 pub(crate) fn n(s: &str) -> NodeRef {

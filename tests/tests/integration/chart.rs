@@ -1,6 +1,6 @@
 //! The Helm charts (`charts/fedmesh-agent`, `charts/fedmesh-hub`), checked offline: `helm lint
 //! --strict`, `helm template`, the rendered objects validated against Kubernetes 1.30's schemas
-//! (`kubernetes-validate --strict`), Istio objects against Istio's CRD schemas (mesh-config),
+//! (`kubernetes-validate --strict`), Istio objects against Istio's CRD schemas (fedmesh-istio-schema),
 //! the agent's RBAC against a literal table, its pod's lock-down, and its arguments against the
 //! `fedmesh` command line.
 //!
@@ -15,7 +15,8 @@ use std::{
 };
 
 use clap::Parser;
-use fedmesh_mesh_config::{RenderOptions, schema::Schemas};
+use fedmesh_istio_schema::Schemas;
+use fedmesh_mesh_config::RenderOptions;
 use serde_json::{Value, json};
 
 const ADVERTISE: &str = "advertise=relay.hospital-a.example:4433";
@@ -376,6 +377,42 @@ fn rbac_is_exactly_what_the_agent_writes() {
     }
 }
 
+/// Each mode's Roles grant exactly what its mesh backend says it writes (plus the PeerLinks
+/// every mode writes): the RBAC rows sit beside the backends, and the chart follows them.
+#[test]
+fn each_backend_s_kinds_are_its_rbac() {
+    use fedmesh_agent::k8s::{
+        Mode,
+        backend::{self, VERBS},
+        resources::Place,
+    };
+    for mode in Mode::ALL {
+        let docs = documents(&template(
+            "charts/fedmesh-agent",
+            &[ADVERTISE, &format!("mode={mode}")],
+        ));
+        let mut expected = table(&[
+            ("Role fedmesh", "fedmesh.io", "peerlinks", WRITE_AND_WATCH),
+            ("Role fedmesh", "fedmesh.io", "peerlinks/status", "patch"),
+        ]);
+        for rule in backend::rules(mode) {
+            let namespace = match rule.place {
+                Place::Agent => "fedmesh",
+                Place::Algorithm => "vantage6-tasks",
+            };
+            for resource in &rule.resources {
+                expected.insert((
+                    format!("Role {namespace}"),
+                    rule.group.to_owned(),
+                    (*resource).to_owned(),
+                    VERBS.join(","),
+                ));
+            }
+        }
+        assert_eq!(permissions(&docs), expected, "{mode}");
+    }
+}
+
 #[test]
 fn the_agent_pod_is_locked_down() {
     let docs = documents(&template("charts/fedmesh-agent", &[ADVERTISE]));
@@ -440,6 +477,7 @@ fn argv(container: &Value) -> Vec<String> {
         "FEDMESH_POD_PORTS" => Some("--pod-ports"),
         "FEDMESH_RESYNC" => Some("--resync"),
         "FEDMESH_LOG" => Some("--log"),
+        "FEDMESH_LOG_FORMAT" => Some("--log-format"),
         _ => None,
     };
     let mut argv = vec!["fedmesh".to_owned()];

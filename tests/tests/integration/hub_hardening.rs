@@ -1058,7 +1058,7 @@ async fn documents_signed_with_a_certificate_not_valid_now_are_refused() {
         .await
         .unwrap();
     let state = tmp.path().join("a");
-    let key = fedmesh_agent::cli::certs::load_or_create_key(&state.join("node-key.pem")).unwrap();
+    let key = fedmesh_certs::files::load_or_create_key(&state.join("node-key.pem")).unwrap();
     let id = fedmesh_certs::SpiffeId::new("collab-x", "org-a", "n1").unwrap();
     let csr = key.csr(&id).unwrap();
     let policy = fedmesh_certs::IssuancePolicy::default();

@@ -3,13 +3,17 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod advertise;
 mod chart;
 mod cli_certs;
 mod control;
+mod cli_contract;
+mod container;
 mod examples;
 mod hub;
 mod hub_hardening;
 mod relay;
+mod shutdown;
 mod tampering;
 mod tls;
 mod vantage6;

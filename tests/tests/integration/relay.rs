@@ -186,14 +186,20 @@ async fn loopback_sized_datagrams_keep_their_path_mtu_under_load() {
         ..RelayOptions::default()
     };
     let mesh = carry_both_ways(tmp.path(), relay, 32 * 1024 * 1024).await;
-    // The path gauge is refreshed every 2 s.
-    tokio::time::sleep(3 * SECOND).await;
-    let metrics = mesh.node(&a()).metrics.render();
-    let mtu: u32 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fedmesh_peer_path_mtu_bytes{peer=\"org-b/n1\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no path MTU gauge for org-b/n1:\n{metrics}"));
+    // Clear the path gauge, then read the first value the relay reports after the load.
+    let metrics = &mesh.node(&a()).metrics;
+    let peer = fedmesh_agent::metrics::PeerLabels {
+        peer: "org-b/n1".into(),
+    };
+    metrics.peer_path_mtu.get_or_create(&peer).set(0);
+    let mtu = |text: &str| -> u32 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("fedmesh_peer_path_mtu_bytes{peer=\"org-b/n1\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let text = fedmesh_tests::metrics_until(metrics, 10 * SECOND, |t| mtu(t) > 0).await;
+    let mtu = mtu(&text);
     assert!(
         mtu > 1452,
         "path MTU fell to {mtu} bytes while carrying data"
@@ -435,12 +441,10 @@ async fn a_peer_of_another_collaboration_fails_the_handshake() {
         err.to_lowercase().contains("certificate") || err.contains("alert"),
         "{err}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let metrics = mesh.node(&b()).metrics.render();
-    assert!(
-        metrics.contains("fedmesh_streams_refused_total{reason=\"handshake\"} 1"),
-        "{metrics}"
-    );
+    fedmesh_tests::metrics_until(&mesh.node(&b()).metrics, 5 * SECOND, |m| {
+        m.contains("fedmesh_streams_refused_total{reason=\"handshake\"} 1")
+    })
+    .await;
     mesh.shutdown().await.unwrap();
 }
 
@@ -647,11 +651,17 @@ async fn certificates_renew_and_links_outlive_the_first_certificate() {
         .unwrap();
     let addr = mesh.peer_addr(&a(), &b(), 7008, 5 * SECOND).await.unwrap();
 
-    // Wait past the first certificate's end.
+    // The agent renews (its identity channel says so), and outlives the first certificate.
+    let mut identity = mesh.node(&a()).identity.clone();
+    tokio::time::timeout(
+        10 * SECOND,
+        identity.wait_for(|i| i.info().serial != first.serial),
+    )
+    .await
+    .expect("renewed within the certificate's life")
+    .unwrap();
     let until = first.not_after + SECOND;
-    while SystemTime::now() < until {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
     let now = mesh.state(&a()).unwrap().identity().unwrap().info().clone();
     assert_ne!(now.serial, first.serial, "renewed");
     assert!(now.not_after > first.not_after);

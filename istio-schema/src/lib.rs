@@ -9,16 +9,18 @@
 //! - **unknown fields**: CRD schemas are structural and the API server prunes (or, with
 //!   `kubectl --validate=strict`, refuses) fields they do not declare, so an undeclared field is
 //!   an error here, except below `x-kubernetes-preserve-unknown-fields: true`;
-//! - **CEL rules** (`x-kubernetes-validations`): evaluated by their Rust counterparts in
-//!   the private `cel` module, at the node that declares them, with their own messages;
+//! - **CEL rules** (`x-kubernetes-validations`): compiled and evaluated by a CEL interpreter
+//!   (the `cel` crate: the standard library and the strings extension) at the node that
+//!   declares them, with their own messages; what it cannot evaluate is listed by
+//!   [`Schemas::unsupported_rules`];
 //! - **metadata**: name, namespace, label and annotation syntax (also for core kinds, which have
 //!   no CRD).
 //!
 //! Building the validators takes a while (the bundle is ~1 MB); build [`Schemas`] once and
-//! reuse it. [`ISTIO_CRDS`] is the bundle checked into `mesh-config/istio/`.
+//! reuse it. [`ISTIO_CRDS`] is the bundle checked into `istio-schema/istio/`.
 //!
 //! ```
-//! use fedmesh_mesh_config::schema::Schemas;
+//! use fedmesh_istio_schema::Schemas;
 //! use serde_json::json;
 //!
 //! let schemas = Schemas::istio()?;
@@ -30,7 +32,7 @@
 //! let err = schemas.validate(&se).unwrap_err().to_string();
 //! assert!(err.contains("spec.hosts[0]: hostname cannot be wildcard"));
 //! assert!(err.contains(r#"spec.location: "MESH_SOMEWHERE" is not one of "MESH_EXTERNAL" or "MESH_INTERNAL""#));
-//! # Ok::<(), fedmesh_mesh_config::Error>(())
+//! # Ok::<(), fedmesh_istio_schema::Error>(())
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,9 +40,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use jsonschema::{Draft, Validator, paths::LocationSegment};
 use serde_json::{Map, Value};
 
-use crate::{Error, Result, Violation, cel::Check};
+pub use error::{Error, Result, Violation};
 
-/// Istio's CRD bundle (`crd-all.gen.yaml`, Apache-2.0), as checked into `mesh-config/istio/`.
+use crate::cel::{Rule as Program, Unevaluated};
+
+mod cel;
+mod error;
+
+/// Istio's CRD bundle (`crd-all.gen.yaml`, Apache-2.0), as checked into `istio-schema/istio/`.
 pub const ISTIO_CRDS: &str = include_str!("../istio/crds.gen.yaml");
 
 /// Validators for every (apiVersion, kind) of a CRD bundle.
@@ -75,7 +82,8 @@ struct Node {
 struct Rule {
     text: String,
     message: String,
-    check: Option<Check>,
+    /// The compiled rule, or why it cannot be evaluated here.
+    program: std::result::Result<Program, String>,
 }
 
 impl Node {
@@ -92,7 +100,7 @@ impl Node {
                     .and_then(Value::as_str)
                     .map_or_else(|| format!("failed rule: {text}"), str::to_owned);
                 Some(Rule {
-                    check: Check::parse(&text),
+                    program: Program::compile(&text),
                     text,
                     message,
                 })
@@ -124,14 +132,20 @@ impl Node {
     /// Unknown fields and CEL rules below `value`, which sits at `path`.
     fn walk(&self, value: &Value, path: &str, root: bool, out: &mut Vec<Violation>) {
         for rule in &self.rules {
-            if let Some(check) = &rule.check
-                && !check.holds(value)
-            {
-                out.push(Violation {
-                    path: path.to_owned(),
-                    message: rule.message.clone(),
-                });
-            }
+            let Ok(program) = &rule.program else {
+                continue;
+            };
+            let message = match program.holds(value) {
+                Ok(true) => continue,
+                Ok(false) | Err(Unevaluated::Failed(_)) => rule.message.clone(),
+                Err(Unevaluated::Unsupported(why)) => {
+                    format!("{} (the rule could not be evaluated: {why})", rule.message)
+                }
+            };
+            out.push(Violation {
+                path: path.to_owned(),
+                message,
+            });
         }
         match value {
             Value::Object(map) => {
@@ -161,19 +175,18 @@ impl Node {
         }
     }
 
-    fn unimplemented<'a>(&'a self, out: &mut BTreeSet<&'a str>) {
+    fn unsupported(&self, out: &mut BTreeSet<String>) {
         out.extend(
             self.rules
                 .iter()
-                .filter(|r| r.check.is_none())
-                .map(|r| r.text.as_str()),
+                .filter_map(|r| r.program.as_ref().err().map(|e| format!("{}: {e}", r.text))),
         );
         let children = self.properties.values();
         for node in children
             .chain(self.additional.as_deref())
             .chain(self.items.as_deref())
         {
-            node.unimplemented(out);
+            node.unsupported(out);
         }
     }
 }
@@ -294,13 +307,14 @@ impl Schemas {
         Ok(())
     }
 
-    /// The CEL rules in a kind's schema that have no Rust counterpart, so are not checked.
-    pub fn unimplemented_rules(&self, api_version: &str, kind: &str) -> Vec<String> {
+    /// The CEL rules in a kind's schema that cannot be evaluated here (they do not compile, or
+    /// refer to `oldSelf`), each with why; they are not checked.
+    pub fn unsupported_rules(&self, api_version: &str, kind: &str) -> Vec<String> {
         let mut out = BTreeSet::new();
         if let Some(schema) = self.kinds.get(&(api_version.to_owned(), kind.to_owned())) {
-            schema.tree.unimplemented(&mut out);
+            schema.tree.unsupported(&mut out);
         }
-        out.into_iter().map(str::to_owned).collect()
+        out.into_iter().collect()
     }
 }
 
@@ -501,7 +515,8 @@ spec:
             type: object
             x-kubernetes-validations:
             - {rule: "(has(self.a) ? 1 : 0) + (has(self.b) ? 1 : 0) <= 1", message: only one of a or b}
-            - {rule: "has(self.wasm) != has(self.lua)", message: never checked}
+            - {rule: "self == oldSelf", message: never checked on create}
+            - {rule: "self.list.all(i, i.n <= 2)", message: items up to 2}
             properties:
               a: {type: string}
               b: {type: string}
@@ -513,8 +528,8 @@ spec:
         let s = Schemas::from_crds(crd).unwrap();
         assert_eq!(s.kinds().collect::<Vec<_>>(), [("example.io/v1", "Thing")]);
         assert_eq!(
-            s.unimplemented_rules("example.io/v1", "Thing"),
-            ["has(self.wasm) != has(self.lua)"]
+            s.unsupported_rules("example.io/v1", "Thing"),
+            ["self == oldSelf: a transition rule (oldSelf): the API server runs it on update only"]
         );
         let obj = json!({
             "apiVersion": "example.io/v1", "kind": "Thing",
@@ -532,6 +547,7 @@ spec:
             [
                 "spec.list[1].n: 4 is greater than the maximum of 3",
                 "spec: only one of a or b",
+                "spec: items up to 2",
                 "spec.list[1].m: unknown field",
             ]
         );
