@@ -1,24 +1,29 @@
-//! A node's state directory and enrollment.
+//! A node's state directory, enrollment, and coming back after an outage.
 //!
 //! The state directory holds `node.json` (hub address, collaboration, owner pin, node name),
 //! `node-key.pem` (0600, made here and never sent), `node-cert.pem` and `ca.pem`. Enrollment
 //! trades a one-time join token and a CSR (or a certificate the owner signed offline) for a
 //! certificate, and pins the collaboration to the owner key named in the token.
+//!
+//! A node whose certificate expired (it was down longer than the certificate's life) cannot
+//! renew over mutual TLS. It re-attests instead ([`reattest`]): a CSR for its identity and
+//! enrolled key, in a short-lived request signed with that key; the hub issues a certificate
+//! only for the key it recorded for the node, and not to a revoked node or key.
 
 use std::{
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
 use fedmesh_certs::{NodeIdentity, NodeKey, SpiffeId, TrustBundle, files, verify::Usage};
-use fedmesh_documents::{Ledger, NodeRef, NodeSigner};
+use fedmesh_documents::{Ledger, NodeRef, NodeSigner, jws};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     hub::{
-        api::{EnrollRequest, JoinToken},
+        api::{EnrollRequest, Enrolled, JoinToken, REATTEST_AUDIENCE, ReattestClaims},
         client::HubClient,
     },
     owner::HubAddress,
@@ -122,6 +127,56 @@ impl NodeState {
         files::write_public(&self.cert_path(), pem.as_bytes())?;
         Ok(())
     }
+}
+
+/// A re-attestation request is valid this long.
+const REATTEST_TTL: Duration = Duration::from_secs(300);
+
+/// Re-attests the node after its certificate expired: a CSR for its identity and key, signed
+/// with that key, for the hub to check against the key it recorded. Saves the new certificate.
+pub async fn reattest(state: &NodeState) -> Result<()> {
+    let key = NodeKey::from_pem(&files::read_to_string(&state.key_path())?)?;
+    let id = state.spiffe_id()?;
+    let claims = ReattestClaims {
+        collab: state.config.collab.clone(),
+        node: state.config.node.clone(),
+        aud: REATTEST_AUDIENCE.to_owned(),
+        exp: jws::unix(SystemTime::now() + REATTEST_TTL),
+        csr_pem: key.csr(&id)?.pem,
+    };
+    let proof = jws::sign_with_key(&claims, &key)?;
+    let hub = HubClient::new(&state.config.hub.url, &state.config.hub.pin, None)?;
+    let renewed = hub
+        .reattest(&state.config.collab, proof)
+        .await
+        .context("re-attesting with the enrolled node key (the certificate expired)")?;
+    save_checked(state, &key, &renewed)?;
+    tracing::info!(node = %state.config.node, "certificate expired while down; re-attested with the enrolled key");
+    Ok(())
+}
+
+/// Re-attests when the node's certificate is no longer valid (it expired while the node was
+/// down); does nothing otherwise.
+pub async fn ensure_valid_certificate(state: &NodeState) -> Result<()> {
+    if state.identity()?.info().not_after > SystemTime::now() {
+        return Ok(());
+    }
+    reattest(state).await
+}
+
+/// Saves a certificate the hub issued, once it chains to the collaboration CA, names this node
+/// and is for its key.
+pub fn save_checked(state: &NodeState, key: &NodeKey, issued: &Enrolled) -> Result<()> {
+    let bundle = state.trust_bundle()?;
+    let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the hub sent a malformed certificate")?;
+    let info = bundle.verify(&chain, SystemTime::now(), Usage::Client)?;
+    if info.spiffe_id != state.spiffe_id()? {
+        bail!("the hub issued a certificate for {}", info.spiffe_id);
+    }
+    NodeIdentity::new(chain, key).context("the certificate is not for this node's key")?;
+    state.save_cert(&issued.cert_pem)
 }
 
 /// Enrolls with `token` into state directory `dir`. With `offline_cert` (a certificate the

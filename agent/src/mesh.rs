@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     enroll::{self, NodeState},
-    hub::{self, Hub, HubOptions},
+    hub::{self, Hub, HubOptions, limits::Limits},
     node::{self, Expose, NodeHandle, NodeOptions},
     owner::{self, HubAddress, NewCollab, Owner},
     relay::RelayOptions,
@@ -65,6 +65,8 @@ pub struct MeshOptions {
     /// Second octet of the peers' loopback addresses: node `i` gets `127.<this>.<i+1>.0/24`.
     /// Meshes running side by side need different values.
     pub loopback_octet: u8,
+    /// What the embedded hub bounds.
+    pub hub_limits: Limits,
 }
 
 impl Default for MeshOptions {
@@ -80,6 +82,7 @@ impl Default for MeshOptions {
             dns: true,
             cert_ttl: hub::DEFAULT_CERT_TTL,
             loopback_octet: 77,
+            hub_limits: Limits::default(),
         }
     }
 }
@@ -92,6 +95,7 @@ impl LocalMesh {
         let hub_dir = dir.join("hub");
         let hub_options = HubOptions {
             cert_ttl: opts.cert_ttl,
+            limits: opts.hub_limits,
             ..HubOptions::default()
         };
         Hub::init(

@@ -3,10 +3,17 @@
 //! demo.
 //!
 //! The owner directory holds `owner-key.pem` (0600), `collab.json` (the current collaboration
-//! document, re-signed on every change), `hub.json` (where the hub is and its pin) and, for an
-//! offline CA, `ca.pem` and `ca-key.pem` (0600). The owner key never leaves it.
+//! document, re-signed on every change), `hub.json` (where the hub is and its pin),
+//! `ledger.json` (0600: everything verified so far and the hub cursor it was verified up to)
+//! and, for an offline CA, `ca.pem` and `ca-key.pem` (0600). The owner key never leaves it.
+//!
+//! Every command starts from `ledger.json` and asks the hub only for what came after its
+//! cursor, so a command costs the same however long the history is. Owner commands running at
+//! the same time do not conflict: revocations add up (each is its own document), and a
+//! collaboration change another command made first is read back and the change applied on top.
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -15,8 +22,8 @@ use anyhow::{Context, Result, bail};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_certs::{files, time::unix};
 use fedmesh_documents::{
-    Approval, CollabPolicy, Collaboration, Document, JoinGrant, Ledger, LinkRequest, LinkStatus,
-    LinkTerms, Member, NodeRef, OwnerKey, PortSpec, Revocation, Signer, TaskRef, jws,
+    Approval, Checkpoint, CollabPolicy, Collaboration, Document, JoinGrant, Ledger, LinkRequest,
+    LinkStatus, LinkTerms, Member, NodeRef, OwnerKey, PortSpec, Revocation, Signer, TaskRef, jws,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,8 +31,17 @@ use crate::hub::{
     api::{
         CA_REQUEST_AUDIENCE, CaRequest, JoinToken, OWNER_TOKEN_AUDIENCE, OwnerToken, secret_digest,
     },
-    client::HubClient,
+    client::{ClientError, HubClient},
 };
+
+/// The owner's kept ledger, in the owner directory.
+const LEDGER_FILE: &str = "ledger.json";
+/// Revocations not yet folded into a checkpoint after which a revoking command makes one.
+pub const CHECKPOINT_EVERY: u64 = 64;
+/// How often a collaboration change is tried again after another command changed it first.
+const COLLAB_ATTEMPTS: usize = 8;
+/// Longest an owner command waits in all for the hub's rate limits.
+const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Where the hub is and how to recognise it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -139,14 +155,16 @@ impl Owner {
         Ok(jws::sign(doc, &Signer::Owner(&self.key))?)
     }
 
+    /// Submits a signed document (waiting out the hub's rate limit, see [`patiently`]).
+    async fn submit(&self, jws: String) -> Result<u64> {
+        let submitted = patiently(|| self.hub.submit(&self.collab.id, jws.clone())).await?;
+        Ok(submitted.seq)
+    }
+
     async fn publish_collab(&self) -> Result<()> {
         let jws = self.sign(&Document::Collaboration(self.collab.clone()))?;
-        self.hub.submit_collab(jws).await?;
-        files::write_public(
-            &self.dir.join("collab.json"),
-            &serde_json::to_vec_pretty(&self.collab)?,
-        )?;
-        Ok(())
+        patiently(|| self.hub.submit_collab(jws.clone())).await?;
+        self.save_collab()
     }
 
     /// Admits `node` (if it is not yet a member) and issues a one-time join token for it.
@@ -157,14 +175,7 @@ impl Owner {
         ttl: Duration,
     ) -> Result<JoinToken> {
         if self.collab.member(node).is_none() {
-            self.collab.members.push(Member {
-                org: node.org.clone(),
-                node: node.node.clone(),
-                organization_id,
-            });
-            self.collab.version += 1;
-            self.collab.issued_at = unix(SystemTime::now());
-            self.publish_collab().await?;
+            self.add_member(node, organization_id).await?;
         }
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
@@ -176,7 +187,7 @@ impl Owner {
             secret_sha256: secret_digest(&secret),
             not_after: unix(SystemTime::now() + ttl),
         });
-        self.hub.submit(&self.collab.id, self.sign(&grant)?).await?;
+        self.submit(self.sign(&grant)?).await?;
         Ok(JoinToken {
             hub: self.hub_address.url.clone(),
             hub_pin: self.hub_address.pin.clone(),
@@ -200,9 +211,75 @@ impl Owner {
         self.publish_collab().await
     }
 
-    /// Everything the hub holds, verified here against the owner's own key.
+    /// Adds `node` to the members in a new collaboration version. When another command
+    /// published a version first (the hub answers 409), that version is read back, verified,
+    /// and the member added to it.
+    async fn add_member(&mut self, node: &NodeRef, organization_id: Option<u64>) -> Result<()> {
+        for _ in 0..COLLAB_ATTEMPTS {
+            let mut next = self.collab.clone();
+            next.members.push(Member {
+                org: node.org.clone(),
+                node: node.node.clone(),
+                organization_id,
+            });
+            next.version += 1;
+            next.issued_at = unix(SystemTime::now());
+            let previous = std::mem::replace(&mut self.collab, next);
+            match self.publish_collab().await {
+                Ok(()) => return Ok(()),
+                Err(e) if status_of(&e) == Some(409) => {
+                    tracing::debug!(error = %e, "another command changed the collaboration first");
+                    self.collab = previous;
+                    let ledger = self.ledger().await?;
+                    if let Some(latest) = ledger.collaboration() {
+                        self.collab = latest.clone();
+                    }
+                    if self.collab.member(node).is_some() {
+                        return self.save_collab();
+                    }
+                }
+                Err(e) => {
+                    self.collab = previous;
+                    return Err(e);
+                }
+            }
+        }
+        bail!(
+            "the collaboration kept changing under this command ({COLLAB_ATTEMPTS} attempts to \
+             add {node}); try again"
+        )
+    }
+
+    fn save_collab(&self) -> Result<()> {
+        files::write_public(
+            &self.dir.join("collab.json"),
+            &serde_json::to_vec_pretty(&self.collab)?,
+        )?;
+        Ok(())
+    }
+
+    /// Everything the hub holds, verified here against the owner's own key: the ledger kept in
+    /// the owner directory, brought up to date with what the hub stored after its cursor.
     pub async fn ledger(&self) -> Result<Ledger> {
-        fetch_ledger(&self.hub, &self.collab.id, &self.pin()).await
+        let path = self.dir.join(LEDGER_FILE);
+        let kept = match files::read_to_string(&path) {
+            Ok(json) => match Ledger::from_json(&json) {
+                Ok(ledger) if ledger.pin() == self.pin() => Some(ledger),
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(%error, file = %path.display(), "the kept ledger is unreadable; reading the hub's whole history");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let mut ledger = kept.unwrap_or_else(|| Ledger::new(&self.pin()));
+        sync(&self.hub, &self.collab.id, &mut ledger).await?;
+        files::write_secret(&path, ledger.to_json().as_bytes())?;
+        if let Some(withheld) = ledger.withheld() {
+            tracing::warn!(%withheld, "the hub misbehaves");
+        }
+        Ok(ledger)
     }
 
     /// Requests a link in the owner's name.
@@ -212,7 +289,7 @@ impl Owner {
             requested_by: self.collab.owner_name.clone(),
             requested_at: unix(SystemTime::now()),
         });
-        self.hub.submit(&self.collab.id, self.sign(&doc)?).await?;
+        self.submit(self.sign(&doc)?).await?;
         Ok(terms)
     }
 
@@ -234,6 +311,9 @@ impl Owner {
         let status = ledger
             .status(id, SystemTime::now())
             .with_context(|| format!("no link {id} is known to the hub"))?;
+        if let Some(withheld) = ledger.withheld() {
+            bail!("not approving: {withheld}");
+        }
         let requested = status.terms;
         let terms = match (max_bytes, max_streams) {
             (None, None) => requested,
@@ -247,12 +327,16 @@ impl Owner {
             terms: terms.clone(),
             approved_by: self.collab.owner_name.clone(),
             approved_at: unix(SystemTime::now()),
+            revocations: ledger.revocations_through(),
         });
-        self.hub.submit(&self.collab.id, self.sign(&doc)?).await?;
+        self.submit(self.sign(&doc)?).await?;
         Ok(terms)
     }
 
-    /// Revokes link `id` (and everything already revoked) in a new, higher-numbered list.
+    /// Revokes `links`, `nodes` and `serials` in a revocation of their own, numbered one above
+    /// the highest this owner has seen; returns its number. Revocations add up, so commands
+    /// revoking at the same time never conflict. Every [`CHECKPOINT_EVERY`] revocations, a
+    /// checkpoint folds them in.
     pub async fn revoke(
         &self,
         links: &[String],
@@ -260,29 +344,68 @@ impl Owner {
         serials: &[String],
     ) -> Result<u64> {
         let ledger = self.ledger().await?;
-        let mut list: Revocation = ledger.revocation().clone();
         for id in links {
             if ledger.status(id, SystemTime::now()).is_none() {
                 bail!("no link {id} is known to the hub");
             }
         }
-        list.collab = self.collab.id.clone();
-        list.number += 1;
-        list.links.extend(links.iter().cloned());
-        list.nodes.extend(nodes.iter().cloned());
-        list.serials.extend(serials.iter().cloned());
-        for v in [&mut list.links, &mut list.serials] {
-            v.sort();
-            v.dedup();
+        let number = ledger.revocation().number + 1;
+        let list = Revocation {
+            collab: self.collab.id.clone(),
+            number,
+            links: links.to_vec(),
+            serials: serials.to_vec(),
+            nodes: nodes.to_vec(),
+            issued_at: unix(SystemTime::now()),
+        };
+        self.submit(self.sign(&Document::Revocation(list))?).await?;
+        let folded = ledger.checkpoint().map_or(0, |c| c.revocations);
+        if number.saturating_sub(folded) >= CHECKPOINT_EVERY {
+            // Best effort: another command may be making one at the same time.
+            if let Err(error) = self.checkpoint().await {
+                tracing::debug!(%error, "no checkpoint made this time");
+            }
         }
-        list.nodes.sort();
-        list.nodes.dedup();
-        list.issued_at = unix(SystemTime::now());
-        let number = list.number;
-        self.hub
-            .submit(&self.collab.id, self.sign(&Document::Revocation(list))?)
-            .await?;
         Ok(number)
+    }
+
+    /// Signs and stores a checkpoint of everything revoked so far: the hub then drops the
+    /// revocations it folds in and every link that can never be in force again.
+    pub async fn checkpoint(&self) -> Result<Checkpoint> {
+        let ledger = self.ledger().await?;
+        if let Some(withheld) = ledger.withheld() {
+            bail!("not making a checkpoint: {withheld}");
+        }
+        let now = unix(SystemTime::now());
+        let revoked = ledger.revocation();
+        let checkpoint = Checkpoint {
+            collab: self.collab.id.clone(),
+            number: ledger.checkpoint().map_or(0, |c| c.number) + 1,
+            revocations: ledger.revocations_through(),
+            links: revoked
+                .links
+                .iter()
+                .filter(|id| ledger.terms(id).is_none_or(|t| t.not_after > now))
+                .cloned()
+                .collect(),
+            serials: revoked.serials.clone(),
+            nodes: revoked.nodes.clone(),
+            issued_at: now,
+        };
+        let signed = self.sign(&Document::Checkpoint(checkpoint.clone()))?;
+        if signed.len() > jws::MAX_JWS_BYTES {
+            bail!(
+                "a checkpoint of {} revoked links, {} serials and {} nodes would be {} bytes; \
+                 documents are at most {}",
+                checkpoint.links.len(),
+                checkpoint.serials.len(),
+                checkpoint.nodes.len(),
+                signed.len(),
+                jws::MAX_JWS_BYTES
+            );
+        }
+        self.submit(signed).await?;
+        Ok(checkpoint)
     }
 
     /// Every link and its state now.
@@ -316,22 +439,77 @@ fn ca_request(key: &OwnerKey, collab: &str) -> Result<String> {
 /// Fetches every document of `collab` and verifies it, in order, into a ledger pinned to `pin`.
 pub async fn fetch_ledger(hub: &HubClient, collab: &str, pin: &str) -> Result<Ledger> {
     let mut ledger = Ledger::new(pin);
+    sync(hub, collab, &mut ledger).await?;
+    Ok(ledger)
+}
+
+/// Brings `ledger` up to date with what the hub holds after its cursor: the collaboration and,
+/// below the hub's latest checkpoint, that checkpoint first, then the documents in order.
+pub async fn sync(hub: &HubClient, collab: &str, ledger: &mut Ledger) -> Result<()> {
     loop {
         let since = ledger.cursor();
-        let page = hub.docs(collab, since, Duration::ZERO).await?;
-        for env in &page.docs {
-            if let Err(r) = ledger.ingest(env, SystemTime::now()) {
+        let page = patiently(|| hub.docs(collab, since, Duration::ZERO)).await?;
+        if page.cursor < since {
+            // The hub does not know this cursor (restored from a backup, or another hub):
+            // start over from its whole history.
+            tracing::warn!(
+                since,
+                hub_cursor = page.cursor,
+                "the hub's history is shorter than the kept ledger's; reading it all again"
+            );
+            *ledger = Ledger::new(ledger.pin());
+            continue;
+        }
+        let now = SystemTime::now();
+        if let Err(r) = ledger.ingest_jws(&page.collab_jws, now) {
+            tracing::warn!(rejection = %r, "collaboration document refused");
+        }
+        for env in page.checkpoint.iter().chain(&page.docs) {
+            if let Err(r) = ledger.ingest(env, now) {
                 tracing::warn!(rejection = %r, "document refused");
             }
         }
-        if page.docs.is_empty() {
+        ledger.advance_cursor(page.cursor);
+        if page.docs.is_empty() || page.cursor <= since {
             break;
         }
     }
     if ledger.collaboration().is_none() {
-        bail!("the hub holds no collaboration document signed by the owner key {pin}");
+        bail!(
+            "the hub holds no collaboration document signed by the owner key {}",
+            ledger.pin()
+        );
     }
-    Ok(ledger)
+    Ok(())
+}
+
+/// Runs a hub request; when the hub says too many requests (429), waits and tries again, for
+/// at most [`RATE_LIMIT_PATIENCE`] in all.
+async fn patiently<T, F, Fut>(mut request: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut pause = Duration::from_millis(250);
+    let mut waited = Duration::ZERO;
+    loop {
+        match request().await {
+            Err(e) if e.status() == Some(429) && waited < RATE_LIMIT_PATIENCE => {
+                tracing::debug!(error = %e, ?pause, "the hub limits this client's requests; waiting");
+                tokio::time::sleep(pause).await;
+                waited += pause;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The hub's HTTP status in `error`, if the hub answered.
+fn status_of(error: &anyhow::Error) -> Option<u16> {
+    error
+        .downcast_ref::<ClientError>()
+        .and_then(ClientError::status)
 }
 
 /// Parses `--port` values and builds link terms.

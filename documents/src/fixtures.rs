@@ -173,6 +173,7 @@ impl Fixture {
             terms: terms.clone(),
             approved_by: self.collab.owner_name.clone(),
             approved_at: jws::unix(self.now),
+            revocations: 0,
         }))
     }
 

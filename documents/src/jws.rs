@@ -227,6 +227,43 @@ fn require_low_s(jws: &str) -> Result<()> {
     Ok(())
 }
 
+/// Signs `claims` with a bare node key (no certificate): a proof that the signer holds the key
+/// whose public point the verifier already has on record.
+pub fn sign_with_key<T: Serialize>(claims: &T, key: &NodeKey) -> Result<String> {
+    let mut header = Header::new(Algorithm::ES256);
+    header.typ = Some(TYP.into());
+    let canonical =
+        String::from_utf8(canonical(claims)).map_err(|e| Error::Malformed(e.to_string()))?;
+    let payload = serde_json::value::RawValue::from_string(canonical)
+        .map_err(|e| Error::Malformed(e.to_string()))?;
+    let jws = jsonwebtoken::encode(
+        &header,
+        &payload,
+        &EncodingKey::from_ec_der(&key.private_der()),
+    )
+    .map_err(|e| Error::Signature(e.to_string()))?;
+    low_s(&jws)
+}
+
+/// Verifies claims signed with [`sign_with_key`] against the public key `point` (SEC1,
+/// uncompressed) on record.
+pub fn verify_with_key<T: DeserializeOwned>(jws: &str, point: &[u8]) -> Result<T> {
+    if jws.len() > MAX_JWS_BYTES {
+        return Err(Error::TooLarge {
+            size: jws.len(),
+            max: MAX_JWS_BYTES,
+        });
+    }
+    let data = jsonwebtoken::decode::<T>(jws, &DecodingKey::from_ec_der(point), &validation())
+        .map_err(|e| {
+            Error::Signature(format!(
+                "signature by the recorded key does not verify: {e}"
+            ))
+        })?;
+    require_low_s(jws)?;
+    Ok(data.claims)
+}
+
 /// Who signed a verified document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SignedBy {
@@ -332,6 +369,7 @@ pub fn signed_at(doc: &Document) -> u64 {
         Document::Decision(d) => d.at,
         Document::Revocation(r) => r.issued_at,
         Document::JoinGrant(g) => g.not_after,
+        Document::Checkpoint(c) => c.issued_at,
     }
 }
 

@@ -4,9 +4,32 @@
 //! one against the pinned owner key and the collaboration CA and either records it or returns a
 //! [`Rejection`] naming the reason, leaving everything verified before untouched. Link states are
 //! then computed on demand at a given `now` ([`Ledger::links`], [`Ledger::effective_links`]).
+//!
+//! Verification is done once per document: the SHA-256 of every verified JWS is remembered, and
+//! the same document delivered again is known without any cryptography. A node's ledger
+//! ([`Ledger::for_node`]) does not verify what cannot concern it: requests, approvals and
+//! decisions of other nodes' links are skipped, and the advertisements of nodes it has no link
+//! with are kept aside unverified until a link makes them matter. It decides this from the
+//! documents themselves, not from anything the hub says, and it verifies every revocation and
+//! checkpoint.
+//!
+//! ```text
+//!  envelope ─▶ seen before (hash)? ──yes──▶ Unchanged
+//!                 │ no
+//!                 ▼
+//!     cannot concern this node? ──yes──▶ Skipped (advertisements: kept aside)
+//!                 │ no
+//!                 ▼
+//!     verify signature + authorship ─▶ record ─▶ advertisements kept aside that now matter
+//! ```
+//!
+//! Revocations add up and are numbered 1, 2, 3, ... ([`Revocation`]); an approval and a
+//! checkpoint name the highest number their signer had seen. A ledger that sees a number (or a
+//! claim) above what it holds without a gap knows revocations are withheld from it
+//! ([`Ledger::withheld`]), and then puts no link in force until they arrive.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::SystemTime,
 };
 
@@ -14,8 +37,8 @@ use fedmesh_certs::{CertInfo, TrustBundle, id::TRUST_DOMAIN_SUFFIX};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Advertisement, Approval, Collaboration, Decision, DocKind, Document, LinkRequest, LinkTerms,
-    NodeRef, Revocation, Verdict,
+    Advertisement, Approval, Checkpoint, Collaboration, Decision, DocKind, Document, LinkRequest,
+    LinkTerms, NodeRef, Revocation, Verdict,
     jws::{self, unix},
 };
 
@@ -95,6 +118,71 @@ pub enum Ingested {
     Changed,
     /// It was already known (or superseded by something newer that is still valid).
     Unchanged,
+    /// Not verified: it cannot concern this node's ledger (an advertisement is kept aside in
+    /// case a link makes it matter later).
+    Skipped,
+}
+
+/// Revocations withheld: an owner document names revocations this ledger does not hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withheld {
+    /// Every revocation numbered up to this one is held.
+    pub through: u64,
+    /// The highest revocation number an owner document names.
+    pub claimed: u64,
+}
+
+impl std::fmt::Display for Withheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the hub withholds revocations: owner documents name revocations up to {}, but only \
+             those up to {} arrived; no link is in force until they do",
+            self.claimed, self.through
+        )
+    }
+}
+
+/// Which revocation numbers were seen, and the highest any owner document names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Numbers {
+    /// Every number from 1 to this was seen (or folded into a checkpoint).
+    through: u64,
+    /// Numbers seen above `through`.
+    above: BTreeSet<u64>,
+    /// The highest number any verified owner document names.
+    claimed: u64,
+}
+
+impl Numbers {
+    fn has(&self, n: u64) -> bool {
+        n <= self.through || self.above.contains(&n)
+    }
+
+    fn add(&mut self, n: u64) {
+        if !self.has(n) {
+            self.above.insert(n);
+        }
+        self.claim(n);
+        self.advance();
+    }
+
+    fn fold(&mut self, through: u64) {
+        self.through = self.through.max(through);
+        self.above.retain(|&n| n > through);
+        self.claim(through);
+        self.advance();
+    }
+
+    fn claim(&mut self, n: u64) {
+        self.claimed = self.claimed.max(n);
+    }
+
+    fn advance(&mut self) {
+        while self.above.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+    }
 }
 
 /// The state of a link at some moment.
@@ -175,17 +263,47 @@ fn refuse<T>(code: RejectCode, reason: impl Into<String>) -> Result<T, Refusal> 
     Err((code, reason.into()))
 }
 
+/// SHA-256 of a JWS: what a verified document is remembered by.
+type Digest = [u8; 32];
+
+fn digest(jws: &str) -> Digest {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, jws.as_bytes()).as_ref());
+    out
+}
+
 /// Everything verified so far about one collaboration.
-#[derive(Clone, Debug)]
+///
+/// It serializes (without what it can rebuild: the CA's trust bundle and the hashes of verified
+/// documents) so an owner keeps it between commands ([`Ledger::to_json`],
+/// [`Ledger::from_json`]); whoever can write that file holds the owner key anyway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ledger {
     pin: String,
-    collab: Option<(Collaboration, TrustBundle)>,
+    /// A node's ledger: documents that cannot concern this node are not verified.
+    focus: Option<NodeRef>,
+    collab: Option<Collaboration>,
+    #[serde(skip)]
+    bundle: Option<TrustBundle>,
     requests: BTreeMap<String, LinkRequest>,
     approvals: BTreeMap<String, Approval>,
     decisions: BTreeMap<String, (Decision, String)>,
     adverts: BTreeMap<NodeRef, (Advertisement, String)>,
+    /// Everything revoked, added up; `number` is the highest seen.
     revocation: Revocation,
+    /// The revocation number that revoked each link.
+    revoked_in: BTreeMap<String, u64>,
+    numbers: Numbers,
+    checkpoint: Option<Checkpoint>,
+    /// Advertisements of nodes this node has no link with, not verified (the latest each).
+    deferred: BTreeMap<NodeRef, Envelope>,
     cursor: u64,
+    /// Verified documents by hash, with the kind and subject they were verified as.
+    #[serde(skip)]
+    verified: HashMap<Digest, (DocKind, String)>,
+    /// Advertisements kept aside that failed once they were verified.
+    #[serde(skip)]
+    late: Vec<Rejection>,
 }
 
 impl Ledger {
@@ -194,24 +312,106 @@ impl Ledger {
     pub fn new(pin: &str) -> Self {
         Self {
             pin: pin.to_owned(),
+            focus: None,
             collab: None,
+            bundle: None,
             requests: BTreeMap::new(),
             approvals: BTreeMap::new(),
             decisions: BTreeMap::new(),
             adverts: BTreeMap::new(),
             revocation: Revocation::default(),
+            revoked_in: BTreeMap::new(),
+            numbers: Numbers::default(),
+            checkpoint: None,
+            deferred: BTreeMap::new(),
             cursor: 0,
+            verified: HashMap::new(),
+            late: Vec::new(),
         }
+    }
+
+    /// A node's ledger: like [`Ledger::new`], but requests, approvals and decisions of links
+    /// that do not concern `node` are skipped, and advertisements of nodes it has no link with
+    /// are kept aside unverified until a link to them is recorded.
+    pub fn for_node(pin: &str, node: &NodeRef) -> Self {
+        Self {
+            focus: Some(node.clone()),
+            ..Self::new(pin)
+        }
+    }
+
+    /// A copy for readers: everything verified, without what only further ingesting needs (the
+    /// hashes of verified documents, advertisements kept aside), so publishing it after every
+    /// change costs little however long the history was.
+    pub fn view(&self) -> Self {
+        Self {
+            pin: self.pin.clone(),
+            focus: self.focus.clone(),
+            collab: self.collab.clone(),
+            bundle: self.bundle.clone(),
+            requests: self.requests.clone(),
+            approvals: self.approvals.clone(),
+            decisions: self.decisions.clone(),
+            adverts: self.adverts.clone(),
+            revocation: self.revocation.clone(),
+            revoked_in: self.revoked_in.clone(),
+            numbers: self.numbers.clone(),
+            checkpoint: self.checkpoint.clone(),
+            deferred: BTreeMap::new(),
+            cursor: self.cursor,
+            verified: HashMap::new(),
+            late: Vec::new(),
+        }
+    }
+
+    /// The ledger as JSON, to keep between runs.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A ledger kept with [`Ledger::to_json`].
+    pub fn from_json(json: &str) -> crate::Result<Self> {
+        let mut ledger: Self =
+            serde_json::from_str(json).map_err(|e| crate::Error::Malformed(e.to_string()))?;
+        if let Some(c) = &ledger.collab {
+            ledger.bundle = Some(TrustBundle::from_pem(&c.ca_pem)?);
+        }
+        Ok(ledger)
     }
 
     /// The verified collaboration, once there is one.
     pub fn collaboration(&self) -> Option<&Collaboration> {
-        self.collab.as_ref().map(|(c, _)| c)
+        self.collab.as_ref()
     }
 
     /// The collaboration CA, once there is one.
     pub fn trust_bundle(&self) -> Option<&TrustBundle> {
-        self.collab.as_ref().map(|(_, b)| b)
+        self.bundle.as_ref()
+    }
+
+    /// The latest verified checkpoint.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
+    }
+
+    /// Every revocation numbered up to this one is held (seen or folded into a checkpoint).
+    pub fn revocations_through(&self) -> u64 {
+        self.numbers.through
+    }
+
+    /// Whether revocations are withheld from this ledger: an owner document names a revocation
+    /// number it does not hold (with every number below). No link is then in force.
+    pub fn withheld(&self) -> Option<Withheld> {
+        (self.numbers.claimed > self.numbers.through).then_some(Withheld {
+            through: self.numbers.through,
+            claimed: self.numbers.claimed,
+        })
+    }
+
+    /// Rejections of advertisements that were kept aside and failed when a link made them
+    /// matter; each is returned once.
+    pub fn take_late_rejections(&mut self) -> Vec<Rejection> {
+        std::mem::take(&mut self.late)
     }
 
     /// The owner key pin this ledger was created with.
@@ -222,6 +422,12 @@ impl Ledger {
     /// The highest envelope sequence number ingested (accepted or not).
     pub fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// Moves the cursor up to `seq` (the hub's cursor after a page: documents in between were
+    /// compacted away).
+    pub fn advance_cursor(&mut self, seq: u64) {
+        self.cursor = self.cursor.max(seq);
     }
 
     /// The latest verified revocation list.
@@ -241,13 +447,13 @@ impl Ledger {
     pub fn serial_revoked(&self, serial: &str) -> bool {
         self.revocation
             .serials
-            .iter()
-            .any(|s| s.eq_ignore_ascii_case(serial))
+            .binary_search(&serial.to_ascii_lowercase())
+            .is_ok()
     }
 
     /// Whether a node is revoked.
     pub fn node_revoked(&self, node: &NodeRef) -> bool {
-        self.revocation.nodes.contains(node)
+        self.revocation.nodes.binary_search(node).is_ok()
     }
 
     /// Verifies one envelope and records it. On error nothing changes.
@@ -260,24 +466,32 @@ impl Ledger {
             subject: env.subject.clone(),
             reason,
         };
+        let hash = digest(&env.jws);
+        if let Some((kind, subject)) = self.verified.get(&hash) {
+            if (*kind, subject.as_str()) != (env.kind, env.subject.as_str()) {
+                return Err(reject(mislabelled(env, *kind, subject)));
+            }
+            return Ok(Ingested::Unchanged);
+        }
+        if self.set_aside(env) {
+            return Ok(Ingested::Skipped);
+        }
         let (doc, signer) = self.verify(&env.jws, now).map_err(reject)?;
         if doc.kind() != env.kind || doc.subject() != env.subject {
-            return Err(reject((
-                RejectCode::Invalid,
-                format!(
-                    "delivered as {} {} but the signed document is {} {}",
-                    env.kind,
-                    env.subject,
-                    doc.kind(),
-                    doc.subject()
-                ),
-            )));
+            return Err(reject(mislabelled(env, doc.kind(), &doc.subject())));
         }
-        self.record(doc, signer).map_err(reject)
+        let ingested = self.record(doc, signer).map_err(reject)?;
+        self.verified.insert(hash, (env.kind, env.subject.clone()));
+        self.verify_set_aside(now);
+        Ok(ingested)
     }
 
     /// Verifies a bare JWS (not in an envelope) and records it.
     pub fn ingest_jws(&mut self, jws: &str, now: SystemTime) -> Result<Ingested, Rejection> {
+        let hash = digest(jws);
+        if self.verified.contains_key(&hash) {
+            return Ok(Ingested::Unchanged);
+        }
         let (doc, signer) = self.verify(jws, now).map_err(|(code, reason)| Rejection {
             code,
             seq: None,
@@ -286,14 +500,79 @@ impl Ledger {
             reason,
         })?;
         let (kind, subject) = (doc.kind(), doc.subject());
-        self.record(doc, signer)
+        let ingested = self
+            .record(doc, signer)
             .map_err(|(code, reason)| Rejection {
                 code,
                 seq: None,
                 kind: Some(kind),
-                subject,
+                subject: subject.clone(),
                 reason,
-            })
+            })?;
+        self.verified.insert(hash, (kind, subject));
+        self.verify_set_aside(now);
+        Ok(ingested)
+    }
+
+    /// For a node's ledger: whether `env` cannot concern the node (judged from the signed
+    /// payload itself, unverified: a hub that alters it only withholds it). Advertisements of
+    /// nodes without a link to this one are kept aside (the latest delivered for each).
+    fn set_aside(&mut self, env: &Envelope) -> bool {
+        let Some(focus) = &self.focus else {
+            return false;
+        };
+        if self.collab.is_none() {
+            return false;
+        }
+        let Ok((_, doc)) = jws::peek(&env.jws) else {
+            return false;
+        };
+        match &doc {
+            Document::Advertisement(a) if a.node != *focus && !self.is_peer(&a.node) => {
+                if self
+                    .deferred
+                    .get(&a.node)
+                    .is_none_or(|old| env.seq >= old.seq)
+                {
+                    self.deferred.insert(a.node.clone(), env.clone());
+                }
+                true
+            }
+            Document::LinkRequest(r) => !r.terms.concerns(focus),
+            Document::Approval(a) => !a.terms.concerns(focus),
+            Document::Decision(d) => {
+                d.by != *focus
+                    && !self.requests.contains_key(&d.link_id)
+                    && !self.approvals.contains_key(&d.link_id)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether some known link has `node` at one end.
+    fn is_peer(&self, node: &NodeRef) -> bool {
+        self.requests.values().any(|r| r.terms.concerns(node))
+            || self.approvals.values().any(|a| a.terms.concerns(node))
+    }
+
+    /// Verifies the advertisements kept aside whose node a link now concerns.
+    fn verify_set_aside(&mut self, now: SystemTime) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let due: Vec<NodeRef> = self
+            .deferred
+            .keys()
+            .filter(|n| self.is_peer(n))
+            .cloned()
+            .collect();
+        for node in due {
+            if let Some(env) = self.deferred.remove(&node)
+                && let Err(r) = self.ingest(&env, now)
+            {
+                self.late.push(r);
+            }
+        }
     }
 
     /// Checks signature and authorship; returns the document and the signer's serial for node
@@ -316,7 +595,7 @@ impl Ledger {
                 jws::verify_owner(jws, &c.owner_key).map_err(|e| (Forbidden, e.to_string()))?;
             return Ok((doc, String::new()));
         }
-        let Some((collab, bundle)) = self.collab.as_ref() else {
+        let (Some(collab), Some(bundle)) = (self.collab.as_ref(), self.bundle.as_ref()) else {
             return refuse(Unknown, "no verified collaboration yet");
         };
         if claimed.collab() != collab.id {
@@ -380,7 +659,7 @@ impl Ledger {
     }
 
     fn record(&mut self, doc: Document, serial: String) -> Result<Ingested, Refusal> {
-        use RejectCode::{Forbidden, Invalid, Stale, Unknown};
+        use RejectCode::{Forbidden, Invalid, Unknown};
         match doc {
             Document::Collaboration(c) => self.record_collab(c),
             Document::Advertisement(a) => {
@@ -422,6 +701,7 @@ impl Ledger {
                         ),
                     );
                 }
+                self.numbers.claim(a.revocations);
                 Ok(insert_new(&mut self.approvals, a.terms.id.clone(), a))
             }
             Document::Decision(d) => {
@@ -450,31 +730,107 @@ impl Ledger {
                 self.decisions.insert(d.link_id.clone(), (d, serial));
                 Ok(Ingested::Changed)
             }
-            Document::Revocation(r) => {
-                let current = &self.revocation;
-                if r.number < current.number || (r.number == current.number && r != *current) {
-                    return refuse(
-                        Stale,
-                        format!(
-                            "revocation list {} is older than list {} already verified (replay?)",
-                            r.number, current.number
-                        ),
-                    );
-                }
-                if r == *current {
-                    return Ok(Ingested::Unchanged);
-                }
-                self.revocation = r;
-                Ok(Ingested::Changed)
-            }
+            Document::Revocation(r) => self.record_revocation(r),
+            Document::Checkpoint(cp) => self.record_checkpoint(cp),
             // Join grants matter to the hub only.
             Document::JoinGrant(_) => Ok(Ingested::Unchanged),
         }
     }
 
+    /// Adds what `r` revokes to what is revoked.
+    fn record_revocation(&mut self, r: Revocation) -> Result<Ingested, Refusal> {
+        if r.number == 0 {
+            return refuse(RejectCode::Invalid, "revocation numbers start at 1");
+        }
+        let serials: Vec<String> = r.serials.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let adds = r.links.iter().any(|l| !self.revoked_in.contains_key(l))
+            || serials.iter().any(|s| !self.serial_revoked(s))
+            || r.nodes.iter().any(|n| !self.node_revoked(n));
+        if !adds && self.numbers.has(r.number) {
+            return Ok(Ingested::Unchanged);
+        }
+        self.numbers.add(r.number);
+        self.revoke(&r.links, &serials, &r.nodes, r.number);
+        self.revocation.number = self.revocation.number.max(r.number);
+        self.revocation.issued_at = self.revocation.issued_at.max(r.issued_at);
+        Ok(Ingested::Changed)
+    }
+
+    /// Adds links, serials and nodes to what is revoked; links remember `number`.
+    fn revoke(&mut self, links: &[String], serials: &[String], nodes: &[NodeRef], number: u64) {
+        let list = &mut self.revocation;
+        list.collab = self
+            .collab
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        for link in links {
+            self.revoked_in.entry(link.clone()).or_insert(number);
+            insert_sorted(&mut list.links, link.clone());
+        }
+        for serial in serials {
+            insert_sorted(&mut list.serials, serial.to_ascii_lowercase());
+        }
+        for node in nodes {
+            insert_sorted(&mut list.nodes, node.clone());
+        }
+    }
+
+    /// Folds a checkpoint in: what it revokes is added, revocations up to its number count as
+    /// held, and links that can never be in force again (revoked, or expired when it was
+    /// signed) are forgotten with their requests and decisions.
+    fn record_checkpoint(&mut self, cp: Checkpoint) -> Result<Ingested, Refusal> {
+        if let Some(current) = &self.checkpoint {
+            if cp == *current {
+                return Ok(Ingested::Unchanged);
+            }
+            if cp.number <= current.number {
+                return refuse(
+                    RejectCode::Stale,
+                    format!(
+                        "checkpoint {} is not newer than checkpoint {} already held: another \
+                         owner command made one at the same time (nothing is lost; make a new \
+                         one if it is still wanted)",
+                        cp.number, current.number
+                    ),
+                );
+            }
+        }
+        self.numbers.fold(cp.revocations);
+        self.revoke(&cp.links, &cp.serials, &cp.nodes, cp.revocations);
+        self.revocation.number = self.revocation.number.max(cp.revocations);
+        self.revocation.issued_at = self.revocation.issued_at.max(cp.issued_at);
+        let mut dead = BTreeSet::new();
+        let mut expired = BTreeSet::new();
+        let known = self.requests.values().map(|r| &r.terms);
+        for terms in known.chain(self.approvals.values().map(|a| &a.terms)) {
+            if terms.not_after <= cp.issued_at {
+                expired.insert(terms.id.clone());
+                dead.insert(terms.id.clone());
+            } else if self.link_revoked(terms) {
+                dead.insert(terms.id.clone());
+            }
+        }
+        for id in &dead {
+            self.requests.remove(id);
+            self.approvals.remove(id);
+            self.decisions.remove(id);
+        }
+        // An expired link stays out of force without being listed as revoked.
+        for id in &expired {
+            if self.revoked_in.remove(id).is_some() {
+                self.revocation.links.retain(|l| l != id);
+            }
+        }
+        let revoked_nodes = self.revocation.nodes.clone();
+        self.adverts.retain(|node, _| !revoked_nodes.contains(node));
+        self.checkpoint = Some(cp);
+        Ok(Ingested::Changed)
+    }
+
     fn record_collab(&mut self, c: Collaboration) -> Result<Ingested, Refusal> {
         use RejectCode::{Invalid, Stale};
-        if let Some((old, _)) = &self.collab {
+        if let Some(old) = &self.collab {
             if old.id != c.id {
                 return refuse(
                     Invalid,
@@ -508,7 +864,8 @@ impl Ledger {
         for m in &c.members {
             NodeRef::new(&m.org, &m.node).map_err(|e| (Invalid, e.to_string()))?;
         }
-        self.collab = Some((c, bundle));
+        self.collab = Some(c);
+        self.bundle = Some(bundle);
         Ok(Ingested::Changed)
     }
 
@@ -522,6 +879,14 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+
+    /// The terms of a known link (approved, else requested).
+    pub fn terms(&self, id: &str) -> Option<&LinkTerms> {
+        self.approvals
+            .get(id)
+            .map(|a| &a.terms)
+            .or_else(|| self.requests.get(id).map(|r| &r.terms))
     }
 
     /// Every known link and its state at `now`, ordered by id.
@@ -558,11 +923,13 @@ impl Ledger {
         };
         let now = unix(now);
         let terms = &status.terms;
-        let revoked = self.revocation.links.iter().any(|l| l == id)
-            || self.node_revoked(&terms.from)
-            || self.node_revoked(&terms.to);
-        status.state = if revoked {
-            status.revoked_in = Some(self.revocation.number);
+        status.state = if self.link_revoked(terms) {
+            status.revoked_in = Some(
+                self.revoked_in
+                    .get(id)
+                    .copied()
+                    .unwrap_or(self.revocation.number),
+            );
             LinkState::Revoked
         } else if now >= terms.not_after {
             LinkState::Expired
@@ -583,6 +950,33 @@ impl Ledger {
             LinkState::Requested
         };
         Some(status)
+    }
+
+    /// Whether the link, or a node at either end, is revoked.
+    fn link_revoked(&self, terms: &LinkTerms) -> bool {
+        self.revoked_in.contains_key(&terms.id)
+            || self.node_revoked(&terms.from)
+            || self.node_revoked(&terms.to)
+    }
+
+    /// Whether this ledger's state still rests on `doc`: it is the collaboration version, the
+    /// advertisement, request, approval or decision held, a revocation not folded into the
+    /// checkpoint, or the checkpoint. A store may drop every stored document this is false for
+    /// once the ledger has taken in everything stored: nothing a reader computes changes.
+    pub fn holds(&self, doc: &Document) -> bool {
+        match doc {
+            Document::Collaboration(c) => self.collab.as_ref() == Some(c),
+            Document::Advertisement(a) => self.adverts.get(&a.node).is_some_and(|(x, _)| x == a),
+            Document::LinkRequest(r) => self.requests.get(&r.terms.id) == Some(r),
+            Document::Approval(a) => self.approvals.get(&a.terms.id) == Some(a),
+            Document::Decision(d) => self.decisions.get(&d.link_id).is_some_and(|(x, _)| x == d),
+            Document::Revocation(r) => self
+                .checkpoint
+                .as_ref()
+                .is_none_or(|cp| r.number > cp.revocations),
+            Document::Checkpoint(cp) => self.checkpoint.as_ref() == Some(cp),
+            Document::JoinGrant(_) => true,
+        }
     }
 
     fn consent_required(&self) -> bool {
@@ -617,6 +1011,16 @@ impl Ledger {
     ) -> (Vec<EffectiveLink>, Vec<Rejection>) {
         let mut links = Vec::new();
         let mut rejections = Vec::new();
+        if let Some(withheld) = self.withheld() {
+            rejections.push(Rejection {
+                code: RejectCode::Unknown,
+                seq: None,
+                kind: Some(DocKind::Revocation),
+                subject: withheld.claimed.to_string(),
+                reason: withheld.to_string(),
+            });
+            return (links, rejections);
+        }
         for status in self.links(now) {
             if !status.terms.concerns(local) {
                 continue;
@@ -641,6 +1045,24 @@ impl Ledger {
         }
         (links, rejections)
     }
+}
+
+/// Inserts `item` into the sorted `list` unless it is there.
+fn insert_sorted<T: Ord>(list: &mut Vec<T>, item: T) {
+    if let Err(at) = list.binary_search(&item) {
+        list.insert(at, item);
+    }
+}
+
+/// The refusal of a document the hub filed as something it is not.
+fn mislabelled(env: &Envelope, kind: DocKind, subject: &str) -> Refusal {
+    (
+        RejectCode::Invalid,
+        format!(
+            "delivered as {} {} but the signed document is {kind} {subject}",
+            env.kind, env.subject
+        ),
+    )
 }
 
 impl Ledger {

@@ -549,6 +549,14 @@ pub struct Approval {
     pub approved_by: String,
     /// When.
     pub approved_at: u64,
+    /// The highest revocation number the owner had seen when approving (0: none). A node that
+    /// has seen fewer knows revocations are being withheld from it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revocations: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The receiving node's consent or veto.
@@ -579,13 +587,19 @@ pub struct Decision {
     pub at: u64,
 }
 
-/// The owner's numbered list of what is revoked. A higher number replaces a lower one; lists are
-/// cumulative, so the latest is the whole truth.
+/// The owner's revocation of links, certificate serials and nodes. Revocations add up: what one
+/// lists stays revoked, so two owner commands revoking at the same time never conflict.
+///
+/// Each is numbered one above the highest number its signer had seen (two made at the same time
+/// may share a number), so the numbers a node sees run 1, 2, 3, ... without a gap: a gap, or an
+/// owner document naming a higher number than a node has seen, means revocations are being
+/// withheld from it. (Lists signed before revocations added up were cumulative; read as
+/// additions they mean the same.)
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     /// The collaboration.
     pub collab: String,
-    /// Strictly increasing.
+    /// One above the highest revocation number the signer had seen; at least 1.
     pub number: u64,
     /// Revoked link ids.
     #[serde(default)]
@@ -613,6 +627,58 @@ pub struct JoinGrant {
     pub not_after: u64,
 }
 
+/// The owner's checkpoint: everything revoked so far, folded into one document, so the
+/// revocations it covers (and the links they ended) can be dropped from the history.
+///
+/// Links in force are not restated: their approvals are already the smallest owner-signed form
+/// of them, and stay. A newer checkpoint (higher `number`) replaces an older one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The collaboration.
+    pub collab: String,
+    /// One above the latest checkpoint the owner had seen.
+    pub number: u64,
+    /// Revocations numbered 1 to this are folded in.
+    pub revocations: u64,
+    /// Revoked link ids (links that expired are left out: they can never be in force again).
+    #[serde(default)]
+    pub links: Vec<String>,
+    /// Revoked certificate serials (hex).
+    #[serde(default)]
+    pub serials: Vec<String>,
+    /// Revoked nodes.
+    #[serde(default)]
+    pub nodes: Vec<NodeRef>,
+    /// When.
+    pub issued_at: u64,
+}
+
+impl Checkpoint {
+    /// What of `r` this checkpoint leaves out, if anything: a revoked link that is neither
+    /// listed nor `expired`, a serial or a node. A checkpoint that folds `r` in must leave out
+    /// nothing, or dropping `r` would lose a revocation.
+    pub fn omits(&self, r: &Revocation, expired: impl Fn(&str) -> bool) -> Option<String> {
+        if let Some(link) = r
+            .links
+            .iter()
+            .find(|l| !self.links.contains(l) && !expired(l))
+        {
+            return Some(format!("link {link}"));
+        }
+        if let Some(serial) = r
+            .serials
+            .iter()
+            .find(|s| !self.serials.iter().any(|c| c.eq_ignore_ascii_case(s)))
+        {
+            return Some(format!("certificate serial {serial}"));
+        }
+        r.nodes
+            .iter()
+            .find(|n| !self.nodes.contains(n))
+            .map(|n| format!("node {n}"))
+    }
+}
+
 /// Any signed document, tagged with its kind inside the signed payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -632,6 +698,8 @@ pub enum Document {
     Revocation(Revocation),
     /// [`JoinGrant`].
     JoinGrant(JoinGrant),
+    /// [`Checkpoint`].
+    Checkpoint(Checkpoint),
 }
 
 /// The kinds of [`Document`].
@@ -652,6 +720,8 @@ pub enum DocKind {
     Revocation,
     /// [`JoinGrant`].
     JoinGrant,
+    /// [`Checkpoint`].
+    Checkpoint,
 }
 
 impl fmt::Display for DocKind {
@@ -664,6 +734,7 @@ impl fmt::Display for DocKind {
             Self::Decision => "decision",
             Self::Revocation => "revocation",
             Self::JoinGrant => "join grant",
+            Self::Checkpoint => "checkpoint",
         };
         f.write_str(s)
     }
@@ -680,6 +751,7 @@ impl Document {
             Self::Decision(_) => DocKind::Decision,
             Self::Revocation(_) => DocKind::Revocation,
             Self::JoinGrant(_) => DocKind::JoinGrant,
+            Self::Checkpoint(_) => DocKind::Checkpoint,
         }
     }
 
@@ -693,6 +765,7 @@ impl Document {
             Self::Decision(d) => &d.collab,
             Self::Revocation(r) => &r.collab,
             Self::JoinGrant(g) => &g.collab,
+            Self::Checkpoint(c) => &c.collab,
         }
     }
 
@@ -706,6 +779,7 @@ impl Document {
             Self::Decision(d) => d.link_id.clone(),
             Self::Revocation(r) => r.number.to_string(),
             Self::JoinGrant(g) => g.node.to_string(),
+            Self::Checkpoint(c) => c.number.to_string(),
         }
     }
 }

@@ -139,6 +139,7 @@ fn approval_signed_by_another_key_is_refused() {
             terms: terms.clone(),
             approved_by: "owner@example.org".into(),
             approved_at: jws::unix(f.now),
+            revocations: 0,
         }),
         &crate::Signer::Owner(&mallory),
     )
@@ -184,21 +185,247 @@ fn approval_whose_terms_differ_from_the_request_is_refused() {
 }
 
 #[test]
-fn replayed_old_revocation_list_is_refused() {
+fn revocations_add_up_and_replays_change_nothing() {
     let f = fixture();
     let mut l = ledger(&f);
-    let terms = f.terms("org-a/n1", "org-b/n1", &["11365"], HOUR);
-    accept(&mut l, &f, f.approval(&terms));
-    let old = f.revocation(1, &[]);
-    accept(&mut l, &f, old.clone());
-    accept(&mut l, &f, f.revocation(2, &[&terms.id]));
-    let env = f.envelope(old);
-    let reason = reject(&mut l, &env, &f);
-    assert!(reason.contains("older than list 2"), "{reason}");
+    let t1 = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    let t2 = f.terms("org-a/n1", "org-c/n1", &["2"], HOUR);
+    let t3 = f.terms("org-b/n1", "org-c/n1", &["3"], HOUR);
+    for t in [&t1, &t2, &t3] {
+        accept(&mut l, &f, f.approval(t));
+    }
+    // Two owner commands revoking at the same time sign the same number: both count.
+    let first = f.revocation(1, &[&t1.id]);
+    accept(&mut l, &f, first.clone());
+    let env = f.envelope(f.revocation(1, &[&t2.id]));
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Changed);
+    // A cumulative list of the old kind adds what it lists.
+    accept(&mut l, &f, f.revocation(2, &[&t1.id, &t3.id]));
+    for t in [&t1, &t2, &t3] {
+        assert_eq!(l.status(&t.id, f.now).unwrap().state, LinkState::Revoked);
+    }
+    assert_eq!(l.status(&t2.id, f.now).unwrap().revoked_in, Some(1));
+    assert_eq!(l.status(&t3.id, f.now).unwrap().revoked_in, Some(2));
+    assert_eq!(l.revocation().links.len(), 3);
+    // Replayed, or the same again under a known number: nothing changes, nothing is refused.
+    let env = f.envelope(first);
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Unchanged);
+    let env = f.envelope(f.revocation(2, &[&t3.id]));
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Unchanged);
+    let env = f.envelope(f.revocation(0, &[]));
+    assert!(reject(&mut l, &env, &f).contains("start at 1"));
+    assert_eq!(l.withheld(), None);
+}
+
+#[test]
+fn withheld_revocations_are_noticed_and_no_link_is_in_force() {
+    let f = fixture();
+    let mut l = ledger(&f);
+    let t1 = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    let t2 = f.terms("org-a/n1", "org-c/n1", &["2"], HOUR);
+    accept(&mut l, &f, f.approval(&t1));
+    // Revocation 2 is signed by an owner who had seen 1: 1 exists and did not arrive.
+    accept(&mut l, &f, f.revocation(2, &[&t2.id]));
+    let withheld = l.withheld().unwrap();
+    assert_eq!((withheld.through, withheld.claimed), (0, 2));
+    let (links, rejections) = l.effective_links(&n("org-a/n1"), f.now);
+    assert!(links.is_empty(), "fail closed");
+    assert!(
+        rejections[0].reason.contains("withholds revocations"),
+        "{rejections:?}"
+    );
+    accept(&mut l, &f, f.revocation(1, &[]));
+    assert_eq!(l.withheld(), None);
+    assert_eq!(l.effective_links(&n("org-a/n1"), f.now).0.len(), 1);
+
+    // An approval names the revocations its owner had seen.
+    let mut doc = crate::Approval {
+        terms: t2.clone(),
+        approved_by: "owner@example.org".into(),
+        approved_at: jws::unix(f.now),
+        revocations: 3,
+    };
+    accept(&mut l, &f, f.owner_sign(&Document::Approval(doc.clone())));
+    assert_eq!(l.withheld().map(|w| w.claimed), Some(3));
+    assert!(l.effective_links(&n("org-b/n1"), f.now).0.is_empty());
+    accept(&mut l, &f, f.revocation(3, &[]));
+    assert_eq!(l.withheld(), None);
+    doc.revocations = 0;
+    assert_eq!(l.effective_links(&n("org-b/n1"), f.now).0.len(), 1);
+}
+
+#[test]
+fn documents_are_verified_once() {
+    let f = fixture();
+    let mut l = ledger(&f);
+    let advert = f.envelope(f.advertisement("org-a/n1", "127.0.0.1:1"));
+    assert_eq!(l.ingest(&advert, f.now).unwrap(), Ingested::Changed);
+    // Verified again, the same document would be refused (signed in this clock's future): known
+    // by its hash, it is not verified again.
+    let past = f.now - 2 * HOUR;
+    assert_eq!(l.ingest(&advert, past).unwrap(), Ingested::Unchanged);
     assert_eq!(
-        l.status(&terms.id, f.now).unwrap().state,
+        l.ingest_jws(&f.collab_jws(), past).unwrap(),
+        Ingested::Unchanged
+    );
+    // Known, but filed under another subject: still refused.
+    let mut mislabelled = advert.clone();
+    mislabelled.subject = "org-b/n1".into();
+    assert!(reject(&mut l, &mislabelled, &f).contains("delivered as advertisement org-b/n1"));
+}
+
+#[test]
+fn a_node_ledger_verifies_only_what_can_concern_it() {
+    let f = fixture();
+    let c = n("org-c/n1");
+    let mut l = Ledger::for_node(&f.pin(), &c);
+    l.ingest_jws(&f.collab_jws(), f.now).unwrap();
+    let ab = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    for jws in [
+        f.request(&ab),
+        f.approval(&ab),
+        f.decision(&ab, Verdict::Veto),
+    ] {
+        let env = f.envelope(jws);
+        assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Skipped);
+    }
+    // A forgery about another link is not even looked at; one about this node's is refused.
+    let mut forged = f.approval(&ab);
+    forged.replace_range(forged.len() - 4.., "AAAA");
+    assert_eq!(
+        l.ingest(&f.envelope(forged), f.now).unwrap(),
+        Ingested::Skipped
+    );
+    let ac = f.terms("org-a/n1", "org-c/n1", &["2"], HOUR);
+    let mut forged = f.approval(&ac);
+    forged.replace_range(forged.len() - 4.., "AAAA");
+    assert!(l.ingest(&f.envelope(forged), f.now).is_err());
+
+    // Advertisements of nodes without a link to this one wait unverified.
+    let env = f.envelope(f.advertisement("org-a/n1", "127.0.0.1:1"));
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Skipped);
+    let mut forged = f.advertisement("org-b/n1", "127.0.0.1:2");
+    forged.replace_range(forged.len() - 4.., "AAAA");
+    assert_eq!(
+        l.ingest(&f.envelope(forged), f.now).unwrap(),
+        Ingested::Skipped
+    );
+    assert!(l.advertisement(&n("org-a/n1")).is_none());
+    // A link makes org-a's advertisement matter: it is verified then.
+    accept(&mut l, &f, f.approval(&ac));
+    assert_eq!(
+        l.advertisement(&n("org-a/n1")).unwrap().quic(),
+        Some("127.0.0.1:1")
+    );
+    assert!(l.take_late_rejections().is_empty());
+    let bc = f.terms("org-b/n1", "org-c/n1", &["3"], HOUR);
+    accept(&mut l, &f, f.approval(&bc));
+    let late = l.take_late_rejections();
+    assert_eq!(
+        late.len(),
+        1,
+        "the forged advertisement fails when it matters"
+    );
+    assert!(late[0].reason.contains("does not verify"), "{late:?}");
+    assert!(l.advertisement(&n("org-b/n1")).is_none());
+    assert_eq!(l.effective_links(&c, f.now).0.len(), 2);
+    // Revocations always count, whatever they are about.
+    accept(&mut l, &f, f.revocation(1, &[&ab.id]));
+    assert_eq!(l.revocation().links, vec![ab.id.clone()]);
+}
+
+fn checkpoint(f: &Fixture, number: u64, revocations: u64, links: &[&str]) -> String {
+    f.owner_sign(&Document::Checkpoint(crate::Checkpoint {
+        collab: f.collab.id.clone(),
+        number,
+        revocations,
+        links: links.iter().map(|s| (*s).to_owned()).collect(),
+        serials: Vec::new(),
+        nodes: Vec::new(),
+        issued_at: jws::unix(f.now),
+    }))
+}
+
+#[test]
+fn a_checkpoint_folds_revocations_and_forgets_settled_links() {
+    let f = fixture();
+    let live = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    let revoked = f.terms("org-a/n1", "org-c/n1", &["2"], HOUR);
+    let expired = f.terms("org-b/n1", "org-c/n1", &["3"], Duration::ZERO);
+    let history: Vec<Envelope> = [
+        f.request(&live),
+        f.approval(&live),
+        f.request(&revoked),
+        f.approval(&revoked),
+        f.request(&expired),
+        f.revocation(1, &[&revoked.id]),
+        f.revocation(2, &[&expired.id]),
+    ]
+    .into_iter()
+    .map(|jws| f.envelope(jws))
+    .collect();
+    let mut l = ledger(&f);
+    for env in &history {
+        l.ingest(env, f.now).unwrap();
+    }
+    let cp = f.envelope(checkpoint(&f, 1, 2, &[&revoked.id]));
+    assert_eq!(l.ingest(&cp, f.now).unwrap(), Ingested::Changed);
+    let ids: Vec<String> = l.links(f.now).into_iter().map(|s| s.terms.id).collect();
+    assert_eq!(
+        ids,
+        vec![live.id.clone()],
+        "revoked and expired links are forgotten"
+    );
+    assert_eq!(l.revocation().links, vec![revoked.id.clone()]);
+    // What the ledger still rests on: the live link's documents and the checkpoint.
+    let held: Vec<bool> = history
+        .iter()
+        .map(|e| l.holds(&jws::peek(&e.jws).unwrap().1))
+        .collect();
+    assert_eq!(held, [true, true, false, false, false, false, false]);
+
+    // A reader given the checkpoint first and then what is held computes the same.
+    let mut fresh = ledger(&f);
+    fresh.ingest(&cp, f.now).unwrap();
+    for (env, keep) in history.iter().zip(&held) {
+        if *keep {
+            fresh.ingest(env, f.now).unwrap();
+        }
+    }
+    assert_eq!(fresh.links(f.now), l.links(f.now));
+    assert_eq!(fresh.revocation(), l.revocation());
+    assert_eq!(fresh.withheld(), None);
+    // A re-served approval of the revoked link stays revoked.
+    fresh.ingest(&history[3], f.now).unwrap();
+    assert_eq!(
+        fresh.status(&revoked.id, f.now).unwrap().state,
         LinkState::Revoked
     );
+
+    // Two checkpoints made at once: the second names the real cause.
+    let env = f.envelope(checkpoint(&f, 1, 2, &[]));
+    let reason = reject(&mut l, &env, &f);
+    assert!(
+        reason.contains("another owner command made one at the same time"),
+        "{reason}"
+    );
+    assert_eq!(l.ingest(&cp, f.now).unwrap(), Ingested::Unchanged);
+}
+
+#[test]
+fn a_ledger_round_trips_through_json() {
+    let f = fixture();
+    let mut l = Ledger::for_node(&f.pin(), &n("org-a/n1"));
+    l.ingest_jws(&f.collab_jws(), f.now).unwrap();
+    let t = f.terms("org-a/n1", "org-b/n1", &["1"], HOUR);
+    accept(&mut l, &f, f.approval(&t));
+    accept(&mut l, &f, f.revocation(1, &[]));
+    let back = Ledger::from_json(&l.to_json()).unwrap();
+    assert_eq!(back.links(f.now), l.links(f.now));
+    assert_eq!(back.cursor(), l.cursor());
+    assert!(back.trust_bundle().is_some());
+    assert_eq!(back.revocations_through(), 1);
+    assert!(Ledger::from_json("{").is_err());
 }
 
 #[test]
@@ -304,8 +531,14 @@ fn newer_collaboration_versions_replace_older_ones() {
     let env = f.envelope(f.collab_jws());
     assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Changed);
     assert_eq!(l.collaboration().unwrap().members.len(), 2);
+    // The same old version again is known and changes nothing; another old one is refused.
     let env = f.envelope(v1);
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Unchanged);
+    f.collab.version = 1;
+    f.collab.issued_at += 1;
+    let env = f.envelope(f.collab_jws());
     assert!(reject(&mut l, &env, &f).contains("older than version 2"));
+    assert_eq!(l.collaboration().unwrap().members.len(), 2);
 }
 
 #[test]

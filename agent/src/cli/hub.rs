@@ -52,6 +52,13 @@ pub struct HubArgs {
     /// address, e.g. behind SNAT).
     #[arg(long, default_value_t = Limits::default().connections.max_connections_per_ip)]
     max_connections_per_ip: usize,
+    /// Requests one IP address may make at once (then 50 a second); raise it with
+    /// --max-connections-per-ip when many nodes share one address.
+    #[arg(long, default_value_t = Limits::default().requests_per_ip.burst)]
+    requests_per_ip_burst: u32,
+    /// Documents one identity (a node, or the owner) may store at once (then 2 a second).
+    #[arg(long, default_value_t = Limits::default().writes_per_identity.burst)]
+    writes_per_identity_burst: u32,
     /// Documents one member node may have stored.
     #[arg(long, default_value_t = Limits::default().member_quota.docs)]
     member_quota_docs: usize,
@@ -77,6 +84,8 @@ pub(crate) async fn run(args: HubArgs) -> Result<()> {
         allow_owners,
         max_connections,
         max_connections_per_ip,
+        requests_per_ip_burst,
+        writes_per_identity_burst,
         member_quota_docs,
         member_quota_bytes,
         collab_quota_docs,
@@ -85,6 +94,8 @@ pub(crate) async fn run(args: HubArgs) -> Result<()> {
     let mut limits = Limits::default();
     limits.connections.max_connections = max_connections;
     limits.connections.max_connections_per_ip = max_connections_per_ip;
+    limits.requests_per_ip.burst = requests_per_ip_burst;
+    limits.writes_per_identity.burst = writes_per_identity_burst;
     limits.member_quota.docs = member_quota_docs;
     limits.member_quota.bytes = member_quota_bytes;
     limits.collab_quota.docs = collab_quota_docs;

@@ -26,6 +26,14 @@ use crate::{
 pub enum CollabCommand {
     /// Create a collaboration: owner key, CA, signed collaboration document, uploaded to the hub.
     Create(CreateArgs),
+    /// Sign a checkpoint of everything revoked so far: the hub then drops the revocations it
+    /// folds in and every link that can never be in force again (revoking commands make one
+    /// every 64 revocations by themselves).
+    Checkpoint {
+        /// Owner directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// `fedmesh collab create`
@@ -224,7 +232,21 @@ pub struct EnrollArgs {
 }
 
 pub(crate) async fn run_collab(cmd: CollabCommand) -> Result<()> {
-    let CollabCommand::Create(args) = cmd;
+    let args = match cmd {
+        CollabCommand::Create(args) => args,
+        CollabCommand::Checkpoint { dir } => {
+            let cp = Owner::load(&dir)?.checkpoint().await?;
+            println!(
+                "checkpoint {} folds revocations 1 to {} ({} links, {} serials, {} nodes revoked)",
+                cp.number,
+                cp.revocations,
+                cp.links.len(),
+                cp.serials.len(),
+                cp.nodes.len()
+            );
+            return Ok(());
+        }
+    };
     let CreateArgs {
         id,
         dir,
@@ -375,7 +397,7 @@ pub(crate) async fn run_link(cmd: LinkCommand) -> Result<()> {
             let number = Owner::load(&dir)?
                 .revoke(std::slice::from_ref(&id), &[], &[])
                 .await?;
-            println!("revoked {id} (revocation list {number})");
+            println!("revoked {id} (revocation {number})");
             Ok(())
         }
         LinkCommand::List { who, output } => {

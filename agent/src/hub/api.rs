@@ -7,9 +7,10 @@
 //! | POST | `/v1/collabs/{id}/ca` | owner (online CA), signed [`CaRequest`] | hub makes and keeps the CA; returns its certificate |
 //! | POST | `/v1/collabs` | owner | create or update the collaboration (owner-signed) |
 //! | POST | `/v1/collabs/{id}/docs` | owner, or the signing node over mTLS | submit a signed document |
-//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S&limit=L` | member node (mTLS) or owner token | at most L documents after cursor N, long-polling up to S seconds |
+//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S&limit=L` | member node (mTLS) or owner token | at most L documents after cursor N, long-polling up to S seconds; the latest checkpoint first when N is below it |
 //! | POST | `/v1/collabs/{id}/enroll` | node with a join token | certificate (online CA) or registration (offline CA) |
 //! | POST | `/v1/collabs/{id}/renew` | member node (mTLS) | a fresh certificate for the same identity (online CA) |
+//! | POST | `/v1/collabs/{id}/reattest` | node whose certificate expired, signed [`ReattestClaims`] | a fresh certificate for the key it enrolled (online CA), unless revoked |
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_documents::{Envelope, NodeRef, PublicJwk};
@@ -25,6 +26,8 @@ pub const MAX_PAGE: usize = 1000;
 pub const OWNER_TOKEN_AUDIENCE: &str = "fedmesh-hub";
 /// The audience of owners' requests for an online CA.
 pub const CA_REQUEST_AUDIENCE: &str = "fedmesh-hub/create-ca";
+/// The audience of nodes' re-attestation requests.
+pub const REATTEST_AUDIENCE: &str = "fedmesh-hub/reattest";
 
 /// A signed document to store.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -61,6 +64,10 @@ pub struct DocsQuery {
 pub struct DocsPage {
     /// The latest collaboration document (owner-signed).
     pub collab_jws: String,
+    /// The latest checkpoint, when the cursor asked from is below it: read it before `docs`
+    /// (what it folds in is no longer among them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Envelope>,
     /// Envelopes after the cursor asked for, in order.
     pub docs: Vec<Envelope>,
     /// The cursor to ask from next.
@@ -100,6 +107,24 @@ pub struct Enrolled {
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// The new CSR.
+    pub csr_pem: String,
+}
+
+/// Claims of a node's re-attestation request: signed (JWS ES256, no certificate) with the node
+/// key the hub recorded when it enrolled, sent as [`SubmitDoc`]. The hub issues a certificate
+/// for the CSR's key, which must be that key, to a member that is not revoked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReattestClaims {
+    /// The collaboration.
+    pub collab: String,
+    /// The node.
+    pub node: NodeRef,
+    /// Always [`REATTEST_AUDIENCE`].
+    pub aud: String,
+    /// Unix expiry (at most 10 minutes ahead).
+    pub exp: u64,
+    /// A CSR for the node's identity and enrolled key.
     pub csr_pem: String,
 }
 

@@ -247,6 +247,16 @@ impl HubClient {
             .await
     }
 
+    /// Re-attests a node whose certificate expired: `proof` is its signed
+    /// [`super::api::ReattestClaims`].
+    pub async fn reattest(&self, collab: &str, proof: String) -> Result<Enrolled, ClientError> {
+        self.post(
+            &format!("/v1/collabs/{collab}/reattest"),
+            &SubmitDoc { jws: proof },
+        )
+        .await
+    }
+
     /// Renews the node's certificate (online CA).
     pub async fn renew(&self, collab: &str, csr_pem: String) -> Result<Enrolled, ClientError> {
         self.post(

@@ -7,6 +7,16 @@
 //! node would compute) is answered with the sequence number it has and stores nothing. Every
 //! refusal is logged at WARN with its reason and who asked (SPIFFE ID and certificate serial
 //! over mutual TLS, else the address), one line per reason and identity per interval.
+//!
+//! The history stays small: a document is dropped, in the transaction that stores what
+//! supersedes it, once the collaboration's ledger no longer rests on it (an older collaboration
+//! version, advertisement or decision; after an owner's checkpoint, the revocations it folds and
+//! the links that can never be in force again). Readers below the checkpoint get it first.
+//!
+//! A node whose certificate expired while it was down is issued a new one when it proves,
+//! with a request signed by the key the hub recorded at its enrollment, that it still holds
+//! that key, and neither the node nor the last certificate issued for that key is revoked
+//! (`POST .../reattest`; the trust argument is in the README).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -26,10 +36,10 @@ use axum::{
     routing::{get, post},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use fedmesh_certs::{CertInfo, CollabCa, IssuancePolicy, TrustBundle, verify::Usage};
+use fedmesh_certs::{CertInfo, CollabCa, IssuancePolicy, IssuedCert, TrustBundle, verify::Usage};
 use fedmesh_documents::{
-    Collaboration, DocKind, Document, Envelope, Ingested, JoinGrant, Ledger, NodeRef, RejectCode,
-    Rejection, jws,
+    Checkpoint, Collaboration, DocKind, Document, Envelope, Ingested, JoinGrant, Ledger, NodeRef,
+    RejectCode, Rejection, jws,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::{
@@ -41,13 +51,13 @@ use tracing::{debug, info, warn};
 use super::{
     api::{
         CA_REQUEST_AUDIENCE, CaCreated, CaRequest, DocsPage, DocsQuery, EnrollRequest, Enrolled,
-        ErrorBody, MAX_PAGE, MAX_WAIT_SECS, OWNER_TOKEN_AUDIENCE, OwnerToken, RenewRequest,
-        SubmitDoc, Submitted, secret_digest,
+        ErrorBody, MAX_PAGE, MAX_WAIT_SECS, OWNER_TOKEN_AUDIENCE, OwnerToken, REATTEST_AUDIENCE,
+        ReattestClaims, RenewRequest, SubmitDoc, Submitted, secret_digest,
     },
     files::private_dir,
     keys::CaKey,
     limits::{Limiter, Limits, StorageQuota},
-    store::{CaRecord, GrantRecord, Spent, Store},
+    store::{CaRecord, GrantRecord, KeyRecord, Spent, Store},
     tls::HubCert,
 };
 use crate::{serve::Peer, throttle::Throttle};
@@ -185,6 +195,11 @@ impl Stored {
         self.bytes += bytes;
     }
 
+    fn sub(&mut self, bytes: usize) {
+        self.docs = self.docs.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
     /// Why storing `bytes` more would break `quota`, if it would.
     fn over(&self, bytes: usize, quota: StorageQuota) -> Option<String> {
         (self.docs + 1 > quota.docs || self.bytes + bytes > quota.bytes).then(|| {
@@ -200,11 +215,16 @@ impl Stored {
 struct CollabState {
     ledger: Ledger,
     collab_jws: String,
-    docs: Vec<Envelope>,
+    /// Stored envelopes by sequence number (compacted ones removed).
+    docs: BTreeMap<u64, Envelope>,
+    /// The last sequence number handed out (never handed out again).
+    head: u64,
     ca: Option<CollabCa>,
     grants: BTreeMap<String, GrantRecord>,
     /// Join token secrets (SHA-256) that can never be used again.
     spent: BTreeMap<String, Spent>,
+    /// Each node's enrolled key and the last certificate issued for it.
+    keys: BTreeMap<String, KeyRecord>,
     latest: watch::Sender<u64>,
     /// SHA-256 of each stored JWS → its sequence number (exact replays).
     stored: HashMap<String, u64>,
@@ -220,10 +240,12 @@ impl CollabState {
         Self {
             ledger,
             collab_jws,
-            docs: Vec::new(),
+            docs: BTreeMap::new(),
+            head: 0,
             ca: None,
             grants: BTreeMap::new(),
             spent: BTreeMap::new(),
+            keys: BTreeMap::new(),
             latest: watch::channel(0).0,
             stored: HashMap::new(),
             subjects: HashMap::new(),
@@ -233,7 +255,7 @@ impl CollabState {
     }
 
     fn seq(&self) -> u64 {
-        self.docs.last().map_or(0, |e| e.seq)
+        self.head
     }
 
     fn collab(&self) -> HubResult<&Collaboration> {
@@ -252,7 +274,66 @@ impl CollabState {
             .or_default()
             .add(env.jws.len());
         self.total.add(env.jws.len());
-        self.docs.push(env);
+        self.head = self.head.max(env.seq);
+        self.docs.insert(env.seq, env);
+    }
+
+    /// Forgets a removed envelope.
+    fn unindex(&mut self, seq: u64) {
+        let Some(env) = self.docs.remove(&seq) else {
+            return;
+        };
+        self.stored.remove(&digest(&env.jws));
+        let subject = (env.kind, env.subject.clone());
+        if self.subjects.get(&subject) == Some(&seq) {
+            self.subjects.remove(&subject);
+        }
+        if let Some(usage) = self.usage.get_mut(&signer_of(&env.jws)) {
+            usage.sub(env.jws.len());
+        }
+        self.total.sub(env.jws.len());
+    }
+
+    /// The stored envelope of the latest checkpoint.
+    fn checkpoint(&self) -> Option<&Envelope> {
+        let number = self.ledger.checkpoint()?.number.to_string();
+        let seq = self.subjects.get(&(DocKind::Checkpoint, number))?;
+        self.docs.get(seq)
+    }
+
+    /// The stored envelopes `ledger` no longer rests on: all of them (`sweep`), or the one the
+    /// newest document of `(kind, subject)` replaces.
+    fn obsolete(
+        &self,
+        ledger: &Ledger,
+        sweep: bool,
+        replaced: Option<&(DocKind, String)>,
+    ) -> Vec<u64> {
+        let rests_on = |env: &Envelope| {
+            jws::peek(&env.jws)
+                .map(|(_, doc)| ledger.holds(&doc))
+                .unwrap_or(false)
+        };
+        if sweep {
+            return self
+                .docs
+                .values()
+                .filter(|env| !rests_on(env))
+                .map(|env| env.seq)
+                .collect();
+        }
+        replaced
+            .filter(|(kind, _)| {
+                matches!(
+                    kind,
+                    DocKind::Collaboration | DocKind::Advertisement | DocKind::Decision
+                )
+            })
+            .and_then(|subject| self.subjects.get(subject))
+            .and_then(|seq| self.docs.get(seq))
+            .filter(|env| !rests_on(env))
+            .map(|env| vec![env.seq])
+            .unwrap_or_default()
     }
 }
 
@@ -433,14 +514,43 @@ impl Hub {
                 Ledger::new(&jws::thumbprint(&c.owner_key)),
                 collab_jws.clone(),
             );
-            for env in snap.docs.get(id).cloned().unwrap_or_default() {
+            if let Err(r) = state.ledger.ingest_jws(collab_jws, now) {
+                bail!("the stored collaboration {id} does not verify: {r}");
+            }
+            let docs = snap.docs.get(id).cloned().unwrap_or_default();
+            // Readers take the latest checkpoint first; so does the hub.
+            let checkpoint = docs
+                .iter()
+                .filter(|env| env.kind == DocKind::Checkpoint)
+                .max_by_key(|env| env.subject.parse::<u64>().unwrap_or(0));
+            if let Some(env) = checkpoint
+                && let Err(r) = state.ledger.ingest(env, now)
+            {
+                debug!(collab = %id, %r, "stored checkpoint not applied");
+            }
+            for env in docs {
                 // Documents were verified on the way in; ones that no longer verify (for
-                // instance signed by a now-revoked certificate) are kept but not applied.
+                // instance signed by a now-revoked certificate) can never count again.
                 if let Err(r) = state.ledger.ingest(&env, now) {
                     debug!(collab = %id, %r, "stored document not applied");
                 }
                 state.index(env);
             }
+            state.head = state.head.max(snap.heads.get(id).copied().unwrap_or(0));
+            let obsolete = state.obsolete(&state.ledger, true, None);
+            if !obsolete.is_empty() {
+                store.remove_docs(id, &obsolete)?;
+                info!(collab = %id, removed = obsolete.len(), "documents no longer needed were removed");
+                for seq in obsolete {
+                    state.unindex(seq);
+                }
+            }
+            state.keys = snap
+                .keys
+                .iter()
+                .filter(|((c, _), _)| c == id)
+                .map(|((_, node), k)| (node.clone(), k.clone()))
+                .collect();
             state.grants = snap
                 .grants
                 .iter()
@@ -493,6 +603,7 @@ impl Hub {
             .route("/v1/collabs/{id}/docs", post(submit_doc).get(list_docs))
             .route("/v1/collabs/{id}/enroll", post(enroll))
             .route("/v1/collabs/{id}/renew", post(renew))
+            .route("/v1/collabs/{id}/reattest", post(reattest))
             .layer(axum::middleware::from_fn_with_state(self.clone(), guard))
             .with_state(self.clone())
     }
@@ -837,20 +948,59 @@ fn accept(
             format!("storage quota per collaboration exceeded: {id} has {why}"),
         ));
     }
+    let subject = (env.kind, env.subject.clone());
+    let obsolete = state.obsolete(&next, env.kind == DocKind::Checkpoint, Some(&subject));
+    if let Document::Checkpoint(cp) = &doc {
+        check_folds(state, cp, &obsolete)?;
+    }
     hub.charge(&format!("{id}/{signer}"))?;
     let collab_jws = (env.kind == DocKind::Collaboration).then_some(env.jws.as_str());
     store
-        .append(id, &env, collab_jws)
+        .append(id, &env, collab_jws, &obsolete)
         .map_err(HubError::internal)?;
     if let Some(jws) = collab_jws {
         state.collab_jws = jws.to_owned();
     }
     state.ledger = next;
     let seq = env.seq;
-    debug!(collab = %id, seq, kind = %env.kind, subject = %env.subject, "document accepted");
+    debug!(
+        collab = %id, seq, kind = %env.kind, subject = %env.subject, removed = obsolete.len(),
+        "document accepted"
+    );
+    for old in obsolete {
+        state.unindex(old);
+    }
     state.index(env);
     state.latest.send_replace(seq);
     Ok((StatusCode::CREATED, Json(Submitted { seq })))
+}
+
+/// Refuses a checkpoint that leaves out something a revocation it folds in (and whose document
+/// would be dropped) revokes: the revocation would be lost.
+fn check_folds(state: &CollabState, cp: &Checkpoint, obsolete: &[u64]) -> HubResult<()> {
+    let expired = |id: &str| {
+        state
+            .ledger
+            .terms(id)
+            .is_some_and(|t| t.not_after <= cp.issued_at)
+    };
+    for seq in obsolete {
+        let Some(Ok((_, Document::Revocation(r)))) = state.docs.get(seq).map(|e| jws::peek(&e.jws))
+        else {
+            continue;
+        };
+        if let Some(what) = cp.omits(&r, expired) {
+            return Err(HubError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "checkpoint {} folds in revocation {} but leaves out {what}, which it \
+                     revokes: list it (or make the checkpoint from everything the hub holds)",
+                    cp.number, r.number
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Verifies the connection's client certificate as a current, unrevoked member of `state`'s
@@ -955,6 +1105,30 @@ fn check_hub_rules(
         })?;
     }
     let unix_now = jws::unix(now);
+    // Revocation numbers run without a gap, and an owner document names only revocations the
+    // hub holds: otherwise every node would take the hub for one that withholds revocations.
+    let through = ledger.revocations_through();
+    let names = match doc {
+        Document::Revocation(r) => Some((r.number.saturating_sub(1), "revocation", r.number)),
+        Document::Approval(a) => Some((a.revocations, "approval of", 0)),
+        Document::Checkpoint(c) => Some((c.revocations, "checkpoint", c.number)),
+        _ => None,
+    };
+    if let Some((named, what, number)) = names
+        && named > through
+    {
+        let what = match number {
+            0 => format!("{what} {}", doc.subject()),
+            n => format!("{what} {n}"),
+        };
+        return Err(HubError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{what} names revocations up to {named}, but this hub holds them only up to \
+                 {through}: fetch what the hub holds and sign it again"
+            ),
+        ));
+    }
     match doc {
         Document::LinkRequest(r) if r.terms.not_after <= unix_now => Err(HubError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -1050,7 +1224,7 @@ fn store_grant(
         used_at: None,
     };
     store
-        .put_grant(&collab_id, &node, &record, &spent)
+        .put_grant(&collab_id, &node, &record, &spent, None)
         .map_err(HubError::internal)?;
     if let Some(digest) = replaced {
         state.spent.insert(digest, voided.clone());
@@ -1082,15 +1256,26 @@ async fn list_docs(
     let state = inner.collabs.get(&id).ok_or_else(|| not_found(&id))?;
     // A cursor from the future (the hub lost data, or another hub) starts over from the top.
     let since = if since > state.seq() { 0 } else { since };
-    let start = state.docs.partition_point(|e| e.seq <= since);
     let limit = match limit {
         0 => MAX_PAGE,
         n => n.min(MAX_PAGE),
     };
-    let docs: Vec<Envelope> = state.docs[start..].iter().take(limit).cloned().collect();
-    let cursor = docs.last().map_or(since, |e| e.seq);
+    let docs: Vec<Envelope> = state
+        .docs
+        .range(since + 1..)
+        .take(limit)
+        .map(|(_, e)| e.clone())
+        .collect();
+    // Past the stored documents the cursor is the last number handed out: the documents in
+    // between were compacted away.
+    let cursor = match docs.last() {
+        Some(last) => last.seq,
+        None => state.seq(),
+    };
+    let checkpoint = state.checkpoint().filter(|cp| cp.seq > since).cloned();
     Ok(Json(DocsPage {
         collab_jws: state.collab_jws.clone(),
+        checkpoint,
         docs,
         cursor,
     }))
@@ -1185,13 +1370,15 @@ async fn enroll(
         .trust_bundle()
         .cloned()
         .ok_or_else(|| not_found(&id))?;
-    let cert_pem = match (&req.csr_pem, &req.cert_pem, &state.ca) {
+    let (cert_pem, key) = match (&req.csr_pem, &req.cert_pem, &state.ca) {
         (Some(csr), None, Some(ca)) => {
-            issue_for((&inner.policy, inner.cert_ttl), ca, csr, &req.node, now)?
+            let issued = issue_for((&inner.policy, inner.cert_ttl), ca, csr, &req.node, now)?;
+            let key = key_record(&issued, now)?;
+            (issued.pem, Some(key))
         }
         (None, Some(cert), _) => {
             check_offline_cert(&bundle, cert, &req.node, now)?;
-            cert.clone()
+            (cert.clone(), None)
         }
         (Some(_), None, None) => {
             return Err(HubError::new(
@@ -1217,9 +1404,18 @@ async fn enroll(
     };
     inner
         .store
-        .put_grant(&id, &node_key, &used, &[(&grant.secret_sha256, &spent)])
+        .put_grant(
+            &id,
+            &node_key,
+            &used,
+            &[(&grant.secret_sha256, &spent)],
+            key.as_ref(),
+        )
         .map_err(HubError::internal)?;
     state.spent.insert(grant.secret_sha256, spent);
+    if let Some(key) = key {
+        state.keys.insert(node_key.clone(), key);
+    }
     state.grants.insert(node_key, used);
     info!(collab = %id, node = %req.node, "node enrolled");
     Ok(Json(Enrolled {
@@ -1237,8 +1433,9 @@ async fn renew(
 ) -> HubResult<Json<Enrolled>> {
     let Json(req) = body?;
     let now = now();
-    let inner = hub.inner.lock().await;
-    let state = inner.collabs.get(&id).ok_or_else(|| not_found(&id))?;
+    let mut inner = hub.inner.lock().await;
+    let inner = &mut *inner;
+    let state = inner.collabs.get_mut(&id).ok_or_else(|| not_found(&id))?;
     let node = member(&peer, state, now)?;
     let ca = state.ca.as_ref().ok_or_else(|| {
         HubError::new(
@@ -1246,15 +1443,17 @@ async fn renew(
             "this collaboration's CA is offline: the owner renews certificates",
         )
     })?;
-    let cert_pem = issue_for(
+    let issued = issue_for(
         (&inner.policy, inner.cert_ttl),
         ca,
         &req.csr_pem,
         &node,
         now,
     )?;
+    // The key of the newest certificate is the one the node re-attests with after an outage.
+    record_key(&inner.store, &id, state, &node, key_record(&issued, now)?)?;
     Ok(Json(Enrolled {
-        cert_pem,
+        cert_pem: issued.pem,
         ca_pem: state.collab()?.ca_pem.clone(),
         collab_jws: state.collab_jws.clone(),
     }))
@@ -1267,7 +1466,7 @@ fn issue_for(
     csr: &str,
     node: &NodeRef,
     now: SystemTime,
-) -> HubResult<String> {
+) -> HubResult<IssuedCert> {
     let issued = ca
         .sign_csr_pem(csr, policy, ttl, now)
         .map_err(|e| HubError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
@@ -1280,7 +1479,125 @@ fn issue_for(
             ),
         ));
     }
-    Ok(issued.pem)
+    Ok(issued)
+}
+
+/// What the hub records of a certificate it issued: its key and serial.
+fn key_record(issued: &IssuedCert, now: SystemTime) -> HubResult<KeyRecord> {
+    let point = fedmesh_certs::verify::public_key_of(&issued.der).map_err(HubError::internal)?;
+    Ok(KeyRecord {
+        key: URL_SAFE_NO_PAD.encode(point),
+        serial: issued.info.serial.clone(),
+        issued_at: jws::unix(now),
+    })
+}
+
+/// Stores `record` as `node`'s key and keeps it in `state`.
+fn record_key(
+    store: &Store,
+    id: &str,
+    state: &mut CollabState,
+    node: &NodeRef,
+    record: KeyRecord,
+) -> HubResult<()> {
+    let node = node.to_string();
+    store
+        .put_key(id, &node, &record)
+        .map_err(HubError::internal)?;
+    state.keys.insert(node, record);
+    Ok(())
+}
+
+async fn reattest(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+    body: Result<Json<SubmitDoc>, JsonRejection>,
+) -> HubResult<Json<Enrolled>> {
+    let Json(SubmitDoc { jws: proof }) = body?;
+    let unauthorized = |m: String| HubError::new(StatusCode::UNAUTHORIZED, m);
+    let forbidden = |m: String| HubError::new(StatusCode::FORBIDDEN, m);
+    // Who it claims to be, to find the key to check the claim with.
+    let claimed: ReattestClaims = proof
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .ok_or_else(|| {
+            unauthorized("a re-attestation is a request signed with the node key".into())
+        })?;
+    let node = claimed.node;
+    let now = now();
+    let mut inner = hub.inner.lock().await;
+    let inner = &mut *inner;
+    let state = inner.collabs.get_mut(&id).ok_or_else(|| not_found(&id))?;
+    let record = state.keys.get(&node.to_string()).cloned().ok_or_else(|| {
+        unauthorized(format!(
+            "no enrolled key is recorded for {node} (an offline CA, or it never enrolled here): \
+             the owner issues a new join token"
+        ))
+    })?;
+    let point = URL_SAFE_NO_PAD
+        .decode(&record.key)
+        .map_err(HubError::internal)?;
+    let claims: ReattestClaims = jws::verify_with_key(&proof, &point).map_err(|e| {
+        unauthorized(format!(
+            "re-attestation of {node} refused: not signed by its enrolled key ({e})"
+        ))
+    })?;
+    let unix_now = jws::unix(now);
+    if claims.collab != id || claims.aud != REATTEST_AUDIENCE || claims.node != node {
+        return Err(unauthorized(format!(
+            "the re-attestation is for {} in {:?} ({}), not {node} in {id:?}",
+            claims.node, claims.collab, claims.aud
+        )));
+    }
+    if claims.exp <= unix_now || claims.exp > unix_now + MAX_CA_REQUEST_TTL {
+        return Err(unauthorized(format!(
+            "the re-attestation expires at {}; it must be valid now ({unix_now}) and for at most \
+             {MAX_CA_REQUEST_TTL}s",
+            claims.exp
+        )));
+    }
+    if state.collab()?.member(&node).is_none() {
+        return Err(forbidden(format!("{node} is no longer a member of {id}")));
+    }
+    if state.ledger.node_revoked(&node) {
+        return Err(forbidden(format!("{node} is revoked")));
+    }
+    if state.ledger.serial_revoked(&record.serial) {
+        return Err(forbidden(format!(
+            "the last certificate issued for {node}'s key (serial {}) is revoked, and so is \
+             the key: the owner issues a new join token",
+            record.serial
+        )));
+    }
+    let ca = state.ca.as_ref().ok_or_else(|| {
+        HubError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this collaboration's CA is offline: the owner renews certificates",
+        )
+    })?;
+    let issued = issue_for(
+        (&inner.policy, inner.cert_ttl),
+        ca,
+        &claims.csr_pem,
+        &node,
+        now,
+    )?;
+    let renewed = key_record(&issued, now)?;
+    if renewed.key != record.key {
+        return Err(forbidden(format!(
+            "the CSR is for another key than the one {node} enrolled with"
+        )));
+    }
+    hub.charge(&format!("{id}/{node}"))?;
+    record_key(&inner.store, &id, state, &node, renewed)?;
+    info!(collab = %id, %node, serial = %issued.info.serial, "node re-attested with its enrolled key");
+    Ok(Json(Enrolled {
+        cert_pem: issued.pem,
+        ca_pem: state.collab()?.ca_pem.clone(),
+        collab_jws: state.collab_jws.clone(),
+    }))
 }
 
 fn check_offline_cert(

@@ -8,10 +8,15 @@
 //! empty.
 //!
 //! ```text
-//!  meta    format, hub pin          collabs  id → collaboration JWS
-//!  cas     id → sealed online CA    docs     (id, seq) → envelope
-//!  grants  (id, org/node) → grant   spent    (id, secret sha256) → when it was used or voided
+//!  meta    format, hub pin,         collabs  id → collaboration JWS
+//!          head/<id> (last seq)     docs     (id, seq) → envelope
+//!  cas     id → sealed online CA    spent    (id, secret sha256) → when it was used or voided
+//!  grants  (id, org/node) → grant   keys     (id, org/node) → the node's key and last serial
 //! ```
+//!
+//! Documents no longer needed (see [`fedmesh_documents::Ledger::holds`]) are removed in the
+//! transaction that stores what supersedes them; the last sequence number handed out is kept
+//! apart, so a number is never handed out twice.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +44,8 @@ const DOCS: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("docs"
 const GRANTS: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("grants");
 /// (collab id, secret sha256) → a join token secret that can never be used again.
 const SPENT: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("spent");
+/// (collab id, org/node) → the node's enrolled key (JSON [`KeyRecord`]).
+const KEYS: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("keys");
 
 /// What this version of the hub writes and reads.
 const FORMAT: &str = "fedmesh-hub-store/1";
@@ -73,14 +80,29 @@ pub(crate) struct Spent {
     pub(crate) used_at: Option<u64>,
 }
 
+/// The key a node enrolled with, and the last certificate issued for it: what a node whose
+/// certificate expired proves possession of to be issued a new one ([`super::server`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KeyRecord {
+    /// The public key, SEC1 uncompressed point, base64.
+    pub(crate) key: String,
+    /// Serial of the last certificate issued for it (hex).
+    pub(crate) serial: String,
+    /// When that certificate was issued (Unix seconds).
+    pub(crate) issued_at: u64,
+}
+
 /// Everything in the store, as loaded at start.
 #[derive(Default)]
 pub(crate) struct Snapshot {
     pub(crate) collabs: BTreeMap<String, String>,
     pub(crate) cas: BTreeMap<String, CaRecord>,
     pub(crate) docs: BTreeMap<String, Vec<Envelope>>,
+    /// The last sequence number handed out per collaboration.
+    pub(crate) heads: BTreeMap<String, u64>,
     pub(crate) grants: BTreeMap<(String, String), GrantRecord>,
     pub(crate) spent: BTreeMap<(String, String), Spent>,
+    pub(crate) keys: BTreeMap<(String, String), KeyRecord>,
 }
 
 /// The redb database.
@@ -126,6 +148,7 @@ impl Store {
         txn.open_table(DOCS)?;
         txn.open_table(GRANTS)?;
         txn.open_table(SPENT)?;
+        txn.open_table(KEYS)?;
         txn.commit()?;
         Ok(store)
     }
@@ -240,6 +263,33 @@ impl Store {
             snap.spent
                 .insert((collab.to_owned(), digest.to_owned()), spent);
         }
+        // Stores made before keys were recorded have no such table.
+        match txn.open_table(KEYS) {
+            Ok(table) => {
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    let (collab, node) = k.value();
+                    let key = self.parse("keys", &format!("{collab}/{node}"), v.value())?;
+                    snap.keys.insert((collab.to_owned(), node.to_owned()), key);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for row in txn.open_table(META)?.iter()? {
+            let (k, v) = row?;
+            if let Some(collab) = k.value().strip_prefix("head/") {
+                let head = self.unseal("meta", k.value(), v.value())?;
+                let head = head.parse().with_context(|| {
+                    format!(
+                        "the hub store {} holds a malformed {}",
+                        self.path.display(),
+                        k.value()
+                    )
+                })?;
+                snap.heads.insert(collab.to_owned(), head);
+            }
+        }
         Ok(snap)
     }
 
@@ -266,37 +316,83 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an envelope; for a collaboration document also records it as the latest.
+    /// Appends an envelope (its sequence number becomes the collaboration's last one), removes
+    /// the envelopes `obsolete` names, and for a collaboration document also records it as the
+    /// latest: one transaction.
     pub(crate) fn append(
         &self,
         collab: &str,
         env: &Envelope,
         collab_jws: Option<&str>,
+        obsolete: &[u64],
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
-        let json = serde_json::to_string(env)?;
-        let key = format!("{collab}/{}", env.seq);
-        txn.open_table(DOCS)?
-            .insert((collab, env.seq), seal("docs", &key, &json).as_str())?;
-        if let Some(jws) = collab_jws {
-            txn.open_table(COLLABS)?
-                .insert(collab, seal("collabs", collab, jws).as_str())?;
+        {
+            let json = serde_json::to_string(env)?;
+            let key = format!("{collab}/{}", env.seq);
+            let mut docs = txn.open_table(DOCS)?;
+            docs.insert((collab, env.seq), seal("docs", &key, &json).as_str())?;
+            for seq in obsolete {
+                docs.remove((collab, *seq))?;
+            }
+            let head = format!("head/{collab}");
+            txn.open_table(META)?.insert(
+                head.as_str(),
+                seal("meta", &head, &env.seq.to_string()).as_str(),
+            )?;
+            if let Some(jws) = collab_jws {
+                txn.open_table(COLLABS)?
+                    .insert(collab, seal("collabs", collab, jws).as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes envelopes no longer needed.
+    pub(crate) fn remove_docs(&self, collab: &str, obsolete: &[u64]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            for seq in obsolete {
+                docs.remove((collab, *seq))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records the key a node holds and the certificate just issued for it.
+    pub(crate) fn put_key(&self, collab: &str, node: &str, record: &KeyRecord) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let json = serde_json::to_string(record)?;
+            let key = format!("{collab}/{node}");
+            txn.open_table(KEYS)?
+                .insert((collab, node), seal("keys", &key, &json).as_str())?;
         }
         txn.commit()?;
         Ok(())
     }
 
     /// Stores a join grant (new, or marked used) and, in the same transaction, the secrets
-    /// that may never be used again.
+    /// that may never be used again and the key the node enrolled with.
     pub(crate) fn put_grant(
         &self,
         collab: &str,
         node: &str,
         grant: &GrantRecord,
         spent: &[(&str, &Spent)],
+        key: Option<&KeyRecord>,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
+            if let Some(record) = key {
+                let json = serde_json::to_string(record)?;
+                let k = format!("{collab}/{node}");
+                txn.open_table(KEYS)?
+                    .insert((collab, node), seal("keys", &k, &json).as_str())?;
+            }
             let json = serde_json::to_string(grant)?;
             let key = format!("{collab}/{node}");
             txn.open_table(GRANTS)?
@@ -328,7 +424,7 @@ mod tests {
             subject: "1".into(),
             jws: "eyJhbGciOiJFUzI1NiJ9.eyJudW1iZXIiOjF9.c2lnbmF0dXJlLXNpZ25hdHVyZQ".into(),
         };
-        store.append("collab-x", &env, None).unwrap();
+        store.append("collab-x", &env, None, &[]).unwrap();
         drop(store);
         let mut bytes = std::fs::read(&path).unwrap();
         let needle = b"eyJudW1iZXIiOjF9";

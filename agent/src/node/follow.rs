@@ -4,11 +4,14 @@
 //! keep the agent busy either.
 //!
 //! ```text
-//!  page ──triage──▶ fresh envelopes (seq above everything seen) ──verify──▶ ledger
-//!          │
+//!  page ──▶ collaboration, checkpoint (when below it) ──verify (once: known by hash)──▶ ledger
+//!    │
+//!    └─triage──▶ fresh envelopes (seq above everything seen) ──verify──▶ ledger
+//!          │                       (a node's ledger skips what cannot concern it)
 //!          └─▶ anomalies: cursor went back, old envelopes served again, more than asked for,
 //!              nothing new at once (the long poll did not wait), only forgeries, an answer
 //!              over the size bound ──▶ metric + throttled WARN + back off (1 s .. 60 s)
+//!  ledger says revocations are withheld ──▶ metric + throttled WARN (no link is in force)
 //! ```
 //!
 //! Old envelopes are skipped without being verified again, a page holds at most [`PAGE_LIMIT`]
@@ -65,6 +68,8 @@ pub(crate) enum Anomaly {
     NotAdvancing,
     /// New envelopes, none of which verified.
     OnlyForgeries,
+    /// Owner documents name revocations that were not served.
+    WithheldRevocations,
 }
 
 impl Anomaly {
@@ -76,6 +81,7 @@ impl Anomaly {
             Self::OversizedPage => "oversized_page",
             Self::NotAdvancing => "not_advancing",
             Self::OnlyForgeries => "only_forgeries",
+            Self::WithheldRevocations => "withheld_revocations",
         }
     }
 }
@@ -146,23 +152,45 @@ pub(super) async fn follow(
         let pause = match page {
             Ok(page) => {
                 let (fresh, mut anomalies) = triage(&page, cursor, PAGE_LIMIT);
+                let now = SystemTime::now();
                 let mut rejected = Vec::new();
                 let mut changed = false;
-                for env in &fresh {
-                    match ledger.ingest(env, SystemTime::now()) {
+                let mut refused = 0;
+                // The collaboration and, below it, the checkpoint come before the documents;
+                // both are known by hash after the first time.
+                let mut outcomes = vec![ledger.ingest_jws(&page.collab_jws, now)];
+                if let Some(cp) = page.checkpoint.as_ref().filter(|cp| cp.seq > cursor) {
+                    outcomes.push(ledger.ingest(cp, now));
+                }
+                let first = outcomes.len();
+                outcomes.extend(fresh.iter().map(|env| ledger.ingest(env, now)));
+                for (i, outcome) in outcomes.into_iter().enumerate() {
+                    match outcome {
                         Ok(Ingested::Changed) => changed = true,
-                        Ok(Ingested::Unchanged) => {}
+                        Ok(_) => {}
                         Err(rejection) => {
                             warn!(%rejection, "document refused; keeping the last verified state");
                             rejected.push(rejection);
+                            refused += usize::from(i >= first);
                         }
                     }
                 }
-                if fresh.is_empty() && asked.elapsed() < QUICK {
+                for rejection in ledger.take_late_rejections() {
+                    warn!(%rejection, "document refused; keeping the last verified state");
+                    rejected.push(rejection);
+                }
+                if page.docs.is_empty() && page.cursor > cursor {
+                    // What lay between was compacted away.
+                    ledger.advance_cursor(page.cursor);
+                } else if fresh.is_empty() && asked.elapsed() < QUICK {
                     anomalies.insert(Anomaly::NotAdvancing);
                 }
-                if !fresh.is_empty() && rejected.len() == fresh.len() {
+                if !fresh.is_empty() && refused == fresh.len() {
                     anomalies.insert(Anomaly::OnlyForgeries);
+                }
+                if let Some(withheld) = ledger.withheld() {
+                    // Backing off would not bring them; the ledger keeps every link down.
+                    report(Anomaly::WithheldRevocations, &withheld.to_string());
                 }
                 if !rejected.is_empty() {
                     snapshot_tx.send_modify(|s| {
@@ -176,7 +204,7 @@ pub(super) async fn follow(
                     });
                 }
                 if changed {
-                    ledger_tx.send_replace(Arc::new(ledger.clone()));
+                    ledger_tx.send_replace(Arc::new(ledger.view()));
                 }
                 for &anomaly in &anomalies {
                     let detail = format!(
@@ -230,6 +258,7 @@ mod tests {
     fn page(seqs: &[u64], cursor: u64) -> DocsPage {
         DocsPage {
             collab_jws: String::new(),
+            checkpoint: None,
             docs: seqs
                 .iter()
                 .map(|&seq| Envelope {

@@ -258,6 +258,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let relay_carries = controller
         .as_ref()
         .is_none_or(|c| c.settings().mode.relay_carries());
+    crate::enroll::ensure_valid_certificate(&state).await?;
     let identity = Arc::new(Identity::load(&state)?);
     let bundle = state.trust_bundle()?;
     selfcheck::check_ca(&state, &identity.tls, &bundle)?;
@@ -314,7 +315,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     info!(%node, relay = ?relay_addr, advertise = %advertise, instance = %instance.id, "node agent started");
 
     let (identity_tx, identity_rx) = watch::channel(identity);
-    let (ledger_tx, ledger_rx) = watch::channel(Arc::new(Ledger::new(&state.config.owner_pin)));
+    let (ledger_tx, ledger_rx) =
+        watch::channel(Arc::new(Ledger::for_node(&state.config.owner_pin, &node)));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (names_tx, names_rx) = watch::channel(Arc::new(NameMap::new()));
     let (resolved_tx, resolved_rx) = watch::channel(Arc::new(resolve::Resolved::new()));
@@ -704,6 +706,11 @@ async fn renew_loop(
 }
 
 async fn renew_once(state: &NodeState, current: &Identity) -> Result<Identity> {
+    if current.info().not_after <= SystemTime::now() {
+        // Past its end (the machine slept, or the hub was away that long): no mutual TLS.
+        crate::enroll::reattest(state).await?;
+        return Identity::load(state);
+    }
     let csr = current.key()?.csr(&state.spiffe_id()?)?;
     let renewed = current
         .hub_client(state)?

@@ -707,6 +707,7 @@ async fn storage_does_not_grow_from_replays_or_strangers() {
                 terms: terms.clone(),
                 approved_by: "alice@org-a".into(),
                 approved_at: at,
+                revocations: 0,
             }),
             &Signer::Owner(&key),
         )
@@ -811,11 +812,13 @@ async fn storage_does_not_grow_from_replays_or_strangers() {
 async fn a_member_storage_quota_is_enforced() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
-    let process = hub(&data, &["--init"]);
-    let (_owner, nodes) = collab(process.address(), tmp.path(), &["org-a/n1"]).await;
+    let process = hub(&data, &["--init", "--member-quota-bytes", "200000"]);
+    let (_owner, nodes) = collab(process.address(), tmp.path(), &["org-a/n1", "org-b/n1"]).await;
     let a = &nodes[0];
     let member = a.hub_client().unwrap();
     let signer = a.signer().unwrap();
+    // Advertisements of 55 KB, each newer than the last: each replaces the one before, so the
+    // member's storage does not grow (the quota is less than four of them).
     let exposes: Vec<Exposure> = (1..=1100)
         .map(|port| Exposure {
             port,
@@ -823,10 +826,7 @@ async fn a_member_storage_quota_is_enforced() {
         })
         .collect();
     let now = jws::unix(SystemTime::now());
-    let mut stored = 0usize;
-    let mut bytes = 0usize;
-    let mut refusal_message = None;
-    for i in 0..150u64 {
+    for i in 0..40u64 {
         let advert = jws::sign(
             &Document::Advertisement(Advertisement {
                 collab: "collab-x".into(),
@@ -842,26 +842,58 @@ async fn a_member_storage_quota_is_enforced() {
         )
         .unwrap();
         assert!(advert.len() > 55_000, "{}", advert.len());
-        match member.submit("collab-x", advert.clone()).await {
-            Ok(_) => {
-                stored += 1;
-                bytes += advert.len();
-            }
+        member.submit("collab-x", advert).await.unwrap();
+    }
+    let page = member.docs("collab-x", 0, Duration::ZERO).await.unwrap();
+    let adverts = page
+        .docs
+        .iter()
+        .filter(|e| e.kind == fedmesh_documents::DocKind::Advertisement)
+        .count();
+    assert_eq!(adverts, 1, "only the latest advertisement is kept");
+
+    // Link requests (each for another link) add up, to the quota.
+    let ports: Vec<fedmesh_documents::PortSpec> = (1..=32)
+        .map(|p| format!("{p}:abcdefghijklmno").parse().unwrap())
+        .collect();
+    let mut stored = 0usize;
+    let mut refusal_message = None;
+    for i in 0..200u64 {
+        let terms = fedmesh_documents::LinkTerms::new(
+            "collab-x",
+            n("org-a/n1"),
+            n("org-b/n1"),
+            ports.clone(),
+            now + 3600 + i,
+            None,
+        )
+        .unwrap();
+        let request = jws::sign(
+            &Document::LinkRequest(fedmesh_documents::LinkRequest {
+                terms,
+                requested_by: "org-a/n1".into(),
+                requested_at: now,
+            }),
+            &Signer::Node(&signer),
+        )
+        .unwrap();
+        match member.submit("collab-x", request).await {
+            Ok(_) => stored += 1,
             Err(e) => {
                 let (status, message) = refusal::<()>(Err(e));
-                assert_eq!(status, 403, "{message}");
-                refusal_message = Some(message);
+                refusal_message = Some(format!("{status} {message}"));
                 break;
             }
         }
     }
-    let message = refusal_message.expect("150 advertisements of 60 KB were all stored");
+    let message = refusal_message.expect("200 link requests were all stored");
     assert!(
-        message.contains("storage quota per member exceeded") && message.contains("org-a/n1"),
+        message.starts_with("403")
+            && message.contains("storage quota per member exceeded")
+            && message.contains("org-a/n1"),
         "{message}"
     );
-    assert!(bytes <= 4 << 20, "{bytes} bytes stored");
-    assert!(stored >= 50, "only {stored} stored");
+    assert!(stored >= 10, "only {stored} stored");
     process.stop();
 }
 
@@ -1079,4 +1111,166 @@ async fn documents_signed_with_a_certificate_not_valid_now_are_refused() {
         message.contains("not valid now") && message.contains("expired"),
         "{message}"
     );
+}
+
+/// The kinds of the documents the hub serves from the start, counted.
+async fn kinds(reader: &HubClient) -> std::collections::BTreeMap<String, usize> {
+    let page = reader.docs("collab-x", 0, Duration::ZERO).await.unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for env in &page.docs {
+        *counts.entry(env.kind.to_string()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_history_is_compacted_and_readers_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let process = hub(&data, &["--init"]);
+    let (owner, nodes) = collab(
+        process.address(),
+        tmp.path(),
+        &["org-a/n1", "org-b/n1", "org-c/n1"],
+    )
+    .await;
+    let key = owner_key(tmp.path());
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    // Every node advertises five times, each newer than the last.
+    let now = jws::unix(SystemTime::now());
+    for node in &nodes {
+        for i in 0..5 {
+            let advert = Document::Advertisement(Advertisement {
+                collab: "collab-x".into(),
+                node: node.config.node.clone(),
+                endpoints: vec![fedmesh_documents::Endpoint::Quic {
+                    address: format!("127.0.0.1:{}", 4000 + i),
+                }],
+                instance: None,
+                exposes: Vec::new(),
+                issued_at: now - 10 + i,
+            });
+            let signed = jws::sign(&advert, &Signer::Node(&node.signer().unwrap())).unwrap();
+            node.hub_client()
+                .unwrap()
+                .submit("collab-x", signed)
+                .await
+                .unwrap();
+        }
+    }
+    // Twelve links, six of them revoked one at a time, one expiring at once.
+    let mut ids = Vec::new();
+    for port in 0..12u16 {
+        let ttl = Duration::from_secs(if port == 11 { 2 } else { 3600 });
+        let terms = fedmesh_agent::owner::terms(
+            "collab-x",
+            &n("org-a/n1"),
+            &n("org-b/n1"),
+            &[(7000 + port).to_string().parse().unwrap()],
+            ttl,
+            None,
+        )
+        .unwrap();
+        owner.request(terms.clone()).await.unwrap();
+        owner.approve(&terms.id).await.unwrap();
+        ids.push(terms.id);
+    }
+    for id in &ids[..6] {
+        owner
+            .revoke(std::slice::from_ref(id), &[], &[])
+            .await
+            .unwrap();
+    }
+    // Four collaboration versions (one per member added), one kept; one advertisement each.
+    let expect = |pairs: &[(&str, usize)]| -> std::collections::BTreeMap<String, usize> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    };
+    assert_eq!(
+        kinds(&reader).await,
+        expect(&[
+            ("collaboration", 1),
+            ("advertisement", 3),
+            ("link request", 12),
+            ("approval", 12),
+            ("revocation", 6),
+        ])
+    );
+
+    // A checkpoint that leaves out a revoked link is refused: the revocation would be lost.
+    let ledger = owner.ledger().await.unwrap();
+    let mut partial = fedmesh_documents::Checkpoint {
+        collab: "collab-x".into(),
+        number: 1,
+        revocations: ledger.revocations_through(),
+        links: ids[1..6].to_vec(),
+        issued_at: jws::unix(SystemTime::now()),
+        ..Default::default()
+    };
+    let (status, message) = refusal(
+        reader
+            .submit(
+                "collab-x",
+                jws::sign(&Document::Checkpoint(partial.clone()), &Signer::Owner(&key)).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains(&format!("leaves out link {}", ids[0])),
+        "{message}"
+    );
+
+    // The owner's checkpoint: revocations and the links they ended are dropped, and so is the
+    // link that expired.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cp = owner.checkpoint().await.unwrap();
+    assert_eq!((cp.number, cp.revocations, cp.links.len()), (1, 6, 6));
+    let after = expect(&[
+        ("collaboration", 1),
+        ("advertisement", 3),
+        ("link request", 5),
+        ("approval", 5),
+        ("checkpoint", 1),
+    ]);
+    assert_eq!(kinds(&reader).await, after);
+    // A second checkpoint under the same number names the real cause.
+    partial.links = cp.links.clone();
+    let (status, message) = refusal(
+        reader
+            .submit(
+                "collab-x",
+                jws::sign(&Document::Checkpoint(partial), &Signer::Owner(&key)).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("another owner command"), "{message}");
+
+    // A reader from the start gets the checkpoint first and computes what the owner has.
+    let fresh = fedmesh_agent::owner::fetch_ledger(&reader, "collab-x", &owner.pin())
+        .await
+        .unwrap();
+    let kept = owner.ledger().await.unwrap();
+    let t = SystemTime::now();
+    assert_eq!(fresh.links(t), kept.links(t));
+    assert_eq!(fresh.revocation().links, kept.revocation().links);
+    assert_eq!(fresh.withheld(), None);
+    let page = nodes[0]
+        .hub_client()
+        .unwrap()
+        .docs("collab-x", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(page.checkpoint.is_some(), "served first below it");
+
+    // Across a restart the hub holds the same, and readers still agree.
+    process.stop();
+    let process = hub(&data, &[]);
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    assert_eq!(kinds(&reader).await, after);
+    let again = fedmesh_agent::owner::fetch_ledger(&reader, "collab-x", &owner.pin())
+        .await
+        .unwrap();
+    assert_eq!(again.links(t), kept.links(t));
+    process.stop();
 }

@@ -8,6 +8,7 @@ mod chart;
 mod cli_certs;
 mod cli_contract;
 mod container;
+mod control;
 mod examples;
 mod hub;
 mod hub_hardening;
