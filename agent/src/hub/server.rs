@@ -219,6 +219,13 @@ impl Hub {
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.clone())
     }
+
+    /// The routes as [`serve`] hands them one connection, whose client presented `peer` (its
+    /// certificate chain) or nothing: for callers with no TLS connection (the fuzz targets).
+    pub fn router_for_peer(&self, peer: Option<Vec<CertificateDer<'static>>>) -> Router {
+        self.router()
+            .layer(Extension(PeerCerts(peer.map(Arc::new))))
+    }
 }
 
 /// Serves the hub on `listener` with TLS `config` until `shutdown` completes.
