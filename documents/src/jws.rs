@@ -343,13 +343,15 @@ pub fn verify_node(
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    let signed_at = fedmesh_certs::time::from_unix(signed_at(&doc));
-    if signed_at > now + MAX_CLOCK_SKEW {
+    // Compared in seconds: a claimed time past what `SystemTime` holds is refused, not added.
+    let (claimed, unix_now) = (signed_at(&doc), unix(now));
+    if claimed > unix_now.saturating_add(MAX_CLOCK_SKEW.as_secs()) {
         return Err(Error::Signature(format!(
             "document claims to be signed {}s in the future",
-            signed_at.duration_since(now).unwrap_or_default().as_secs()
+            claimed - unix_now
         )));
     }
+    let signed_at = fedmesh_certs::time::from_unix(claimed);
     let info = bundle.verify(&chain, signed_at, Usage::Client)?;
     let leaf = fedmesh_certs::verify::public_key_of(&chain[0])?;
     let key = DecodingKey::from_ec_der(&leaf);
@@ -374,3 +376,32 @@ pub fn signed_at(doc: &Document) -> u64 {
 }
 
 pub use fedmesh_certs::time::unix;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Ledger, RejectCode, fixtures::Fixture};
+
+    /// A node document claiming a signing time past what `SystemTime` holds (a `jws_document`
+    /// fuzz input) is refused as from the future; it used to panic on overflow.
+    #[test]
+    fn signing_time_past_the_clock_range_is_refused() {
+        let f = Fixture::new("collab-x", &["org-a/n1"]);
+        let (_, doc) = peek(&f.advertisement("org-a/n1", "127.0.0.1:4433")).unwrap();
+        let Document::Advertisement(advert) = doc else {
+            unreachable!("an advertisement")
+        };
+        let bundle = TrustBundle::from_pem(&f.collab.ca_pem).unwrap();
+        for claimed in [u64::MAX, i64::MAX as u64 + 1, unix(f.now) + 301] {
+            let mut advert = advert.clone();
+            advert.issued_at = claimed;
+            let jws = f.node_sign("org-a/n1", &Document::Advertisement(advert));
+            let err = verify_node(&jws, &bundle, f.now).unwrap_err();
+            assert!(err.to_string().contains("in the future"), "{err}");
+            let mut ledger = Ledger::new(&f.pin());
+            ledger.ingest_jws(&f.collab_jws(), f.now).unwrap();
+            let rejection = ledger.ingest_jws(&jws, f.now).unwrap_err();
+            assert_eq!(rejection.code, RejectCode::Forbidden, "{rejection}");
+        }
+    }
+}

@@ -614,6 +614,15 @@ impl Hub {
             HubError::too_many(format!("{who} is storing documents too fast"), wait)
         })
     }
+
+    /// The routes as [`serve`] hands them one connection, whose client presented `peer` (its
+    /// certificate chain) or nothing: for callers with no TLS connection (the fuzz targets).
+    pub fn router_for_peer(&self, peer: Option<Vec<CertificateDer<'static>>>) -> Router {
+        self.router().layer(Extension(Peer {
+            remote: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            certs: peer.map(Arc::new),
+        }))
+    }
 }
 
 /// Who is asking, for the log: the certificate's SPIFFE ID and serial (not yet verified) over
