@@ -1274,3 +1274,88 @@ async fn the_history_is_compacted_and_readers_agree() {
     assert_eq!(again.links(t), kept.links(t));
     process.stop();
 }
+
+/// `--allow-owner` limits who may create collaborations; online CAs waiting for their
+/// collaboration document are capped, reserve their id for the requesting owner key (the same
+/// owner gets the same CA again), and are forgotten after their time so the id is free again.
+#[tokio::test(flavor = "multi_thread")]
+async fn online_cas_are_for_allowed_owners_capped_and_reserved_for_a_while() {
+    let allowed = OwnerKey::generate().unwrap();
+    let other = OwnerKey::generate().unwrap();
+    let mut options = HubOptions::default();
+    options
+        .allowed_owners
+        .insert(jws::thumbprint(&allowed.public_jwk()));
+    options.limits.max_pending_cas = 2;
+    options.limits.pending_ca_ttl = Duration::from_secs(2);
+    let hub = TestHub::start_with(options).await;
+    let anonymous = HubClient::new(&hub.url, &hub.pin, None).unwrap();
+    let request = |key: &OwnerKey, id: &str| {
+        let claims = CaRequest {
+            collab: id.into(),
+            aud: CA_REQUEST_AUDIENCE.into(),
+            exp: jws::unix(SystemTime::now()) + 60,
+            owner_key: key.public_jwk(),
+        };
+        jws::sign_claims(&claims, &Signer::Owner(key)).unwrap()
+    };
+
+    // An owner key not on the list: 403 naming the key and the flag.
+    let (status, message) = refusal(anonymous.create_ca("c-1", request(&other, "c-1")).await);
+    assert_eq!(status, 403, "{message}");
+    assert!(message.contains("--allow-owner"), "{message}");
+    assert!(
+        message.contains(&jws::thumbprint(&other.public_jwk())),
+        "{message}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let Err(err) = Owner::create(
+        &tmp.path().join("owner-other"),
+        hub.address(),
+        new_collab("c-9"),
+    )
+    .await
+    else {
+        panic!("an owner not on the list created a collaboration");
+    };
+    assert!(format!("{err:#}").contains("--allow-owner"), "{err:#}");
+
+    // The allowed owner: the same request twice gets the same CA (the id is reserved for it).
+    let first = anonymous
+        .create_ca("c-1", request(&allowed, "c-1"))
+        .await
+        .unwrap();
+    let again = anonymous
+        .create_ca("c-1", request(&allowed, "c-1"))
+        .await
+        .unwrap();
+    assert_eq!(first.ca_pem, again.ca_pem);
+    anonymous
+        .create_ca("c-2", request(&allowed, "c-2"))
+        .await
+        .unwrap();
+    // Two CAs wait for their collaboration: a third is refused until one is used or expires.
+    let (status, message) = refusal(anonymous.create_ca("c-3", request(&allowed, "c-3")).await);
+    assert_eq!(status, 503, "{message}");
+    assert!(
+        message.contains("waiting for their collaboration"),
+        "{message}"
+    );
+
+    // After their time the waiting CAs are dropped: the cap frees up and a new CA is made for
+    // the same id (the old reservation is gone, so is its key).
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let fresh = anonymous
+        .create_ca("c-3", request(&allowed, "c-3"))
+        .await
+        .unwrap();
+    let renewed = anonymous
+        .create_ca("c-1", request(&allowed, "c-1"))
+        .await
+        .unwrap();
+    assert_ne!(
+        renewed.ca_pem, first.ca_pem,
+        "an expired reservation came back"
+    );
+    assert_ne!(fresh.ca_pem, first.ca_pem);
+}
