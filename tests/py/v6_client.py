@@ -1,5 +1,6 @@
 """Drives vantage6 4's own algorithm client (vantage6-algorithm-tools, unmodified) against the
-fedmesh address API and prints every `client.vpn` answer as JSON.
+fedmesh address API and prints every `client.vpn` answer as JSON; with HELPER=1, the same calls
+through the fedmesh_v6 package instead.
 
 Environment: HOST, PORT, API_PATH (as a vantage6 4 node sets them), TOKEN (the container token)
 and SOURCE (the address this algorithm run connects from; on a real node the container runtime
@@ -11,25 +12,30 @@ import socket
 
 import urllib3.util.connection as connection
 
-_create = connection.create_connection
+
+def _bound(create):
+    def from_source(address, timeout=socket.getdefaulttimeout(), source_address=None, **kw):
+        return create(address, timeout, (os.environ["SOURCE"], 0), **kw)
+    return from_source
 
 
-def _from_source(address, *args, **kwargs):
-    kwargs["source_address"] = (os.environ["SOURCE"], 0)
-    return _create(address, *args, **kwargs)
+connection.create_connection = _bound(connection.create_connection)
+socket.create_connection = _bound(socket.create_connection)
 
+if os.environ.get("HELPER"):
+    from fedmesh_v6 import VPN
 
-connection.create_connection = _from_source
+    vpn = VPN(token=os.environ["TOKEN"])
+else:
+    from vantage6.algorithm.client import AlgorithmClient
 
-from vantage6.algorithm.client import AlgorithmClient  # noqa: E402
-
-client = AlgorithmClient(
-    token=os.environ["TOKEN"],
-    host=os.environ["HOST"],
-    port=int(os.environ["PORT"]),
-    path=os.environ.get("API_PATH", ""),
-)
-vpn = client.vpn
+    client = AlgorithmClient(
+        token=os.environ["TOKEN"],
+        host=os.environ["HOST"],
+        port=int(os.environ["PORT"]),
+        path=os.environ.get("API_PATH", ""),
+    )
+    vpn = client.vpn
 FLAGS = {
     "": {},
     "only_children": {"only_children": True},

@@ -141,8 +141,9 @@ fn rows(v: &Value) -> Vec<Row> {
     out
 }
 
-/// Runs vantage6's algorithm client as the run of `task` at organisation `org`.
-fn client(l: &Layout, org: usize, task: u64) -> Value {
+/// Runs vantage6's algorithm client (or, with `helper`, the fedmesh_v6 package) as the run of
+/// `task` at organisation `org`.
+fn client_or_helper(l: &Layout, org: usize, task: u64, helper: bool) -> Value {
     let node = l.mesh.node(&n(ORGS[org]));
     let api = node.v6_addr.unwrap();
     let out = std::process::Command::new(python_v6())
@@ -152,6 +153,7 @@ fn client(l: &Layout, org: usize, task: u64) -> Value {
         .env("API_PATH", "")
         .env("TOKEN", container_token(task, org as u64 + 1))
         .env("SOURCE", l.sources[&(org, task)].to_string())
+        .env("HELPER", if helper { "1" } else { "" })
         .output()
         .unwrap();
     assert!(
@@ -160,6 +162,10 @@ fn client(l: &Layout, org: usize, task: u64) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn client(l: &Layout, org: usize, task: u64) -> Value {
+    client_or_helper(l, org, task, false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,6 +239,9 @@ async fn vantage6s_own_client_gets_what_vantage6s_server_answers() {
         assert_eq!(rows(&got["get_child_addresses"]), vec![]);
         assert_eq!(rows(&got["get_sibling_addresses"]), others);
         assert_eq!(rows(&got["get_own_address"]), vec![child(caller)]);
+        // The fedmesh_v6 package (vantage6 5 algorithms' stand-in for client.vpn) answers every
+        // call exactly as vantage6's client does.
+        assert_eq!(client_or_helper(&l, caller, CHILD, true), got);
 
         if caller == 0 {
             // The parent run (task 5, top level) at org-a: its subtask's runs are its
@@ -339,4 +348,70 @@ async fn unknown_callers_and_bad_tokens_learn_nothing() {
     let (status, _) = ask(registered, Some(good), path).await;
     assert_eq!(status, 403);
     l.mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_requests_go_unchanged_to_the_vantage6_node_proxy() {
+    use axum::{body::Bytes, http::HeaderMap, http::Method, http::Uri};
+    fedmesh_tests::subscribe();
+    // A stand-in node proxy that echoes what it received.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let echo = axum::Router::new().fallback(
+        |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| async move {
+            (
+                axum::http::StatusCode::ACCEPTED,
+                [("x-from", "node-proxy")],
+                axum::Json(json!({
+                    "method": method.as_str(),
+                    "uri": uri.to_string(),
+                    "auth": headers.get("authorization").and_then(|v| v.to_str().ok()),
+                    "body": String::from_utf8_lossy(&body),
+                })),
+            )
+        },
+    );
+    tokio::spawn(async move { axum::serve(proxy, echo).await });
+
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let (_tx, snapshot) =
+        tokio::sync::watch::channel(std::sync::Arc::new(fedmesh_agent::node::Snapshot::default()));
+    let state = fedmesh_agent::node::v6::V6State {
+        node: n("org-a/n1"),
+        snapshot,
+        registry: fedmesh_agent::node::v6::Registry::new(),
+        upstream: Some(format!("http://{proxy_addr}")),
+        http: reqwest::Client::new(),
+    };
+    tokio::spawn(fedmesh_agent::node::v6::serve(
+        api,
+        state,
+        String::new(),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("http://{api_addr}/task?page=2"))
+        .bearer_auth("tok")
+        .body("{\"input\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    assert_eq!(resp.headers()["x-from"], "node-proxy");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"method": "POST", "uri": "/task?page=2", "auth": "Bearer tok",
+               "body": "{\"input\": 1}"})
+    );
+    // The address API itself is never forwarded: an unknown caller is refused here.
+    let resp = http
+        .get(format!("http://{api_addr}/vpn/algorithm/addresses"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
 }
