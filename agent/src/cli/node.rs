@@ -121,7 +121,7 @@ pub struct NodeArgs {
     #[command(subcommand)]
     command: Option<NodeCommand>,
     #[command(flatten)]
-    run: RunArgs,
+    run: Box<RunArgs>,
 }
 
 /// `fedmesh node ...`
@@ -249,7 +249,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
         Some(NodeCommand::Enroll(args)) => owner::run_enroll(args).await,
         Some(NodeCommand::Peers { state, output }) => print_peers(&state, output),
-        None => run_agent(args.run).await,
+        None => run_agent(*args.run).await,
     }
 }
 

@@ -23,19 +23,13 @@ pub struct AdminState {
 }
 
 /// The admin routes over a live snapshot.
-pub fn router(
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    metrics: Arc<Metrics>,
-) -> Router {
+pub fn router(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/peers", get(peers))
-        .with_state(AdminState {
-            snapshot,
-            metrics,
-        })
+        .with_state(AdminState { snapshot, metrics })
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes.

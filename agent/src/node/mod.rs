@@ -388,12 +388,9 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
                     .build()?,
             };
             let c = cancel.clone();
-            tasks.spawn(v6::serve(
-                listener,
-                state,
-                o.api_path.clone(),
-                async move { c.cancelled().await },
-            ));
+            tasks.spawn(v6::serve(listener, state, o.api_path.clone(), async move {
+                c.cancelled().await;
+            }));
             let announce = match o.announce_listen {
                 Some(addr) => {
                     let listener = tokio::net::TcpListener::bind(addr)
@@ -402,7 +399,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
                     let a = listener.local_addr()?;
                     let c = cancel.clone();
                     tasks.spawn(v6::serve_announce(listener, runs.clone(), async move {
-                        c.cancelled().await
+                        c.cancelled().await;
                     }));
                     Some(a)
                 }

@@ -589,7 +589,10 @@ pub fn router(state: V6State, api_path: &str) -> Router {
     let mut r = Router::new().route("/vpn/algorithm/addresses", get(addresses));
     let api_path = api_path.trim_end_matches('/');
     if !api_path.is_empty() {
-        r = r.route(&format!("{api_path}/vpn/algorithm/addresses"), get(addresses));
+        r = r.route(
+            &format!("{api_path}/vpn/algorithm/addresses"),
+            get(addresses),
+        );
     }
     r.fallback(other).with_state(state)
 }

@@ -80,9 +80,15 @@ async fn layout(dir: &std::path::Path) -> Layout {
     links.push((ORGS[1], ORGS[0], "8000:agg", task(PARENT, None)));
     links.push((ORGS[2], ORGS[0], "8000:agg", task(PARENT, None)));
     for (from, to, port, task) in &links {
-        mesh.link(&n(from), &n(to), &[port.parse().unwrap()], hour, task.clone())
-            .await
-            .unwrap();
+        mesh.link(
+            &n(from),
+            &n(to),
+            &[port.parse().unwrap()],
+            hour,
+            task.clone(),
+        )
+        .await
+        .unwrap();
     }
     for (from, to, port, _) in &links {
         let port: fedmesh_documents::PortSpec = port.parse().unwrap();
@@ -173,8 +179,8 @@ async fn vantage6s_own_client_gets_what_vantage6s_server_answers() {
     let tmp = tempfile::tempdir().unwrap();
     let l = layout(tmp.path()).await;
 
-    for caller in 0..3 {
-        let snap = l.mesh.node(&n(ORGS[caller])).snapshot.borrow().clone();
+    for (caller, org) in ORGS.iter().enumerate() {
+        let snap = l.mesh.node(&n(org)).snapshot.borrow().clone();
         // `ip`: the address the calling node dials for a run (its stable per-peer address);
         // a run of the calling node: the address it listens on.
         let ip = |org: usize| {
@@ -232,7 +238,11 @@ async fn vantage6s_own_client_gets_what_vantage6s_server_answers() {
             ("include_parent+label=agg", vec![parent.clone()]),
         ];
         for (flags, want) in expect {
-            assert_eq!(rows(&got[flags]), want, "caller org {caller}, flags {flags}");
+            assert_eq!(
+                rows(&got[flags]),
+                want,
+                "caller org {caller}, flags {flags}"
+            );
         }
         assert_eq!(got["only_self+only_siblings"], failed);
         assert_eq!(rows(&got["get_parent_address"]), vec![parent.clone()]);
@@ -297,7 +307,12 @@ async fn unknown_callers_and_bad_tokens_learn_nothing() {
 
     let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
     let cases: Vec<(&str, IpAddr, Option<String>, u16)> = vec![
-        ("a valid token from no known run", stranger, Some(good.clone()), 403),
+        (
+            "a valid token from no known run",
+            stranger,
+            Some(good.clone()),
+            403,
+        ),
         ("no token", registered, None, 401),
         (
             "alg none",
