@@ -388,7 +388,14 @@ mod tests {
             task_id: 7,
             ended_at: 15,
         };
-        assert!(task_links(&policy(), &live_runs(&runs, &[end.clone()]), at(20)).is_empty());
+        assert!(
+            task_links(
+                &policy(),
+                &live_runs(&runs, std::slice::from_ref(&end)),
+                at(20)
+            )
+            .is_empty()
+        );
         // A new run of the task at b after the end links again.
         let runs = [
             run("a/n1", 7, IMG, 10),
