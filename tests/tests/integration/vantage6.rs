@@ -430,3 +430,58 @@ async fn other_requests_go_unchanged_to_the_vantage6_node_proxy() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_announces_and_ends_runs_over_http() {
+    fedmesh_tests::subscribe();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let registry = fedmesh_agent::node::v6::Registry::new();
+    tokio::spawn(fedmesh_agent::node::v6::serve_announce(
+        listener,
+        registry.clone(),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let post = |path: &'static str, body: Value| {
+        let req = http.post(format!("http://{addr}{path}")).json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let run = json!({"task_id": 10, "parent_id": 5, "source": "172.17.0.5",
+                     "ports": ["8888:mpc"]});
+    assert_eq!(post("/runs", run.clone()).await.0, 201);
+    let src: IpAddr = "172.17.0.5".parse().unwrap();
+    assert_eq!(registry.by_source(src).unwrap().task_id, 10);
+    // Refused, with the reason: a bad port, too many ports, an unknown field, another task on
+    // an address that is taken.
+    for (body, want) in [
+        (
+            json!({"task_id": 1, "source": "172.17.0.6", "ports": ["0"]}),
+            "port",
+        ),
+        (
+            json!({"task_id": 1, "source": "172.17.0.6", "ports": vec!["1"; 33]}),
+            "ports",
+        ),
+        (
+            json!({"task_id": 1, "source": "172.17.0.6", "admin": true}),
+            "unknown field",
+        ),
+        (json!({"task_id": 11, "source": "172.17.0.5"}), "task 10"),
+    ] {
+        let (status, resp) = post("/runs", body.clone()).await;
+        assert!(status == 400 || status == 409, "{body}: {status} {resp}");
+        assert!(
+            resp["msg"].as_str().unwrap().contains(want),
+            "{body}: {resp}"
+        );
+    }
+    assert_eq!(registry.all().len(), 1);
+    let (status, resp) = post("/runs/end", json!({"task_id": 10})).await;
+    assert_eq!(status, 200, "{resp}");
+    assert!(registry.by_source(src).is_none());
+}
