@@ -145,8 +145,10 @@ impl Registry {
         Self::default()
     }
 
-    /// Records a run (again: replaces it).
-    pub fn announce(&self, run: LocalRun) -> Result<(), RegistryError> {
+    /// Records a run (again: replaces it). An IPv4-mapped IPv6 source is kept as IPv4, as
+    /// callers are looked up.
+    pub fn announce(&self, mut run: LocalRun) -> Result<(), RegistryError> {
+        run.source = run.source.to_canonical();
         if run.ports.len() > MAX_RUN_PORTS {
             return Err(RegistryError::TooManyPorts(run.ports.len()));
         }
@@ -174,7 +176,7 @@ impl Registry {
             .runs
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&source);
+            .remove(&source.to_canonical());
         if old.is_some() {
             self.changed.send_modify(|n| *n += 1);
         }
@@ -199,7 +201,7 @@ impl Registry {
         self.runs
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&source)
+            .get(&source.to_canonical())
             .cloned()
     }
 
@@ -510,7 +512,7 @@ async fn addresses(
         .and_then(|v| v.to_str().ok());
     let run = match verify(
         &s.registry,
-        peer.remote.ip(),
+        peer.remote.ip().to_canonical(),
         auth,
         own_id,
         SystemTime::now(),
