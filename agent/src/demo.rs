@@ -302,17 +302,29 @@ pub fn environment(mesh: &LocalMesh, org: &Org) -> Result<BTreeMap<String, Strin
         .iter()
         .map(|p| Ok((p.port.to_string(), target(mesh, &org.node, p.port)?)))
         .collect::<Result<_>>()?;
-    let admin = handle
-        .admin_addr
-        .context("demo agents serve an admin API")?;
+    let v6 = handle
+        .v6_addr
+        .context("demo agents serve the vantage6 address API")?;
+    // The demo's commands connect from 127.0.0.1: that is the run the address API trusts.
+    if let Err(e) = handle.runs.announce(crate::node::v6::LocalRun {
+        task_id: TASK_ID,
+        parent_id: None,
+        source: std::net::Ipv4Addr::LOCALHOST.into(),
+        ports: org.exposes.clone(),
+        host: None,
+    }) {
+        bail!("announcing the demo run: {e}");
+    }
     let claims = serde_json::json!({
         "sub": {"task_id": TASK_ID, "organization_id": org.index + 1, "node": org.node.to_string()}
     });
-    // An unsigned container token in vantage6's shape, for the vantage6-compatible API.
+    // A container token in vantage6's shape (HS256, signed with a secret the node never sees:
+    // here a placeholder signature, as the node cannot check it either way).
     let token = format!(
-        "{}.{}.",
-        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(b"signed-by-the-vantage6-server")
     );
     Ok(BTreeMap::from([
         ("FEDMESH_ORG".into(), org.node.org.clone()),
@@ -332,8 +344,8 @@ pub fn environment(mesh: &LocalMesh, org: &Org) -> Result<BTreeMap<String, Strin
             serde_json::to_string(&snap.peer_map())?,
         ),
         ("FEDMESH_LISTEN".into(), serde_json::to_string(&listen)?),
-        ("HOST".into(), format!("http://{}", admin.ip())),
-        ("PORT".into(), admin.port().to_string()),
+        ("HOST".into(), format!("http://{}", v6.ip())),
+        ("PORT".into(), v6.port().to_string()),
         ("API_PATH".into(), String::new()),
         ("CONTAINER_TOKEN".into(), token),
     ]))

@@ -153,6 +153,12 @@ impl LocalMesh {
                 exposes: spec.exposes.clone(),
                 dns_listen: opts.dns.then(|| "127.0.0.1:0".parse()).transpose()?,
                 admin_listen: Some("127.0.0.1:0".parse()?),
+                v6: Some(node::V6Options {
+                    listen: "127.0.0.1:0".parse()?,
+                    api_path: String::new(),
+                    upstream: None,
+                    announce_listen: Some("127.0.0.1:0".parse()?),
+                }),
                 relay: opts.relay,
                 kubernetes: None,
             };

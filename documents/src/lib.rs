@@ -12,6 +12,7 @@
 //! - [`jws`]: signing and verification (JWS ES256 over canonical JSON; owner by key thumbprint,
 //!   nodes by `x5c` chains to the collaboration CA).
 //! - [`ledger`]: what has been verified so far, and link states at a given `now`.
+//! - [`runs`]: task-lifetime links from an owner's link policy and nodes' run announcements.
 //!
 //! ```text
 //!  hub (untrusted) ──Envelope{seq, kind, subject, jws}──► Ledger::ingest(env, now)
@@ -26,6 +27,7 @@
 pub mod jws;
 pub mod ledger;
 pub mod model;
+pub mod runs;
 
 mod error;
 #[cfg(any(test, feature = "test-util"))]

@@ -452,7 +452,8 @@ impl Renderer<'_> {
         egress[0]["to"] = Value::Array(vec![pods_in(mesh, "istio", &o.egress_gateway)]);
         egress[1]["to"] = Value::Array(vec![pods_in("kube-system", "k8s-app", "kube-dns")]);
         egress[2]["to"] = Value::Array(vec![pods_in(&o.istio_namespace, "app", "istiod")]);
-        let mut spec = json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]});
+        let mut spec = json!({"policyTypes": ["Ingress", "Egress"]});
+        spec["podSelector"] = algorithm_pods(o);
         spec["egress"] = egress;
         objects.push(object(
             "networking.k8s.io/v1",
@@ -711,7 +712,8 @@ impl Renderer<'_> {
             }],
         });
         algo_policy["rules"][0]["to"][0]["operation"]["ports"] = Value::Array(algo_ports);
-        let mut np = json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]});
+        let mut np = json!({"policyTypes": ["Ingress"], "ingress": [{}]});
+        np["podSelector"] = algorithm_pods(o);
         np["ingress"][0]["from"] = Value::Array(vec![pods_in(mesh, "istio", &o.ingress_gateway)]);
         np["ingress"][0]["ports"] = Value::Array(np_ports);
 
@@ -828,6 +830,12 @@ impl Meta {
         m.insert("annotations".into(), Value::Object(annotations));
         Value::Object(m)
     }
+}
+
+/// The algorithm pods that take part, by their vantage6 `role` label (never `{}`: a policy
+/// selecting every pod would open vantage6's per-role default deny for all roles).
+fn algorithm_pods(o: &RenderOptions) -> Value {
+    json!({"matchExpressions": [{"key": "role", "operator": "In", "values": o.algorithm_roles}]})
 }
 
 /// A NetworkPolicy peer: pods labelled `key=value` in namespace `ns`.

@@ -173,6 +173,10 @@ pub struct RenderOptions {
     /// Further namespaces whose Services algorithm pods may reach through their sidecar, e.g.
     /// the vantage6 node's (its own NetworkPolicies still decide what is allowed).
     pub sidecar_egress_namespaces: Vec<String>,
+    /// The `role` label values of the algorithm pods that take part (vantage6 5 labels each
+    /// algorithm pod `role: <action>`): the NetworkPolicies fedmesh renders select only these,
+    /// never every pod, so the other roles keep vantage6's default deny.
+    pub algorithm_roles: Vec<String>,
 }
 
 impl Default for RenderOptions {
@@ -189,6 +193,7 @@ impl Default for RenderOptions {
             cluster_domain: "cluster.local".into(),
             istio_namespace: "istio-system".into(),
             sidecar_egress_namespaces: Vec::new(),
+            algorithm_roles: vec!["central_compute".into(), "federated_compute".into()],
         }
     }
 }
@@ -210,6 +215,27 @@ impl RenderOptions {
         label("istio_namespace", &self.istio_namespace)?;
         for ns in &self.sidecar_egress_namespaces {
             label("sidecar_egress_namespaces", ns)?;
+        }
+        if self.algorithm_roles.is_empty() {
+            return Err(Error::Option {
+                option: "algorithm_roles",
+                reason: "name at least one role (e.g. federated_compute)".into(),
+            });
+        }
+        for role in &self.algorithm_roles {
+            let ok = !role.is_empty()
+                && role.len() <= 63
+                && role
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && role.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && role.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !ok {
+                return Err(Error::Option {
+                    option: "algorithm_roles",
+                    reason: format!("{role:?} is not a Kubernetes label value"),
+                });
+            }
         }
         if self.mesh_namespace == self.algorithm_namespace {
             return Err(Error::Option {

@@ -234,6 +234,18 @@ fn audit(view: &NodeView) {
                     }
                 }
             }
+            "NetworkPolicy" => {
+                // Only the algorithm pods that take part, by vantage6's `role` label: a policy
+                // selecting every pod (`podSelector: {}`) would open every role.
+                assert_eq!(
+                    spec["podSelector"],
+                    serde_json::json!({"matchExpressions": [{
+                        "key": "role", "operator": "In",
+                        "values": ["central_compute", "federated_compute"],
+                    }]}),
+                    "{o:#}"
+                );
+            }
             _ => {}
         }
     }

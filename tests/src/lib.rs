@@ -163,6 +163,18 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// The Python interpreter of the venv holding vantage6's own algorithm client
+/// (`.venv-v6`, from `requirements-v6.txt`).
+pub fn python_v6() -> PathBuf {
+    let python = repo_root().join(".venv-v6/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test-deps (the README's test command does)",
+        python.display()
+    );
+    python
+}
+
 /// Mesh options whose loopback addresses nothing else on this machine uses while this test
 /// process runs: a second octet claimed with an exclusive lock (tests run in parallel threads
 /// and, under nextest, parallel processes; a claim ends with its process). The demo's own

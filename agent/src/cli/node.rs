@@ -121,7 +121,7 @@ pub struct NodeArgs {
     #[command(subcommand)]
     command: Option<NodeCommand>,
     #[command(flatten)]
-    run: RunArgs,
+    run: Box<RunArgs>,
 }
 
 /// `fedmesh node ...`
@@ -172,9 +172,23 @@ pub struct RunArgs {
     /// DNS server for peer names (e.g. 127.0.0.1:5353).
     #[arg(long)]
     dns_listen: Option<SocketAddr>,
-    /// Admin HTTP server: /healthz, /readyz, /metrics, /peers, /vpn/algorithm/addresses.
+    /// Admin HTTP server: /healthz, /readyz, /metrics, /peers.
     #[arg(long, default_value = "127.0.0.1:9464")]
     admin_listen: SocketAddr,
+    /// Serve vantage6's address API (GET {API_PATH}/vpn/algorithm/addresses) here, for the
+    /// algorithm containers (e.g. the Docker bridge address); off unless given.
+    #[arg(long)]
+    v6_listen: Option<SocketAddr>,
+    /// vantage6's API_PATH the address API also answers under.
+    #[arg(long, default_value = "", requires = "v6_listen")]
+    v6_api_path: String,
+    /// Forward every other request on --v6-listen unchanged to the vantage6 node proxy
+    /// (http://host:port), so algorithms keep HOST/PORT as the node sets them.
+    #[arg(long, requires = "v6_listen")]
+    v6_upstream: Option<String>,
+    /// Where the node's operator announces and ends algorithm runs (POST /runs, POST /runs/end).
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    v6_announce_listen: SocketAddr,
     /// Largest UDP payload QUIC path MTU discovery may reach. The default fits a 1500-byte
     /// Ethernet MTU; raise it where the path carries more (8952 on 9000-byte jumbo frames).
     #[arg(long, default_value_t = 1452)]
@@ -235,7 +249,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
         Some(NodeCommand::Enroll(args)) => owner::run_enroll(args).await,
         Some(NodeCommand::Peers { state, output }) => print_peers(&state, output),
-        None => run_agent(args.run).await,
+        None => run_agent(*args.run).await,
     }
 }
 
@@ -286,9 +300,19 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         exposes,
         dns_listen,
         admin_listen,
+        v6_listen,
+        v6_api_path,
+        v6_upstream,
+        v6_announce_listen,
         max_udp_payload,
         caps,
     } = args;
+    if let Some(u) = &v6_upstream
+        && !u.starts_with("http://")
+        && !u.starts_with("https://")
+    {
+        bail!("--v6-upstream {u:?}: give the node proxy's URL, http://host:port");
+    }
     let Some(state) = state else {
         bail!("give --state <dir> (enroll first with `fedmesh node enroll`)");
     };
@@ -313,17 +337,27 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         exposes,
         dns_listen,
         admin_listen: Some(admin_listen),
+        v6: v6_listen.map(|listen| node::V6Options {
+            listen,
+            api_path: v6_api_path,
+            upstream: v6_upstream,
+            announce_listen: Some(v6_announce_listen),
+        }),
         relay: caps.options(max_udp_payload),
         kubernetes,
     })
     .await?;
     println!(
-        "node agent {} running: relay {}, admin http://{}{}",
+        "node agent {} running: relay {}, admin http://{}{}{}",
         handle.node,
         handle
             .relay_addr
             .map_or_else(|| "off (Istio mode)".to_owned(), |a| format!("udp/{a}")),
         handle.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        handle
+            .v6_addr
+            .map(|a| format!(", vantage6 address API http://{a}"))
+            .unwrap_or_default(),
         handle
             .dns_addr
             .map(|a| format!(", dns {a}"))

@@ -1,5 +1,5 @@
-//! The agent's admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/peers`, and the
-//! vantage6-compatible `/vpn/algorithm/addresses`.
+//! The agent's admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/peers` (the vantage6
+//! address API has a listener of its own, [`super::v6`]).
 //!
 //! Everything here is read-only and holds no secret: health, counters, and the peers' names
 //! and local addresses (what DNS and `FEDMESH_PEERS` give algorithms anyway). It is served with
@@ -12,49 +12,36 @@ use anyhow::Result;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 
-use fedmesh_documents::NodeRef;
-
 use super::Snapshot;
 use crate::metrics::Metrics;
 
 /// What the admin handlers read.
 #[derive(Clone)]
 pub struct AdminState {
-    pub(super) node: NodeRef,
     pub(super) snapshot: watch::Receiver<Arc<Snapshot>>,
     pub(super) metrics: Arc<Metrics>,
 }
 
 /// The admin routes over a live snapshot.
-pub fn router(
-    node: NodeRef,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    metrics: Arc<Metrics>,
-) -> Router {
+pub fn router(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/peers", get(peers))
-        .merge(super::v6::router())
-        .with_state(AdminState {
-            node,
-            snapshot,
-            metrics,
-        })
+        .with_state(AdminState { snapshot, metrics })
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    node: NodeRef,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     crate::serve::serve(
         listener,
-        router(node, snapshot, metrics),
+        router(snapshot, metrics),
         None,
         crate::serve::Bounds::default(),
         shutdown,
@@ -123,7 +110,6 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         let server = tokio::spawn(serve(
             listener,
-            "a/n1".parse().unwrap(),
             rx,
             Arc::new(Metrics::default()),
             stop.clone().cancelled_owned(),

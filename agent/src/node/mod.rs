@@ -117,12 +117,27 @@ pub struct NodeOptions {
     pub exposes: Vec<Expose>,
     /// DNS server address (none: no DNS).
     pub dns_listen: Option<SocketAddr>,
-    /// Admin HTTP address (health, metrics, peers, vantage6 API; none: no admin server).
+    /// Admin HTTP address (health, metrics, peers; none: no admin server).
     pub admin_listen: Option<SocketAddr>,
+    /// The vantage6 address API (none: not served).
+    pub v6: Option<V6Options>,
     /// Relay tuning.
     pub relay: RelayOptions,
     /// Run in Kubernetes (`None`: on a machine, peers on loopback addresses).
     pub kubernetes: Option<k8s::Options>,
+}
+
+/// Where and how the vantage6 address API is served.
+#[derive(Clone, Debug)]
+pub struct V6Options {
+    /// Where algorithms reach it (never the admin address).
+    pub listen: SocketAddr,
+    /// vantage6's `API_PATH` (empty on vantage6 4 nodes); the API answers under it and at `/`.
+    pub api_path: String,
+    /// The vantage6 node proxy every other request is forwarded to (`http://host:port`).
+    pub upstream: Option<String>,
+    /// Where the node's operator announces and ends runs (loopback; none: not served).
+    pub announce_listen: Option<SocketAddr>,
 }
 
 /// A peer as algorithms see it.
@@ -176,6 +191,12 @@ pub struct NodeHandle {
     pub dns_addr: Option<SocketAddr>,
     /// The admin server's address, if any.
     pub admin_addr: Option<SocketAddr>,
+    /// The vantage6 address API's address, if any.
+    pub v6_addr: Option<SocketAddr>,
+    /// The run announce listener's address, if any.
+    pub announce_addr: Option<SocketAddr>,
+    /// The runs of this node.
+    pub runs: v6::Registry,
     /// The current snapshot.
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// The metrics.
@@ -342,7 +363,6 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             let c = cancel.clone();
             tasks.spawn(admin::serve(
                 listener,
-                node.clone(),
                 snapshot_rx.clone(),
                 metrics.clone(),
                 async move { c.cancelled().await },
@@ -350,6 +370,44 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             Some(bound)
         }
         None => None,
+    };
+    let runs = v6::Registry::new();
+    let (v6_addr, announce_addr) = match &opts.v6 {
+        Some(o) => {
+            let listener = tokio::net::TcpListener::bind(o.listen)
+                .await
+                .with_context(|| format!("binding the vantage6 address API on {}", o.listen))?;
+            let bound = listener.local_addr()?;
+            let state = v6::V6State {
+                node: node.clone(),
+                snapshot: snapshot_rx.clone(),
+                registry: runs.clone(),
+                upstream: o.upstream.clone(),
+                http: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()?,
+            };
+            let c = cancel.clone();
+            tasks.spawn(v6::serve(listener, state, o.api_path.clone(), async move {
+                c.cancelled().await;
+            }));
+            let announce = match o.announce_listen {
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the run announce listener on {addr}"))?;
+                    let a = listener.local_addr()?;
+                    let c = cancel.clone();
+                    tasks.spawn(v6::serve_announce(listener, runs.clone(), async move {
+                        c.cancelled().await;
+                    }));
+                    Some(a)
+                }
+                None => None,
+            };
+            (Some(bound), announce)
+        }
+        None => (None, None),
     };
 
     let shared_state = Arc::new(state);
@@ -446,6 +504,9 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         relay_addr,
         dns_addr,
         admin_addr,
+        v6_addr,
+        announce_addr,
+        runs,
         snapshot: snapshot_rx,
         metrics,
         listening,

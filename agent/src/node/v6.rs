@@ -1,37 +1,78 @@
-//! The vantage6-compatible peer-address API, `GET /vpn/algorithm/addresses`.
+//! The vantage6-compatible address API, `GET {API_PATH}/vpn/algorithm/addresses`, on a listener
+//! of its own (`--v6-listen`, never the admin one), and the run registry it trusts.
 //!
-//! vantage6 3.x/4.x algorithms asked the server for the addresses of the other runs of their
-//! task; vantage6 5 removed that endpoint together with the VPN. The node agent answers it
-//! locally, from the links it verified: a run is a (organisation, task, port) that a link with
-//! that task makes reachable. Query flags and the response shape are vantage6's:
+//! vantage6 4 algorithms ask the node proxy for the addresses of the other runs of their task;
+//! the proxy forwards to the server's `VPNAddress` resource (`vantage6-server` 4.15.2,
+//! `server/resource/port.py`, `VPNAddress.get`). vantage6 5 removed the endpoint with the VPN.
+//! The node agent answers it with the server's semantics:
 //!
-//! | flag | runs returned |
-//! |---|---|
-//! | (none) | the caller's task: siblings and self |
-//! | `include_children` / `include_parent` | also the subtasks' / the parent task's runs |
-//! | `only_children` / `only_parent` | only the subtasks' / the parent task's runs |
-//! | `only_siblings` / `only_self` | the caller's task, other organisations / own organisation |
-//! | `label=<l>` | only ports labelled `l` |
+//! - every run of the selected tasks, at every organisation, that exposes a port — the same
+//!   list at every node; `ip` is the address the *calling* node dials for that run (the stable
+//!   per-peer address), and a run of this node is listed with the local address its algorithm
+//!   listens on and the port peers dial;
+//! - flags count when non-empty (`True if args.get(..) else False`); more than one `only_*` is a
+//!   400, anything else is answered: `only_*` wins over `include_*` of the same level (the
+//!   server's second 400 check cannot fire), `include_parent` with `only_children` lists the
+//!   children and the parent, `only_parent` on a top-level task falls back to the caller's own
+//!   task; an empty `label` filters nothing.
 //!
-//! The caller's task and organisation come from its container token (`Authorization: Bearer`,
-//! claims `task_id` and `organization_id`, at the top level or under `sub`, as vantage6 4 and 5
-//! issue them). The token is decoded, not verified: the agent serves only the containers of its
-//! own node, the answer grants nothing, and the links it lists are those the node verified.
+//! Runs come from two places: links in force that name a task (the owner's, or those computed
+//! from run announcements) give the runs this node may reach, and the **run registry** holds the
+//! runs of this node, announced by the node's operator (`POST /runs` on the announce listener,
+//! loopback by default) or the Kubernetes controller, each with the address its container
+//! connects from.
+//!
+//! # Verified callers
+//!
+//! A vantage6 4 container token is an HS256 JWT signed with the server's secret: the node
+//! cannot check its signature, so a token proves nothing by itself (anyone can write one, with
+//! `alg: none` or any claims). The agent therefore trusts the **source address** of the
+//! connection, which the container runtime assigns and the caller cannot choose on the node's
+//! network: the caller must connect from the address of a run in the registry (else 403, and
+//! nothing about any task is said), and its token must be a well-formed, unexpired, signed-alg
+//! JWT (else 401) whose task (and organisation, when the node knows its own id) is that run's
+//! (else 403). The answer then covers that run's task only. A forged token from a registered
+//! container learns no more than that container's own task, which it may already read.
+//!
+//! Every other path is answered with a JSON error body, or — with `--v6-upstream` — forwarded
+//! unchanged to the vantage6 node proxy, so an algorithm can keep `HOST`/`PORT` as the node set
+//! them.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
+use anyhow::Result;
 use axum::{
-    Json, Router,
-    extract::{Query, State},
-    http::{HeaderMap, StatusCode},
-    routing::get,
+    Extension, Json, Router,
+    body::Body,
+    extract::{Query, Request, State},
+    http::{HeaderMap, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::{get, post},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, warn};
 
-use super::{Snapshot, admin::AdminState};
+use fedmesh_documents::{NodeRef, PortSpec};
 
-/// One reachable run, as vantage6 returned it.
+use super::Snapshot;
+use crate::serve::Peer;
+
+/// Most runs the registry holds at once.
+pub const MAX_RUNS: usize = 4096;
+/// Most ports one run may expose.
+pub const MAX_RUN_PORTS: usize = 32;
+/// Longest container token accepted.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// One reachable run's port, as vantage6 returns it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Address {
     /// Where to connect.
@@ -48,7 +89,212 @@ pub struct Address {
     pub parent_id: Option<u64>,
 }
 
-/// The query flags (any non-empty value is true, as in vantage6).
+/// A run of this node, as announced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRun {
+    /// The task.
+    pub task_id: u64,
+    /// The task's parent, for subtasks.
+    #[serde(default)]
+    pub parent_id: Option<u64>,
+    /// The address the run's container connects from (its container or pod IP).
+    pub source: IpAddr,
+    /// The ports it listens on, `port[:label]` (vantage6: the image's `EXPOSE` and
+    /// `LABEL p<port>=<label>`).
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Where it listens, when not at `source` (default: `source`).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Why an announcement was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The registry is full.
+    Full,
+    /// Too many ports.
+    TooManyPorts(usize),
+    /// Another run already announced this source address.
+    SourceTaken { source: IpAddr, task_id: u64 },
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Full => write!(f, "the run registry holds {MAX_RUNS} runs already"),
+            Self::TooManyPorts(n) => write!(f, "{n} ports; a run may expose {MAX_RUN_PORTS}"),
+            Self::SourceTaken { source, task_id } => write!(
+                f,
+                "{source} is the address of a run of task {task_id}; end that run first"
+            ),
+        }
+    }
+}
+
+/// The runs of this node, keyed by the address each connects from.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    runs: Arc<RwLock<BTreeMap<IpAddr, LocalRun>>>,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a run (again: replaces it). An IPv4-mapped IPv6 source is kept as IPv4, as
+    /// callers are looked up.
+    pub fn announce(&self, mut run: LocalRun) -> Result<(), RegistryError> {
+        run.source = run.source.to_canonical();
+        if run.ports.len() > MAX_RUN_PORTS {
+            return Err(RegistryError::TooManyPorts(run.ports.len()));
+        }
+        {
+            let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
+            match runs.get(&run.source) {
+                Some(old) if old.task_id != run.task_id => {
+                    return Err(RegistryError::SourceTaken {
+                        source: run.source,
+                        task_id: old.task_id,
+                    });
+                }
+                None if runs.len() >= MAX_RUNS => return Err(RegistryError::Full),
+                _ => {}
+            }
+            runs.insert(run.source, run);
+        }
+        self.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Ends the run at `source`; returns it if there was one.
+    pub fn end(&self, source: IpAddr) -> Option<LocalRun> {
+        let old = self
+            .runs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&source.to_canonical());
+        if old.is_some() {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        old
+    }
+
+    /// Ends every run of `task`; returns how many.
+    pub fn end_task(&self, task_id: u64) -> usize {
+        let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
+        let before = runs.len();
+        runs.retain(|_, r| r.task_id != task_id);
+        let n = before - runs.len();
+        drop(runs);
+        if n > 0 {
+            self.changed.send_modify(|c| *c += 1);
+        }
+        n
+    }
+
+    /// The run connecting from `source`, if any.
+    pub fn by_source(&self, source: IpAddr) -> Option<LocalRun> {
+        self.runs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&source.to_canonical())
+            .cloned()
+    }
+
+    /// Every run.
+    pub fn all(&self) -> Vec<LocalRun> {
+        self.runs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A receiver that changes whenever the registry does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// A run's port known to this node: its organisation and the address the caller dials.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KnownRun {
+    /// The run's organisation.
+    pub org: String,
+    /// The address.
+    pub address: Address,
+}
+
+/// Every run's port this node knows: runs of peers it may reach (through links naming a task,
+/// at the peers' local addresses), and its own runs (from links to it and from the registry).
+pub fn runs(snap: &Snapshot, own_org: &str, local: &[LocalRun]) -> Vec<KnownRun> {
+    // Keyed by (org, task, port) so a run listed by a link and by the registry appears once.
+    let mut out: BTreeMap<(String, u64, u16), KnownRun> = BTreeMap::new();
+    let own_id = snap.organization_ids.get(own_org).copied();
+    for link in &snap.links {
+        let t = &link.terms;
+        let Some(task) = &t.task else {
+            continue;
+        };
+        let ip = if t.to.org == own_org {
+            None
+        } else {
+            match snap.peers.get(&t.to) {
+                Some(view) => Some(view.ip.to_string()),
+                None => continue,
+            }
+        };
+        for p in &t.ports {
+            let ip = ip.clone().unwrap_or_else(|| {
+                snap.exposes
+                    .iter()
+                    .find(|e| e.port == p.port)
+                    .and_then(|e| e.target.rsplit_once(':').map(|(h, _)| h.to_owned()))
+                    .unwrap_or_else(|| "127.0.0.1".to_owned())
+            });
+            out.insert(
+                (t.to.org.clone(), task.task_id, p.port),
+                KnownRun {
+                    org: t.to.org.clone(),
+                    address: Address {
+                        ip,
+                        port: p.port,
+                        label: p.label.clone(),
+                        organization_id: snap.organization_ids.get(&t.to.org).copied(),
+                        task_id: task.task_id,
+                        parent_id: task.parent_id,
+                    },
+                },
+            );
+        }
+    }
+    for run in local {
+        for p in &run.ports {
+            let ip = run.host.clone().unwrap_or_else(|| run.source.to_string());
+            out.entry((own_org.to_owned(), run.task_id, p.port))
+                .or_insert_with(|| KnownRun {
+                    org: own_org.to_owned(),
+                    address: Address {
+                        ip,
+                        port: p.port,
+                        label: p.label.clone(),
+                        organization_id: own_id,
+                        task_id: run.task_id,
+                        parent_id: run.parent_id,
+                    },
+                });
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The query flags; a flag is on when its value is non-empty (`True if args.get(..) else False`
+/// in vantage6's resource).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Flags {
     #[serde(default)]
@@ -71,137 +317,177 @@ fn on(flag: &Option<String>) -> bool {
     flag.as_deref().is_some_and(|v| !v.is_empty())
 }
 
-/// Every run this node can reach (peers, through their local addresses) or hosts (itself),
-/// derived from links that carry a task.
-pub fn runs(snap: &Snapshot, own_org: &str) -> Vec<(String, Address)> {
-    let mut out = BTreeSet::new();
-    for link in &snap.links {
-        let Some(task) = &link.terms.task else {
-            continue;
-        };
-        let t = &link.terms;
-        let (org, ip) = if t.to.org == own_org {
-            // A run of this organisation that peers dial: it listens on its exposed target.
-            (t.to.org.clone(), None)
-        } else {
-            match snap.peers.get(&t.to) {
-                Some(view) => (t.to.org.clone(), Some(view.ip.to_string())),
-                None => continue,
-            }
-        };
-        for p in &t.ports {
-            let ip = ip.clone().unwrap_or_else(|| {
-                snap.exposes
-                    .iter()
-                    .find(|e| e.port == p.port)
-                    .and_then(|e| e.target.rsplit_once(':').map(|(h, _)| h.to_owned()))
-                    .unwrap_or_else(|| "127.0.0.1".to_owned())
-            });
-            let port = if t.to.org == own_org {
-                snap.exposes
-                    .iter()
-                    .find(|e| e.port == p.port)
-                    .and_then(|e| {
-                        e.target
-                            .rsplit_once(':')
-                            .and_then(|(_, port)| port.parse().ok())
-                    })
-                    .unwrap_or(p.port)
-            } else {
-                p.port
-            };
-            out.insert((
-                org.clone(),
-                Address {
-                    ip,
-                    port,
-                    label: p.label.clone(),
-                    organization_id: snap.organization_ids.get(&org).copied(),
-                    task_id: task.task_id,
-                    parent_id: task.parent_id,
-                },
-            ));
-        }
-    }
-    out.into_iter().collect()
+/// The caller: a run of `task_id` (child of `parent_id`) at organisation `org`.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Its organisation.
+    pub org: String,
+    /// Its task.
+    pub task_id: u64,
+    /// Its task's parent.
+    pub parent_id: Option<u64>,
 }
 
-/// Selects the runs vantage6 would have returned for a caller of `own_org` running `task`.
-pub fn select(
-    runs: &[(String, Address)],
-    own_org: &str,
-    task: u64,
-    flags: &Flags,
-) -> Result<Vec<Address>, String> {
-    let only = [
-        on(&flags.only_children),
-        on(&flags.only_parent),
-        on(&flags.only_siblings),
-        on(&flags.only_self),
-    ];
-    if only.iter().filter(|f| **f).count() > 1 {
-        return Err("You can only specify one of the only_<...> parameters!".into());
-    }
-    let [only_children, only_parent, only_siblings, only_self] = only;
+/// The one 400 vantage6's resource can return.
+pub const TWO_ONLY: &str = "You can only specify one of the only_<...> parameters!";
+
+/// Selects what `VPNAddress.get` returns for `caller`, step by step as the resource does.
+pub fn select(runs: &[KnownRun], caller: &Caller, flags: &Flags) -> Result<Vec<Address>, String> {
     let (include_children, include_parent) =
         (on(&flags.include_children), on(&flags.include_parent));
-    let clash = (include_children && (only_parent || only_siblings || only_self))
-        || (include_parent && (only_children || only_siblings || only_self));
-    if clash {
-        return Err(
-            "You cannot combine include_<...> with an only_<...> parameter of another level!"
-                .into(),
-        );
-    }
-    let parent = runs
+    let only_children = on(&flags.only_children);
+    let only_parent = on(&flags.only_parent);
+    let only_siblings = on(&flags.only_siblings);
+    let only_self = on(&flags.only_self);
+    if [only_children, only_parent, only_siblings, only_self]
         .iter()
-        .find(|(_, a)| a.task_id == task)
-        .and_then(|(_, a)| a.parent_id);
-    let same_task = |a: &Address| a.task_id == task;
-    let child = |a: &Address| a.parent_id == Some(task);
-    let of_parent = |a: &Address| parent.is_some_and(|p| a.task_id == p);
-    let selected = runs.iter().filter(|(org, a)| {
-        let keep = if only_children {
-            child(a)
-        } else if only_parent {
-            of_parent(a)
-        } else if only_siblings {
-            same_task(a) && org != own_org
-        } else if only_self {
-            same_task(a) && org == own_org
+        .filter(|f| **f)
+        .count()
+        > 1
+    {
+        return Err(TWO_ONLY.into());
+    }
+    // The resource's second check (`combined_args.count(True) > 1`) needs two only_* flags, which
+    // the first check has refused already: it never fires.
+    let task = caller.task_id;
+    let mut task_ids: BTreeSet<u64> = BTreeSet::from([task]);
+    if include_children || only_children {
+        let subtasks: BTreeSet<u64> = runs
+            .iter()
+            .filter(|r| r.address.parent_id == Some(task))
+            .map(|r| r.address.task_id)
+            .collect();
+        if only_children {
+            task_ids = subtasks;
         } else {
-            same_task(a) || (include_children && child(a)) || (include_parent && of_parent(a))
-        };
-        keep && flags
-            .label
-            .as_deref()
-            .is_none_or(|l| a.label.as_deref() == Some(l))
-    });
-    Ok(selected.map(|(_, a)| a.clone()).collect())
+            task_ids.extend(subtasks);
+        }
+    }
+    if (include_parent || only_parent)
+        && let Some(parent) = caller.parent_id
+    {
+        if only_parent {
+            task_ids = BTreeSet::from([parent]);
+        } else {
+            task_ids.insert(parent);
+        }
+    }
+    if only_siblings || only_self {
+        task_ids = BTreeSet::from([task]);
+    }
+    let label = flags.label.as_deref().filter(|l| !l.is_empty());
+    Ok(runs
+        .iter()
+        .filter(|r| task_ids.contains(&r.address.task_id))
+        .filter(|r| {
+            if only_siblings {
+                r.org != caller.org
+            } else if only_self {
+                r.org == caller.org
+            } else {
+                true
+            }
+        })
+        .filter(|r| label.is_none_or(|l| r.address.label.as_deref() == Some(l)))
+        .map(|r| r.address.clone())
+        .collect())
 }
 
-/// The caller's task from its container token (a JWT; decoded, not verified).
-fn caller_task(headers: &HeaderMap) -> Result<u64, String> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+/// Why a caller was turned away.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// 401 or 403.
+    pub status: StatusCode,
+    /// What to say (never anything about a task).
+    pub msg: &'static str,
+}
+
+fn refused(status: StatusCode, msg: &'static str) -> Refused {
+    Refused { status, msg }
+}
+
+/// Checks a caller: its source address must be a registered run, its token a well-formed,
+/// unexpired JWT with a signing algorithm whose task (and organisation, if `own_org_id` is
+/// known) is that run's. Returns the run.
+pub fn verify(
+    registry: &Registry,
+    source: IpAddr,
+    authorization: Option<&str>,
+    own_org_id: Option<u64>,
+    now: SystemTime,
+) -> Result<LocalRun, Refused> {
+    let Some(run) = registry.by_source(source) else {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "this address is no algorithm run of this node",
+        ));
+    };
+    let unauthorized = |msg| refused(StatusCode::UNAUTHORIZED, msg);
+    let token = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or("missing container token (Authorization: Bearer)")?;
-    let payload = token
-        .split('.')
-        .nth(1)
-        .ok_or("container token is not a JWT")?;
-    let json = URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| "container token is not a JWT")?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&json).map_err(|_| "container token claims are not JSON")?;
-    let task = claims
-        .get("task_id")
-        .or_else(|| claims.get("sub").and_then(|s| s.get("task_id")))
-        .and_then(serde_json::Value::as_u64)
-        .ok_or("container token carries no task_id")?;
-    Ok(task)
+        .filter(|t| t.len() <= MAX_TOKEN_BYTES)
+        .ok_or_else(|| unauthorized("missing container token (Authorization: Bearer)"))?;
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(unauthorized("container token is not a JWT"));
+    };
+    let decode = |part: &str| -> Option<serde_json::Value> {
+        let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let (Some(header), Some(claims)) = (decode(header), decode(payload)) else {
+        return Err(unauthorized("container token is not a JWT"));
+    };
+    let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or("none");
+    if alg.eq_ignore_ascii_case("none") || signature.is_empty() {
+        return Err(unauthorized("container token is unsigned"));
+    }
+    if let Some(exp) = claims.get("exp") {
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        match exp.as_u64() {
+            Some(exp) if exp > now => {}
+            _ => return Err(unauthorized("container token has expired")),
+        }
+    }
+    let claim = |name: &str| {
+        claims
+            .get("sub")
+            .and_then(|s| s.get(name))
+            .or_else(|| claims.get(name))
+            .and_then(serde_json::Value::as_u64)
+    };
+    if claim("task_id") != Some(run.task_id) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "the container token is not for the run at this address",
+        ));
+    }
+    if let (Some(own), Some(claimed)) = (own_org_id, claim("organization_id"))
+        && own != claimed
+    {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "the container token is not for the run at this address",
+        ));
+    }
+    Ok(run)
+}
+
+/// What the address API serves from.
+#[derive(Clone)]
+pub struct V6State {
+    /// This node.
+    pub node: NodeRef,
+    /// The links and peers in force.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The runs of this node.
+    pub registry: Registry,
+    /// The vantage6 node proxy every other request goes to, if any (`http://host:port`).
+    pub upstream: Option<String>,
+    /// The client that forwards.
+    pub http: reqwest::Client,
 }
 
 #[derive(Serialize)]
@@ -209,51 +495,250 @@ struct Addresses {
     addresses: Vec<Address>,
 }
 
-#[derive(Serialize)]
-struct Msg {
-    msg: String,
+fn msg(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "msg": msg.into() }))).into_response()
 }
 
 async fn addresses(
-    State(s): State<AdminState>,
+    State(s): State<V6State>,
+    Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     query: Result<Query<Flags>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Addresses>, (StatusCode, Json<Msg>)> {
-    let bad = |code, msg: String| (code, Json(Msg { msg }));
-    let Query(flags) = query.map_err(|e| bad(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let task = caller_task(&headers).map_err(|m| bad(StatusCode::UNAUTHORIZED, m))?;
+) -> Response {
     let snap = s.snapshot.borrow().clone();
-    let own_org = s.node.org.clone();
-    let all = runs(&snap, &own_org);
-    let addresses =
-        select(&all, &own_org, task, &flags).map_err(|m| bad(StatusCode::BAD_REQUEST, m))?;
-    Ok(Json(Addresses { addresses }))
+    let own_id = snap.organization_ids.get(&s.node.org).copied();
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let run = match verify(
+        &s.registry,
+        peer.remote.ip().to_canonical(),
+        auth,
+        own_id,
+        SystemTime::now(),
+    ) {
+        Ok(run) => run,
+        Err(r) => {
+            debug!(remote = %peer.remote, reason = r.msg, "address request refused");
+            return msg(r.status, r.msg);
+        }
+    };
+    let Ok(Query(flags)) = query else {
+        return msg(StatusCode::BAD_REQUEST, "malformed query string");
+    };
+    let caller = Caller {
+        org: s.node.org.clone(),
+        task_id: run.task_id,
+        parent_id: run.parent_id,
+    };
+    let all = runs(&snap, &s.node.org, &s.registry.all());
+    match select(&all, &caller, &flags) {
+        Ok(addresses) => Json(Addresses { addresses }).into_response(),
+        Err(m) => msg(StatusCode::BAD_REQUEST, m),
+    }
 }
 
-/// The vantage6 route.
-pub fn router() -> Router<AdminState> {
-    Router::new().route("/vpn/algorithm/addresses", get(addresses))
+/// Other requests: forwarded unchanged to the vantage6 node proxy, or a JSON 404.
+async fn other(State(s): State<V6State>, req: Request) -> Response {
+    let Some(upstream) = &s.upstream else {
+        return msg(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{} is not served here: this is fedmesh's vantage6 address API \
+                 (GET /vpn/algorithm/addresses)",
+                req.uri().path()
+            ),
+        );
+    };
+    match forward(&s.http, upstream, req).await {
+        Ok(resp) => resp,
+        Err(error) => {
+            warn!(%error, "forwarding to the vantage6 node proxy failed");
+            msg(
+                StatusCode::BAD_GATEWAY,
+                "the vantage6 node proxy did not answer",
+            )
+        }
+    }
+}
+
+async fn forward(http: &reqwest::Client, upstream: &str, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", upstream.trim_end_matches('/'));
+    // The body was bounded by the server already.
+    let body = axum::body::to_bytes(body, usize::MAX).await?;
+    let mut headers = parts.headers.clone();
+    headers.remove(axum::http::header::HOST);
+    let resp = http
+        .request(parts.method, url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await?;
+    let mut out = Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        if k != axum::http::header::TRANSFER_ENCODING && k != axum::http::header::CONNECTION {
+            out = out.header(k, v);
+        }
+    }
+    Ok(out.body(Body::from(resp.bytes().await?))?)
+}
+
+/// The address API's routes: `/vpn/algorithm/addresses` under `api_path` (vantage6's
+/// `API_PATH`, empty on vantage6 4 nodes) and at the root.
+pub fn router(state: V6State, api_path: &str) -> Router {
+    let mut r = Router::new().route("/vpn/algorithm/addresses", get(addresses));
+    let api_path = api_path.trim_end_matches('/');
+    if !api_path.is_empty() {
+        r = r.route(
+            &format!("{api_path}/vpn/algorithm/addresses"),
+            get(addresses),
+        );
+    }
+    r.fallback(other).with_state(state)
+}
+
+/// Serves the address API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: V6State,
+    api_path: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    crate::serve::serve(
+        listener,
+        router(state, &api_path),
+        None,
+        crate::serve::Bounds::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// An announcement as the announce listener takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Announce {
+    task_id: u64,
+    #[serde(default)]
+    parent_id: Option<u64>,
+    source: IpAddr,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct End {
+    #[serde(default)]
+    source: Option<IpAddr>,
+    #[serde(default)]
+    task_id: Option<u64>,
+}
+
+async fn announce(State(registry): State<Registry>, body: axum::body::Bytes) -> Response {
+    let a: Announce = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return msg(StatusCode::BAD_REQUEST, format!("run announcement: {e}")),
+    };
+    let mut ports = Vec::with_capacity(a.ports.len().min(MAX_RUN_PORTS));
+    for p in a.ports.iter().take(MAX_RUN_PORTS + 1) {
+        match p.parse::<PortSpec>() {
+            Ok(p) => ports.push(p),
+            Err(e) => return msg(StatusCode::BAD_REQUEST, format!("port {p:?}: {e}")),
+        }
+    }
+    if let Some(h) = &a.host
+        && (h.is_empty() || h.len() > 253 || h.contains(['/', ' ', ':']))
+    {
+        return msg(StatusCode::BAD_REQUEST, format!("host {h:?} is not a host"));
+    }
+    let run = LocalRun {
+        task_id: a.task_id,
+        parent_id: a.parent_id,
+        source: a.source,
+        ports,
+        host: a.host,
+    };
+    match registry.announce(run) {
+        Ok(()) => msg(StatusCode::CREATED, "run announced"),
+        Err(e) => msg(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn end(State(registry): State<Registry>, body: axum::body::Bytes) -> Response {
+    let e: End = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => return msg(StatusCode::BAD_REQUEST, format!("run end: {e}")),
+    };
+    let n = match (e.source, e.task_id) {
+        (Some(source), _) => usize::from(registry.end(source).is_some()),
+        (None, Some(task)) => registry.end_task(task),
+        (None, None) => return msg(StatusCode::BAD_REQUEST, "name a source or a task_id"),
+    };
+    msg(StatusCode::OK, format!("{n} run(s) ended"))
+}
+
+async fn list(State(registry): State<Registry>) -> Json<Vec<LocalRun>> {
+    Json(registry.all())
+}
+
+/// The announce routes (for the node's operator only: bind them to loopback):
+/// `POST /runs` `{task_id, parent_id?, source, ports: ["8888:mpc"], host?}`,
+/// `POST /runs/end` `{source}` or `{task_id}`, `GET /runs`.
+pub fn announce_router(registry: Registry) -> Router {
+    Router::new()
+        .route("/runs", post(announce).get(list))
+        .route("/runs/end", post(end))
+        .fallback(|uri: Uri| async move {
+            msg(StatusCode::NOT_FOUND, format!("no route {}", uri.path()))
+        })
+        .with_state(registry)
+}
+
+/// Serves the announce routes on `listener` until `shutdown` completes.
+pub async fn serve_announce(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    crate::serve::serve(
+        listener,
+        announce_router(registry),
+        None,
+        crate::serve::Bounds {
+            max_body_bytes: 16 * 1024,
+            ..Default::default()
+        },
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The caller is a run of task 10 at org-a; task 10's parent is 5; task 20 is its child.
-    fn fixture() -> Vec<(String, Address)> {
-        let run = |org: &str, port, label: &str, task_id, parent_id| {
-            (
-                org.to_owned(),
-                Address {
-                    ip: format!("127.0.0.{}", port % 250),
-                    port,
-                    label: Some(label.to_owned()),
-                    organization_id: Some(u64::from(org.as_bytes()[4] - b'a' + 1)),
-                    task_id,
-                    parent_id,
-                },
-            )
-        };
+    fn run(org: &str, port: u16, label: &str, task_id: u64, parent_id: Option<u64>) -> KnownRun {
+        KnownRun {
+            org: org.to_owned(),
+            address: Address {
+                ip: format!("10.0.0.{}", port % 250),
+                port,
+                label: Some(label.to_owned()),
+                organization_id: Some(u64::from(org.as_bytes()[4] - b'a' + 1)),
+                task_id,
+                parent_id,
+            },
+        }
+    }
+
+    /// Task 5 (top level) ran at org-b; its subtask 10 runs at org-a, org-b and org-c; task 20
+    /// is a subtask of 10 at org-c.
+    fn fixture() -> Vec<KnownRun> {
         vec![
             run("org-a", 21366, "mpc", 10, Some(5)),
             run("org-b", 11366, "mpc", 10, Some(5)),
@@ -264,8 +749,8 @@ mod tests {
         ]
     }
 
-    fn ports(query: &str) -> Result<Vec<u16>, String> {
-        let flags: Flags = serde_json::from_value(
+    fn flags(query: &str) -> Flags {
+        serde_json::from_value(
             query
                 .split('&')
                 .filter(|kv| !kv.is_empty())
@@ -275,8 +760,11 @@ mod tests {
                 })
                 .collect(),
         )
-        .unwrap();
-        let mut ports: Vec<u16> = select(&fixture(), "org-a", 10, &flags)?
+        .unwrap()
+    }
+
+    fn ports_for(caller: &Caller, query: &str) -> Result<Vec<u16>, String> {
+        let mut ports: Vec<u16> = select(&fixture(), caller, &flags(query))?
             .iter()
             .map(|a| a.port)
             .collect();
@@ -284,8 +772,17 @@ mod tests {
         Ok(ports)
     }
 
+    fn ports(query: &str) -> Result<Vec<u16>, String> {
+        let caller = Caller {
+            org: "org-a".into(),
+            task_id: 10,
+            parent_id: Some(5),
+        };
+        ports_for(&caller, query)
+    }
+
     #[test]
-    fn every_flag_selects_what_vantage6_did() {
+    fn every_flag_selects_what_vantage6_does() {
         assert_eq!(ports(""), Ok(vec![9000, 11366, 11367, 21366]));
         assert_eq!(ports("only_siblings=1"), Ok(vec![9000, 11366, 11367]));
         assert_eq!(ports("only_self=1"), Ok(vec![21366]));
@@ -303,34 +800,130 @@ mod tests {
             ports("include_children=1&include_parent=1"),
             Ok(vec![7000, 8000, 9000, 11366, 11367, 21366])
         );
-        assert_eq!(ports("only_children=1&include_children=1"), Ok(vec![7000]));
         // Any non-empty value is true; an empty one is not.
         assert_eq!(ports("only_self=yes"), Ok(vec![21366]));
         assert_eq!(ports("only_self="), Ok(vec![9000, 11366, 11367, 21366]));
     }
 
     #[test]
-    fn label_filters() {
-        assert_eq!(ports("label=mpc"), Ok(vec![11366, 11367, 21366]));
-        assert_eq!(ports("only_siblings=1&label=other"), Ok(vec![9000]));
-        assert_eq!(ports("label=nothing"), Ok(vec![]));
+    fn only_wins_over_include_and_mixed_levels_are_answered() {
+        assert_eq!(ports("only_children=1&include_children=1"), Ok(vec![7000]));
+        assert_eq!(ports("only_parent=1&include_parent=1"), Ok(vec![8000]));
+        // only_siblings/only_self reset the tasks to the caller's own, whatever was included.
+        assert_eq!(
+            ports("only_siblings=1&include_parent=1&include_children=1"),
+            Ok(vec![9000, 11366, 11367])
+        );
+        // include_parent with only_children: the children, then the parent appended.
+        assert_eq!(
+            ports("only_children=1&include_parent=1"),
+            Ok(vec![7000, 8000])
+        );
+        // include_children with only_parent: the parent replaces everything.
+        assert_eq!(ports("only_parent=1&include_children=1"), Ok(vec![8000]));
     }
 
     #[test]
-    fn conflicting_flags_are_refused() {
+    fn only_parent_of_a_top_level_task_is_the_callers_task() {
+        let top = Caller {
+            org: "org-b".into(),
+            task_id: 5,
+            parent_id: None,
+        };
+        assert_eq!(ports_for(&top, "only_parent=1"), Ok(vec![8000]));
         assert_eq!(
-            ports("only_self=1&only_siblings=1"),
-            Err("You can only specify one of the only_<...> parameters!".into())
+            ports_for(&top, "only_children=1"),
+            Ok(vec![9000, 11366, 11367, 21366])
         );
-        assert!(
-            ports("only_siblings=1&include_parent=1")
-                .unwrap_err()
-                .contains("cannot combine")
+        assert_eq!(ports_for(&top, "only_siblings=1"), Ok(vec![]));
+    }
+
+    #[test]
+    fn label_filters_and_an_empty_label_does_not() {
+        assert_eq!(ports("label=mpc"), Ok(vec![11366, 11367, 21366]));
+        assert_eq!(ports("only_siblings=1&label=other"), Ok(vec![9000]));
+        assert_eq!(ports("label=nothing"), Ok(vec![]));
+        assert_eq!(ports("label="), Ok(vec![9000, 11366, 11367, 21366]));
+    }
+
+    #[test]
+    fn two_only_flags_are_the_one_400() {
+        assert_eq!(ports("only_self=1&only_siblings=1"), Err(TWO_ONLY.into()));
+        assert_eq!(ports("only_children=1&only_parent=1"), Err(TWO_ONLY.into()));
+    }
+
+    fn jwt(header: &str, claims: serde_json::Value, sig: &str) -> String {
+        format!(
+            "Bearer {}.{}.{sig}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        )
+    }
+
+    #[test]
+    fn callers_are_checked_by_address_then_token() {
+        let reg = Registry::new();
+        let src: IpAddr = "10.1.0.7".parse().unwrap();
+        reg.announce(LocalRun {
+            task_id: 10,
+            parent_id: Some(5),
+            source: src,
+            ports: vec!["8888:mpc".parse().unwrap()],
+            host: None,
+        })
+        .unwrap();
+        let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
+        let now = SystemTime::now();
+        let good = jwt(
+            hs,
+            serde_json::json!({"sub": {"task_id": 10, "organization_id": 1}}),
+            "c2ln",
         );
-        assert!(
-            ports("only_parent=1&include_children=1")
-                .unwrap_err()
-                .contains("cannot combine")
+        let check = |src: &str, tok: &str| {
+            verify(&reg, src.parse().unwrap(), Some(tok), Some(1), now).map(|r| r.task_id)
+        };
+        assert_eq!(check("10.1.0.7", &good), Ok(10));
+        // Unknown address: 403 whatever the token says.
+        assert_eq!(
+            check("10.1.0.8", &good).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        let status = |tok: &str| check("10.1.0.7", tok).unwrap_err().status;
+        let none = jwt(
+            r#"{"alg":"none"}"#,
+            serde_json::json!({"sub": {"task_id": 10}}),
+            "",
+        );
+        assert_eq!(status(&none), StatusCode::UNAUTHORIZED);
+        let expired = jwt(
+            hs,
+            serde_json::json!({"exp": 1, "sub": {"task_id": 10}}),
+            "c2ln",
+        );
+        assert_eq!(status(&expired), StatusCode::UNAUTHORIZED);
+        let other_task = jwt(hs, serde_json::json!({"sub": {"task_id": 11}}), "c2ln");
+        assert_eq!(status(&other_task), StatusCode::FORBIDDEN);
+        let other_org = jwt(
+            hs,
+            serde_json::json!({"sub": {"task_id": 10, "organization_id": 2}}),
+            "c2ln",
+        );
+        assert_eq!(status(&other_org), StatusCode::FORBIDDEN);
+        assert_eq!(status("Bearer x.y"), StatusCode::UNAUTHORIZED);
+        assert_eq!(status("Basic abc"), StatusCode::UNAUTHORIZED);
+        // A source address cannot be taken over by another task's run.
+        let clash = reg.announce(LocalRun {
+            task_id: 11,
+            parent_id: None,
+            source: src,
+            ports: vec![],
+            host: None,
+        });
+        assert!(matches!(clash, Err(RegistryError::SourceTaken { .. })));
+        assert!(reg.end(src).is_some());
+        assert_eq!(
+            check("10.1.0.7", &good).unwrap_err().status,
+            StatusCode::FORBIDDEN
         );
     }
 }

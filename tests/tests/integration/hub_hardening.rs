@@ -632,7 +632,6 @@ async fn the_admin_server_closes_slow_headers_and_bodies() {
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(fedmesh_agent::node::Snapshot::default()));
     tokio::spawn(fedmesh_agent::node::admin::serve(
         listener,
-        n("org-a/n1"),
         rx,
         Arc::new(fedmesh_agent::metrics::Metrics::default()),
         std::future::pending(),

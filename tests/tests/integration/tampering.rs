@@ -252,6 +252,7 @@ async fn setup() -> Setup {
         exposes: vec![],
         dns_listen: None,
         admin_listen: None,
+        v6: None,
         relay: RelayOptions::default(),
         kubernetes: None,
     };
