@@ -93,6 +93,7 @@ impl Owner {
             members: Vec::new(),
             policy: new.policy,
             issued_at: unix(SystemTime::now()),
+            rendezvous: Vec::new(),
         };
         files::write_public(
             &dir.join("hub.json"),

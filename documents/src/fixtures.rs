@@ -104,6 +104,7 @@ impl Fixture {
             members: member_list,
             policy: CollabPolicy::default(),
             issued_at: jws::unix(now),
+            rendezvous: Vec::new(),
         };
         Self {
             owner,

@@ -508,6 +508,8 @@ impl Ledger {
         for m in &c.members {
             NodeRef::new(&m.org, &m.node).map_err(|e| (Invalid, e.to_string()))?;
         }
+        c.validate_rendezvous()
+            .map_err(|e| (Invalid, e.to_string()))?;
         self.collab = Some((c, bundle));
         Ok(Ingested::Changed)
     }
