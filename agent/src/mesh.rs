@@ -65,6 +65,8 @@ pub struct MeshOptions {
     /// Second octet of the peers' loopback addresses: node `i` gets `127.<this>.<i+1>.0/24`.
     /// Meshes running side by side need different values.
     pub loopback_octet: u8,
+    /// Nodes that accept no inbound connections (reached through a rendezvous).
+    pub outbound_only: std::collections::BTreeSet<NodeRef>,
 }
 
 impl Default for MeshOptions {
@@ -80,6 +82,7 @@ impl Default for MeshOptions {
             dns: true,
             cert_ttl: hub::DEFAULT_CERT_TTL,
             loopback_octet: 77,
+            outbound_only: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -151,6 +154,7 @@ impl LocalMesh {
                 admin_listen: Some("127.0.0.1:0".parse()?),
                 relay: opts.relay,
                 kubernetes: None,
+                outbound_only: opts.outbound_only.contains(&spec.node),
             };
             let handle = node::start(options.clone()).await?;
             mesh.nodes.insert(spec.node.clone(), handle);

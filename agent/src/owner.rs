@@ -201,6 +201,21 @@ impl Owner {
         self.publish_collab().await
     }
 
+    /// Lists the rendezvous servers nodes without inbound connections meet at (replacing the
+    /// list), in a new collaboration version.
+    pub async fn set_rendezvous(
+        &mut self,
+        servers: Vec<fedmesh_documents::RendezvousServer>,
+    ) -> Result<()> {
+        let mut next = self.collab.clone();
+        next.rendezvous = servers;
+        next.validate_rendezvous()?;
+        next.version += 1;
+        next.issued_at = unix(SystemTime::now());
+        self.collab = next;
+        self.publish_collab().await
+    }
+
     /// Everything the hub holds, verified here against the owner's own key.
     pub async fn ledger(&self) -> Result<Ledger> {
         fetch_ledger(&self.hub, &self.collab.id, &self.pin()).await

@@ -314,6 +314,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         dns_listen,
         admin_listen: Some(admin_listen),
         relay: caps.options(max_udp_payload),
+        outbound_only: false,
         kubernetes,
     })
     .await?;

@@ -252,6 +252,7 @@ async fn setup() -> Setup {
         dns_listen: None,
         admin_listen: None,
         relay: RelayOptions::default(),
+        outbound_only: false,
         kubernetes: None,
     };
     let agent = start_synced(&options, &good).await;
