@@ -154,6 +154,28 @@ impl ServerCert {
     fn key(&self) -> Result<PrivateKeyDer<'static>> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("rendezvous key")
     }
+
+    /// The QUIC server config: this certificate, client certificates of `bundle`'s trust
+    /// domain that pass `gate`, the carrier transport with `queue_bytes` per connection.
+    pub fn quic_server_config(
+        &self,
+        bundle: &TrustBundle,
+        gate: &PeerGate,
+        queue_bytes: usize,
+    ) -> Result<quinn::ServerConfig> {
+        let rustls = tls::server_config_for_members(
+            vec![self.cert.clone()],
+            self.key()?,
+            bundle,
+            &[ALPN],
+            gate,
+        )?;
+        let crypto = qrustls::QuicServerConfig::try_from(rustls).context("QUIC server TLS")?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(carrier_transport(queue_bytes));
+        server.max_incoming(1024);
+        Ok(server)
+    }
 }
 
 /// Labels: the collaboration and a direction (`in`: from nodes, `out`: to nodes).
@@ -323,17 +345,11 @@ impl Rendezvous {
             .as_ref()
             .is_none_or(|old| old.bundle.ca_der() != config.bundle.ca_der());
         if ca_changed {
-            let rustls = tls::server_config_for_members(
-                vec![shared.server.cert.clone()],
-                shared.server.key()?,
+            let server = shared.server.quic_server_config(
                 &config.bundle,
-                &[ALPN],
                 &shared.gate,
+                shared.options.queue_bytes,
             )?;
-            let crypto = qrustls::QuicServerConfig::try_from(rustls).context("QUIC server TLS")?;
-            let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(carrier_transport(shared.options.queue_bytes));
-            server.max_incoming(1024);
             shared.endpoint.set_server_config(Some(server));
         }
         let collab = config.bundle.trust_domain().collab().to_owned();

@@ -7,7 +7,10 @@ use std::{
     collections::BTreeSet,
     future::Future,
     net::{SocketAddr, UdpSocket},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -71,7 +74,6 @@ async fn outbound_only_pair(dir: &std::path::Path, port: u16, target: SocketAddr
     fedmesh_tests::subscribe();
     let opts = fedmesh_agent::mesh::MeshOptions {
         outbound_only: BTreeSet::from([a(), b()]),
-        loopback_octet: 81,
         ..fedmesh_tests::mesh_options()
     };
     let specs = [
@@ -449,4 +451,224 @@ async fn bad_inputs_to_the_rendezvous_are_refused_without_disturbing_others() {
     assert!(reason.to_string().contains("refused"), "{reason}");
     exchange(&node_e, &node_a, "a/n1", "e/n1").await;
     stop.cancel();
+}
+
+/// Starts org-a and org-b (outbound only) with a rendezvous at `rendezvous` (pinned `pin`), a
+/// link a → b on `port`; returns the mesh, the link id and the peer address.
+async fn linked_through(
+    dir: &std::path::Path,
+    target: &TcpListener,
+    port: u16,
+    rendezvous: SocketAddr,
+    pin: String,
+) -> (LocalMesh, String, SocketAddr) {
+    let mut mesh = outbound_only_pair(dir, port, target.local_addr().unwrap()).await;
+    mesh.owner
+        .set_rendezvous(vec![RendezvousServer {
+            address: rendezvous.to_string(),
+            pin_sha256: pin,
+        }])
+        .await
+        .unwrap();
+    let id = mesh
+        .link(
+            &a(),
+            &b(),
+            &[port.to_string().parse().unwrap()],
+            3600 * SECOND,
+            None,
+        )
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), port, 10 * SECOND).await.unwrap();
+    (mesh, id, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_carry_again_soon_after_the_rendezvous_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rv_dir = tmp.path().join("rv");
+    let (server, _, pin, stop) = start_rendezvous(&rv_dir, RendezvousOptions::default());
+    let rv_addr = server.local_addr().unwrap();
+    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let (mesh, _, addr) = linked_through(tmp.path(), &target, 7102, rv_addr, pin.clone()).await;
+    let config = config_of(&mesh.owner.ledger().await.unwrap()).unwrap();
+    server.update(config.clone()).unwrap();
+    carry_both_ways(addr, target.clone(), 1024 * 1024).await;
+
+    // Stop it (every carrier connection is closed), start it again on the same port with the
+    // same certificate (the pin the owner signed).
+    stop.cancel();
+    drop(server);
+    let restarted = Instant::now();
+    let socket = loop {
+        match UdpSocket::bind(rv_addr) {
+            Ok(socket) => break socket,
+            Err(_) if restarted.elapsed() < 2 * SECOND => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {rv_addr} again: {e}"),
+        }
+    };
+    let cert = ServerCert::load_or_create(&rv_dir, &[]).unwrap();
+    assert_eq!(cert.pin(), pin, "the pin survives a restart");
+    let metrics = Arc::new(RendezvousMetrics::default());
+    let server =
+        Arc::new(Rendezvous::new(socket, cert, RendezvousOptions::default(), metrics).unwrap());
+    server.update(config).unwrap();
+    let stop = Stop::new();
+    let (s, c) = (server.clone(), stop.cancelled());
+    tokio::spawn(async move { s.run(c).await.unwrap() });
+    let back = Instant::now();
+    carry_both_ways(addr, target.clone(), 1024 * 1024).await;
+    assert!(
+        back.elapsed() < 5 * SECOND,
+        "carried again after {:?}",
+        back.elapsed()
+    );
+    mesh.shutdown().await.unwrap();
+    stop.cancel();
+}
+
+/// What the hostile double did to the datagrams it carried.
+#[derive(Default, Debug)]
+struct Tampered {
+    dropped: AtomicU64,
+    duplicated: AtomicU64,
+    corrupted: AtomicU64,
+    replayed: AtomicU64,
+    reordered: AtomicU64,
+    injected: AtomicU64,
+}
+
+/// A rendezvous that forwards between any two certificates of the collaboration's CA, and
+/// drops, duplicates, corrupts, replays, reorders and injects datagrams on the way.
+async fn hostile_rendezvous(
+    dir: &std::path::Path,
+    bundle: fedmesh_certs::TrustBundle,
+) -> (SocketAddr, String, Arc<Tampered>) {
+    let cert = ServerCert::load_or_create(dir, &[]).unwrap();
+    let pin = cert.pin();
+    let config = cert
+        .quic_server_config(&bundle, &fedmesh_certs::PeerGate::chain_only(), 1 << 20)
+        .unwrap();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let tampered = Arc::new(Tampered::default());
+    let clients: Arc<std::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>> =
+        Arc::default();
+    let t = tampered.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let certs = conn
+                .peer_identity()
+                .unwrap()
+                .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .unwrap();
+            let info = fedmesh_certs::CertInfo::parse(&certs[0]).unwrap();
+            let me = format!("{}/{}", info.spiffe_id.org(), info.spiffe_id.node());
+            clients.lock().unwrap().insert(me.clone(), conn.clone());
+            let (clients, t) = (clients.clone(), t.clone());
+            tokio::spawn(async move {
+                let sender = n(&me);
+                let mut i = 0u64;
+                let mut old: Vec<Vec<u8>> = Vec::new();
+                let mut held: Option<Vec<u8>> = None;
+                while let Ok(d) = conn.read_datagram().await {
+                    i += 1;
+                    let Ok((to, payload)) = frame::decode(&d, 65_535) else {
+                        continue;
+                    };
+                    let Some(out) = clients.lock().unwrap().get(&to.to_string()).cloned() else {
+                        continue;
+                    };
+                    let send = |p: &[u8]| {
+                        let _ = out.send_datagram(frame::encode(&sender, p));
+                    };
+                    let mut p = payload.to_vec();
+                    if i % 17 == 0 {
+                        t.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if i % 11 == 0 {
+                        let at = p.len() / 2;
+                        p[at] ^= 0x5a;
+                        t.corrupted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if i % 23 == 0 && held.is_none() {
+                        held = Some(p);
+                        t.reordered.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    send(&p);
+                    if let Some(h) = held.take() {
+                        send(&h);
+                    }
+                    if i % 13 == 0 {
+                        send(&p);
+                        t.duplicated.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if i % 7 == 0 && !old.is_empty() {
+                        send(&old[(i as usize / 7) % old.len()].clone());
+                        t.replayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if i % 19 == 0 {
+                        let noise: Vec<u8> =
+                            (0..1200).map(|k| (k * 31 + i as usize) as u8).collect();
+                        send(&noise);
+                        t.injected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if old.len() < 64 {
+                        old.push(p);
+                    }
+                }
+            });
+        }
+    });
+    (addr, pin, tampered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    // The double needs the collaboration CA to accept the nodes: start the mesh first, with a
+    // placeholder list, then list the double.
+    let mut mesh = outbound_only_pair(tmp.path(), 7103, target.local_addr().unwrap()).await;
+    let bundle = mesh
+        .owner
+        .ledger()
+        .await
+        .unwrap()
+        .trust_bundle()
+        .unwrap()
+        .clone();
+    let (rv_addr, pin, tampered) = hostile_rendezvous(&tmp.path().join("rv"), bundle).await;
+    mesh.owner
+        .set_rendezvous(vec![RendezvousServer {
+            address: rv_addr.to_string(),
+            pin_sha256: pin,
+        }])
+        .await
+        .unwrap();
+    mesh.link(&a(), &b(), &["7103".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7103, 10 * SECOND).await.unwrap();
+    carry_both_ways(addr, target, 2 * 1024 * 1024).await;
+    for (what, count) in [
+        ("dropped", &tampered.dropped),
+        ("duplicated", &tampered.duplicated),
+        ("corrupted", &tampered.corrupted),
+        ("replayed", &tampered.replayed),
+        ("reordered", &tampered.reordered),
+        ("injected", &tampered.injected),
+    ] {
+        assert!(
+            count.load(Ordering::Relaxed) > 0,
+            "nothing {what}: {tampered:?}"
+        );
+    }
+    mesh.shutdown().await.unwrap();
 }
