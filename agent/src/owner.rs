@@ -216,6 +216,19 @@ impl Owner {
         self.publish_collab().await
     }
 
+    /// What a rendezvous server needs, one signed document per line: the collaboration
+    /// document (signed here) and the latest revocation list the hub holds.
+    pub async fn rendezvous_documents(&self) -> Result<String> {
+        let mut out = self.sign(&Document::Collaboration(self.collab.clone()))?;
+        out.push('\n');
+        let ledger = self.ledger().await?;
+        if ledger.revocation().number > 0 {
+            out.push_str(&self.sign(&Document::Revocation(ledger.revocation().clone()))?);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
     /// Everything the hub holds, verified here against the owner's own key.
     pub async fn ledger(&self) -> Result<Ledger> {
         fetch_ledger(&self.hub, &self.collab.id, &self.pin()).await
