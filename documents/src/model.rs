@@ -566,13 +566,13 @@ impl Advertisement {
             });
         }
         for e in &self.endpoints {
-            if let Endpoint::Quic { address } | Endpoint::IstioGateway { address } = e {
-                if !is_host_port(address) {
-                    return Err(Error::Invalid {
-                        what: "advertisement",
-                        reason: format!("endpoint address {address:?} is not host:port"),
-                    });
-                }
+            if let Endpoint::Quic { address } | Endpoint::IstioGateway { address } = e
+                && !is_host_port(address)
+            {
+                return Err(Error::Invalid {
+                    what: "advertisement",
+                    reason: format!("endpoint address {address:?} is not host:port"),
+                });
             }
         }
         Ok(())

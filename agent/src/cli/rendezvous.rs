@@ -129,18 +129,18 @@ async fn follow_documents(
                             "collaboration documents loaded"
                         ),
                         Err(error) => {
-                            warn!(error = %format!("{error:#}"), "cannot apply the documents")
+                            warn!(error = %format!("{error:#}"), "cannot apply the documents");
                         }
                     },
                     None => {
-                        warn!(file = %path.display(), "no verified collaboration document in the file")
+                        warn!(file = %path.display(), "no verified collaboration document in the file");
                     }
                 }
                 last = Some(bytes);
             }
             Ok(_) => {}
             Err(error) => {
-                warn!(file = %path.display(), error = %format!("{error:#}"), "cannot read the documents")
+                warn!(file = %path.display(), error = %format!("{error:#}"), "cannot read the documents");
             }
         }
         tokio::select! {

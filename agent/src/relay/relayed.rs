@@ -199,7 +199,7 @@ impl Carrier {
                         break;
                     }
                     Err(error) => {
-                        warn!(rendezvous = %server.address, error = %format!("{error:#}"), "cannot reach the rendezvous")
+                        warn!(rendezvous = %server.address, error = %format!("{error:#}"), "cannot reach the rendezvous");
                     }
                 }
             }
@@ -299,13 +299,13 @@ impl AsyncUdpSocket for PathSocket {
                     Poll::Ready(Some((addr, payload))) => {
                         let len = payload.len().min(bufs[n].len());
                         bufs[n][..len].copy_from_slice(&payload[..len]);
-                        let mut m = RecvMeta::default();
-                        m.addr = addr;
-                        m.len = len;
-                        m.stride = len;
-                        m.ecn = None;
-                        m.dst_ip = None;
-                        meta[n] = m;
+                        meta[n] = RecvMeta {
+                            addr,
+                            len,
+                            stride: len,
+                            ecn: None,
+                            dst_ip: None,
+                        };
                         n += 1;
                     }
                     Poll::Ready(None) | Poll::Pending => break,

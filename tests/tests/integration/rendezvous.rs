@@ -587,16 +587,16 @@ async fn hostile_rendezvous(
                         let _ = out.send_datagram(frame::encode(&sender, p));
                     };
                     let mut p = payload.to_vec();
-                    if i % 17 == 0 {
+                    if i.is_multiple_of(17) {
                         t.dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if i % 11 == 0 {
+                    if i.is_multiple_of(11) {
                         let at = p.len() / 2;
                         p[at] ^= 0x5a;
                         t.corrupted.fetch_add(1, Ordering::Relaxed);
                     }
-                    if i % 23 == 0 && held.is_none() {
+                    if i.is_multiple_of(23) && held.is_none() {
                         held = Some(p);
                         t.reordered.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -605,15 +605,15 @@ async fn hostile_rendezvous(
                     if let Some(h) = held.take() {
                         send(&h);
                     }
-                    if i % 13 == 0 {
+                    if i.is_multiple_of(13) {
                         send(&p);
                         t.duplicated.fetch_add(1, Ordering::Relaxed);
                     }
-                    if i % 7 == 0 && !old.is_empty() {
+                    if i.is_multiple_of(7) && !old.is_empty() {
                         send(&old[(i as usize / 7) % old.len()].clone());
                         t.replayed.fetch_add(1, Ordering::Relaxed);
                     }
-                    if i % 19 == 0 {
+                    if i.is_multiple_of(19) {
                         let noise: Vec<u8> =
                             (0..1200).map(|k| (k * 31 + i as usize) as u8).collect();
                         send(&noise);
