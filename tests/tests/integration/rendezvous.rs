@@ -656,7 +656,7 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
         .await
         .unwrap();
     let addr = mesh.peer_addr(&a(), &b(), 7103, 10 * SECOND).await.unwrap();
-    carry_both_ways(addr, target, 2 * 1024 * 1024).await;
+    carry_both_ways(addr, target, 1024 * 1024).await;
     for (what, count) in [
         ("dropped", &tampered.dropped),
         ("duplicated", &tampered.duplicated),
@@ -669,6 +669,104 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
             count.load(Ordering::Relaxed) > 0,
             "nothing {what}: {tampered:?}"
         );
+    }
+    mesh.shutdown().await.unwrap();
+}
+
+/// A child process, killed when dropped (also when the test fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocations() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let mut mesh = outbound_only_pair(tmp.path(), 7104, target.local_addr().unwrap()).await;
+    let docs = tmp.path().join("docs.jws");
+    std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
+    let mut child = Killed(
+        std::process::Command::new(fedmesh_tests::fedmesh_bin())
+            .args([
+                "rendezvous",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--dir")
+            .arg(tmp.path().join("rv"))
+            .arg("--documents")
+            .arg(&docs)
+            .args(["--owner-pin", &mesh.owner.pin()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    // "rendezvous running: udp/<addr> (certificate pin <pin>), http://<addr>"
+    let word = |prefix: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
+            .trim_end_matches([',', ')'])
+            .to_owned()
+    };
+    let udp: SocketAddr = word("udp/").parse().unwrap();
+    let http: SocketAddr = word("http://").parse().unwrap();
+    let pin = line
+        .split("certificate pin ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap()
+        .to_owned();
+    mesh.owner
+        .set_rendezvous(vec![RendezvousServer {
+            address: udp.to_string(),
+            pin_sha256: pin,
+        }])
+        .await
+        .unwrap();
+    std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
+    mesh.link(&a(), &b(), &["7104".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7104, 10 * SECOND).await.unwrap();
+    carry_both_ways(addr, target, 1024 * 1024).await;
+    assert!(http_get(http, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let nodes = "fedmesh_rendezvous_nodes{collab=\"collab-x\"} ";
+    assert_eq!(counter(&http_get(http, "/metrics").await, nodes), 2);
+
+    // The owner revokes org-b; the new documents reach the rendezvous, which drops it.
+    mesh.owner.revoke(&[], &[b()], &[]).await.unwrap();
+    let revoked = Instant::now();
+    std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
+    loop {
+        let text = http_get(http, "/metrics").await;
+        if counter(&text, nodes) == 1 {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < 5 * SECOND,
+            "org-b still connected: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     mesh.shutdown().await.unwrap();
 }
