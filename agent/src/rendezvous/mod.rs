@@ -674,11 +674,11 @@ mod tests {
         let mut b = Bucket::new(1000, 2000);
         assert!(b.take(1500, start));
         assert!(!b.take(1000, start), "burst spent");
+        // 500 left, 600 refilled, 1000 taken: 100 left.
         assert!(b.take(1000, start + Duration::from_millis(600)), "refilled");
-        assert!(
-            !b.take(10, start + Duration::from_millis(600)),
-            "small datagrams cost 64"
-        );
+        let at = start + Duration::from_millis(600);
+        assert!(b.take(10, at));
+        assert!(!b.take(10, at), "small datagrams cost 64: 36 left");
         assert!(b.take(10, start + Duration::from_millis(700)));
         // Refill is capped at the burst.
         let later = start + Duration::from_secs(100);
