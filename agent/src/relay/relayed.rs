@@ -15,7 +15,8 @@
 //!
 //! The carrier keeps one connection to the first rendezvous server of the collaboration's
 //! owner-signed list that answers, pinned by the certificate hash the owner signed, and moves
-//! to the next one when it is lost. Datagrams that find no carrier connection are dropped, as
+//! to the next one when it is lost (a lost server is noticed within 2 s of silence, a server
+//! that does not answer is given 1.5 s). Datagrams that find no carrier connection are dropped, as
 //! UDP would; the end-to-end session retransmits.
 
 use std::{
@@ -163,6 +164,7 @@ impl Carrier {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut servers = self.servers.subscribe();
         let mut pause = Duration::from_millis(100);
+        let mut start = 0;
         loop {
             let list = servers.borrow_and_update().clone();
             if list.is_empty() {
@@ -172,7 +174,11 @@ impl Carrier {
                 }
             }
             let mut served = false;
-            for server in &list {
+            // After losing a server, the next one is tried first (failover), then the rest in
+            // order, back to the one lost.
+            for k in 0..list.len() {
+                let index = (start + k) % list.len();
+                let server = &list[index];
                 if stop.is_cancelled() {
                     return;
                 }
@@ -195,6 +201,7 @@ impl Carrier {
                         *lock(&self.conn) = None;
                         self.connected.send_replace(None);
                         served = true;
+                        start = (index + 1) % list.len();
                         pause = Duration::from_millis(100);
                         break;
                     }

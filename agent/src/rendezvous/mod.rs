@@ -408,8 +408,8 @@ pub fn carrier_transport(queue_bytes: usize) -> Arc<TransportConfig> {
         .datagram_send_buffer_size(queue_bytes)
         .initial_mtu(CARRIER_MTU)
         .min_mtu(CARRIER_MTU)
-        .keep_alive_interval(Some(Duration::from_secs(1)))
-        .max_idle_timeout(Some(VarInt::from_u32(4_000).into()));
+        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .max_idle_timeout(Some(VarInt::from_u32(2_000).into()));
     Arc::new(t)
 }
 

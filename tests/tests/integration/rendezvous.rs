@@ -770,3 +770,61 @@ async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocati
     }
     mesh.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_fail_over_to_the_next_listed_rendezvous() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first listed server never answers (a bound socket nobody reads); two real ones
+    // (one certificate, as replicas would share) follow.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rv_dir = tmp.path().join("rv");
+    let (first, _, pin, stop_first) = start_rendezvous(&rv_dir, RendezvousOptions::default());
+    let (second, second_metrics, _, stop_second) =
+        start_rendezvous(&rv_dir, RendezvousOptions::default());
+    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let mut mesh = outbound_only_pair(tmp.path(), 7105, target.local_addr().unwrap()).await;
+    let listed = Instant::now();
+    let server = |addr: SocketAddr| RendezvousServer {
+        address: addr.to_string(),
+        pin_sha256: pin.clone(),
+    };
+    mesh.owner
+        .set_rendezvous(vec![
+            server(silent.local_addr().unwrap()),
+            server(first.local_addr().unwrap()),
+            server(second.local_addr().unwrap()),
+        ])
+        .await
+        .unwrap();
+    let config = config_of(&mesh.owner.ledger().await.unwrap()).unwrap();
+    first.update(config.clone()).unwrap();
+    second.update(config).unwrap();
+    mesh.link(&a(), &b(), &["7105".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7105, 10 * SECOND).await.unwrap();
+    carry_both_ways(addr, target.clone(), 256 * 1024).await;
+    // One silent server costs the carriers one connect timeout (1.5 s), well inside 5 s.
+    assert!(
+        listed.elapsed() < 5 * SECOND,
+        "carried after {:?}",
+        listed.elapsed()
+    );
+    let nodes = "fedmesh_rendezvous_nodes{collab=\"collab-x\"} ";
+    assert_eq!(
+        counter(&second_metrics.render(), nodes),
+        0,
+        "both on the first"
+    );
+
+    // The server in use goes away: the carriers move to the next one listed.
+    let lost = Instant::now();
+    stop_first.cancel();
+    carry_both_ways(addr, target, 256 * 1024).await;
+    let elapsed = lost.elapsed();
+    eprintln!("carried again {elapsed:?} after the rendezvous in use went away");
+    assert!(elapsed < 5 * SECOND, "carried again after {elapsed:?}");
+    assert_eq!(counter(&second_metrics.render(), nodes), 2);
+    mesh.shutdown().await.unwrap();
+    stop_second.cancel();
+}
