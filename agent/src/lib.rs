@@ -38,6 +38,7 @@ pub mod node;
 pub mod output;
 pub mod owner;
 pub mod relay;
+pub mod rendezvous;
 pub mod serve;
 pub mod telemetry;
 pub mod throttle;

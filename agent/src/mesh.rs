@@ -67,6 +67,8 @@ pub struct MeshOptions {
     pub loopback_octet: u8,
     /// What the embedded hub bounds.
     pub hub_limits: Limits,
+    /// Nodes that accept no inbound connections (reached through a rendezvous).
+    pub outbound_only: std::collections::BTreeSet<NodeRef>,
 }
 
 impl Default for MeshOptions {
@@ -83,6 +85,7 @@ impl Default for MeshOptions {
             cert_ttl: hub::DEFAULT_CERT_TTL,
             loopback_octet: 77,
             hub_limits: Limits::default(),
+            outbound_only: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -161,6 +164,7 @@ impl LocalMesh {
                 }),
                 relay: opts.relay,
                 kubernetes: None,
+                outbound_only: opts.outbound_only.contains(&spec.node),
             };
             let handle = node::start(options.clone()).await?;
             mesh.nodes.insert(spec.node.clone(), handle);

@@ -109,6 +109,7 @@ impl Owner {
             members: Vec::new(),
             policy: new.policy,
             issued_at: unix(SystemTime::now()),
+            rendezvous: Vec::new(),
         };
         files::write_public(
             &dir.join("hub.json"),
@@ -256,6 +257,34 @@ impl Owner {
             &serde_json::to_vec_pretty(&self.collab)?,
         )?;
         Ok(())
+    }
+
+    /// Lists the rendezvous servers nodes without inbound connections meet at (replacing the
+    /// list), in a new collaboration version.
+    pub async fn set_rendezvous(
+        &mut self,
+        servers: Vec<fedmesh_documents::RendezvousServer>,
+    ) -> Result<()> {
+        let mut next = self.collab.clone();
+        next.rendezvous = servers;
+        next.validate_rendezvous()?;
+        next.version += 1;
+        next.issued_at = unix(SystemTime::now());
+        self.collab = next;
+        self.publish_collab().await
+    }
+
+    /// What a rendezvous server needs, one signed document per line: the collaboration
+    /// document (signed here) and the latest revocation list the hub holds.
+    pub async fn rendezvous_documents(&self) -> Result<String> {
+        let mut out = self.sign(&Document::Collaboration(self.collab.clone()))?;
+        out.push('\n');
+        let ledger = self.ledger().await?;
+        if ledger.revocation().number > 0 {
+            out.push_str(&self.sign(&Document::Revocation(ledger.revocation().clone()))?);
+            out.push('\n');
+        }
+        Ok(out)
     }
 
     /// Everything the hub holds, verified here against the owner's own key: the ledger kept in

@@ -176,7 +176,8 @@ impl NodeIdentity {
         &self.chain
     }
 
-    fn key_der(&self) -> PrivateKeyDer<'static> {
+    /// The private key (PKCS#8 DER), for TLS configs.
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 }
@@ -289,6 +290,24 @@ pub fn server_config_gated(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key_der())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A server config presenting a certificate of its own (`chain`, `key`: a rendezvous server's,
+/// not a node's) that requires a client certificate of `bundle`'s trust domain passing `gate`.
+pub fn server_config_for_members(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundle: &TrustBundle,
+    alpn: &[&[u8]],
+    gate: &PeerGate,
+) -> Result<ServerConfig> {
+    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), gate.clone()));
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

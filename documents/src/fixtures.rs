@@ -58,7 +58,15 @@ impl EnrolledNode {
 impl Fixture {
     /// Collaboration `collab` with the given `org/node` members, all enrolled, at a fixed time.
     pub fn new(collab: &str, members: &[&str]) -> Self {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Self::at(
+            collab,
+            members,
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )
+    }
+
+    /// [`Fixture::new`] at `now` (tests with real TLS handshakes need the real time).
+    pub fn at(collab: &str, members: &[&str], now: SystemTime) -> Self {
         let owner = OwnerKey::generate().expect("owner key");
         let ca = CollabCa::generate(
             collab,
@@ -104,6 +112,7 @@ impl Fixture {
             members: member_list,
             policy: CollabPolicy::default(),
             issued_at: jws::unix(now),
+            rendezvous: Vec::new(),
         };
         Self {
             owner,

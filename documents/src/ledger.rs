@@ -864,6 +864,8 @@ impl Ledger {
         for m in &c.members {
             NodeRef::new(&m.org, &m.node).map_err(|e| (Invalid, e.to_string()))?;
         }
+        c.validate_rendezvous()
+            .map_err(|e| (Invalid, e.to_string()))?;
         self.collab = Some(c);
         self.bundle = Some(bundle);
         Ok(Ingested::Changed)

@@ -16,6 +16,8 @@ pub const MAX_PORTS_PER_LINK: usize = 32;
 pub const MAX_LINK_STREAMS: u32 = 16_384;
 /// Most endpoints one advertisement may list.
 pub const MAX_ENDPOINTS: usize = 8;
+/// Most rendezvous servers a collaboration may list.
+pub const MAX_RENDEZVOUS: usize = 8;
 /// Default cap on a link's lifetime.
 pub const DEFAULT_MAX_LINK_TTL_SECS: u64 = 7 * 24 * 3600;
 
@@ -383,9 +385,84 @@ pub struct Collaboration {
     pub policy: CollabPolicy,
     /// When this version was signed.
     pub issued_at: u64,
+    /// Rendezvous servers its nodes meet at when a peer accepts no inbound connections, in order
+    /// of preference. Absent from documents signed before rendezvous servers existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rendezvous: Vec<RendezvousServer>,
+}
+
+/// A rendezvous server the owner lists: where nodes that accept no inbound connections meet.
+/// It forwards opaque datagrams between members and cannot read, forge or widen a link; nodes
+/// trust it only by the pin the owner signed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RendezvousServer {
+    /// Its QUIC (UDP) `host:port`.
+    pub address: String,
+    /// Lower-case hex SHA-256 of its server certificate (DER).
+    pub pin_sha256: String,
+}
+
+impl RendezvousServer {
+    /// Checks the shape: a `host:port` address and a 64-digit lower-case hex pin.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Error::Invalid {
+            what: "rendezvous server",
+            reason,
+        };
+        if !is_host_port(&self.address) {
+            return Err(invalid(format!(
+                "address {:?} is not host:port",
+                self.address
+            )));
+        }
+        if self.pin_sha256.len() != 64
+            || !self
+                .pin_sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(format!(
+                "pin {:?} of {} is not 64 lower-case hex digits (SHA-256 of its certificate)",
+                self.pin_sha256, self.address
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `address` is `host:port` with a port in 1..=65535 and a non-empty host.
+fn is_host_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && matches!(port.parse::<u16>(), Ok(p) if p > 0),
+        None => false,
+    }
 }
 
 impl Collaboration {
+    /// Checks the rendezvous list: bounded, each server well formed, none listed twice.
+    pub fn validate_rendezvous(&self) -> Result<()> {
+        if self.rendezvous.len() > MAX_RENDEZVOUS {
+            return Err(Error::Invalid {
+                what: "collaboration",
+                reason: format!(
+                    "{} rendezvous servers; at most {MAX_RENDEZVOUS}",
+                    self.rendezvous.len()
+                ),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for r in &self.rendezvous {
+            r.validate()?;
+            if !seen.insert(r.address.as_str()) {
+                return Err(Error::Invalid {
+                    what: "collaboration",
+                    reason: format!("rendezvous server {} is listed twice", r.address),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The member for `node`, if admitted.
     pub fn member(&self, node: &NodeRef) -> Option<&Member> {
         self.members
@@ -421,6 +498,9 @@ pub enum Endpoint {
         /// `host:port`.
         address: String,
     },
+    /// The node accepts no inbound connections: peers reach it through the collaboration's
+    /// rendezvous servers (listed in the owner-signed [`Collaboration`]).
+    Rendezvous,
     /// A kind this agent does not know.
     #[serde(other)]
     Unknown,
@@ -468,7 +548,13 @@ impl Advertisement {
         })
     }
 
-    /// Checks the shape: a bounded number of endpoints, each a `host:port`.
+    /// Whether it asks peers to reach it through a rendezvous server.
+    pub fn via_rendezvous(&self) -> bool {
+        self.endpoints.contains(&Endpoint::Rendezvous)
+    }
+
+    /// Checks the shape: a bounded number of endpoints, each a `host:port`. An advertisement may
+    /// list no direct endpoint (a node that only dials out).
     pub fn validate_shape(&self) -> Result<()> {
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(Error::Invalid {
@@ -480,14 +566,13 @@ impl Advertisement {
             });
         }
         for e in &self.endpoints {
-            if let Endpoint::Quic { address } | Endpoint::IstioGateway { address } = e {
-                let port = address.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-                if !matches!(port, Some(Ok(p)) if p > 0) {
-                    return Err(Error::Invalid {
-                        what: "advertisement",
-                        reason: format!("endpoint address {address:?} is not host:port"),
-                    });
-                }
+            if let Endpoint::Quic { address } | Endpoint::IstioGateway { address } = e
+                && !is_host_port(address)
+            {
+                return Err(Error::Invalid {
+                    what: "advertisement",
+                    reason: format!("endpoint address {address:?} is not host:port"),
+                });
             }
         }
         Ok(())
@@ -952,7 +1037,7 @@ mod tests {
 
         // A newer agent's kind of endpoint is kept as unknown, and the rest still counts.
         let newer: Advertisement = serde_json::from_str(
-            r#"{"collab":"c","node":"a/n1","endpoints":[{"kind":"rendezvous","server":"rv.example:443"},{"kind":"quic","address":"10.0.0.1:4433"}],"issued_at":7}"#,
+            r#"{"collab":"c","node":"a/n1","endpoints":[{"kind":"carrier_pigeon","loft":"rv.example:443"},{"kind":"quic","address":"10.0.0.1:4433"}],"issued_at":7}"#,
         )
         .unwrap();
         assert_eq!(newer.endpoints[0], Endpoint::Unknown);
@@ -980,6 +1065,78 @@ mod tests {
         ad.endpoints = vec![Endpoint::Unknown; MAX_ENDPOINTS + 1];
         assert!(
             ad.validate_shape()
+                .unwrap_err()
+                .to_string()
+                .contains("at most 8")
+        );
+    }
+
+    #[test]
+    fn rendezvous_servers_and_endpoints_are_checked() {
+        let ad = Advertisement {
+            collab: "c".into(),
+            node: n("a/n1"),
+            endpoints: vec![Endpoint::Rendezvous],
+            exposes: Vec::new(),
+            instance: None,
+            issued_at: 7,
+        };
+        ad.validate_shape().unwrap();
+        let json = serde_json::to_value(&ad).unwrap();
+        assert_eq!(
+            json["endpoints"],
+            serde_json::json!([{"kind": "rendezvous"}])
+        );
+        let back: Advertisement = serde_json::from_value(json).unwrap();
+        assert!(back.via_rendezvous() && back.quic().is_none());
+        let no_endpoint = Advertisement {
+            endpoints: Vec::new(),
+            ..ad
+        };
+        no_endpoint.validate_shape().unwrap();
+
+        let pin = "ab".repeat(32);
+        let server = |address: &str, pin: &str| RendezvousServer {
+            address: address.into(),
+            pin_sha256: pin.into(),
+        };
+        server("rv.example:443", &pin).validate().unwrap();
+        let err = |r: RendezvousServer| r.validate().unwrap_err().to_string();
+        assert_eq!(
+            err(server("rv.example", &pin)),
+            "invalid rendezvous server: address \"rv.example\" is not host:port"
+        );
+        assert!(err(server(":443", &pin)).contains("is not host:port"));
+        assert!(err(server("rv.example:0", &pin)).contains("is not host:port"));
+        assert!(
+            err(server("rv.example:443", &"AB".repeat(32)))
+                .contains("is not 64 lower-case hex digits")
+        );
+        assert!(err(server("rv.example:443", "abc")).contains("is not 64 lower-case hex"));
+
+        let fx = crate::fixtures::Fixture::new("c", &["a/n1"]);
+        let mut collab = fx.collab.clone();
+        assert!(
+            !serde_json::to_string(&collab)
+                .unwrap()
+                .contains("rendezvous"),
+            "a collaboration without rendezvous servers serializes as before"
+        );
+        collab.rendezvous = vec![
+            server("rv.example:443", &pin),
+            server("rv.example:443", &pin),
+        ];
+        assert!(
+            collab
+                .validate_rendezvous()
+                .unwrap_err()
+                .to_string()
+                .contains("rv.example:443 is listed twice")
+        );
+        collab.rendezvous = vec![server("rv.example:443", &pin); MAX_RENDEZVOUS + 1];
+        assert!(
+            collab
+                .validate_rendezvous()
                 .unwrap_err()
                 .to_string()
                 .contains("at most 8")

@@ -542,6 +542,28 @@ fn newer_collaboration_versions_replace_older_ones() {
 }
 
 #[test]
+fn rendezvous_servers_are_checked_at_ingest() {
+    let mut f = fixture();
+    let mut l = ledger(&f);
+    f.collab.version = 2;
+    f.collab.rendezvous = vec![crate::RendezvousServer {
+        address: "rv.example".into(),
+        pin_sha256: "ab".repeat(32),
+    }];
+    let env = f.envelope(f.collab_jws());
+    let why = reject(&mut l, &env, &f);
+    assert!(
+        why.contains("address \"rv.example\" is not host:port"),
+        "{why}"
+    );
+    f.collab.version = 3;
+    f.collab.rendezvous[0].address = "rv.example:443".into();
+    let env = f.envelope(f.collab_jws());
+    assert_eq!(l.ingest(&env, f.now).unwrap(), Ingested::Changed);
+    assert_eq!(l.collaboration().unwrap().rendezvous.len(), 1);
+}
+
+#[test]
 fn oversized_and_garbage_documents_are_refused() {
     let f = fixture();
     let mut l = ledger(&f);

@@ -1,25 +1,29 @@
-//! The vantage6 peer-address API (`GET /vpn/algorithm/addresses`) through the node's admin
-//! router in-process: query flags and the container token that names the caller's task.
+//! The vantage6 peer-address API (`GET /vpn/algorithm/addresses`) through its router
+//! in-process, asked from the address of an announced run: query flags and the container token
+//! that names the caller's task.
 //!
 //! | byte % 2 | rest of the input |
 //! |---|---|
 //! | 0 | `<query>\n<token>`: the raw query string and `Authorization: Bearer` value |
-//! | 1 | `<query>\n<claims>`: the token is `h.<base64url(claims)>.s`, so the claims are fuzzed as JSON |
+//! | 1 | `<query>\n<claims>`: the token is `<HS256 header>.<base64url(claims)>.s`, so the claims are fuzzed as JSON |
 //!
-//! Whatever the input, the answer is 200 with addresses, 400 or 401 with a `msg`: never a
-//! server error.
+//! Whatever the input, the answer is 200 with addresses, or 400, 401 or 403 with a `msg`:
+//! never a server error.
 
 use std::sync::{Arc, OnceLock};
 
 use axum::{
-    Router,
+    Extension, Router,
     body::Body,
     http::{Request, StatusCode, header},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use fedmesh_agent::{
-    metrics::Metrics,
-    node::{Snapshot, admin},
+    node::{
+        Snapshot,
+        v6::{self, LocalRun, Registry, V6State},
+    },
+    serve::Peer,
 };
 use fedmesh_documents::{EffectiveLink, LinkTerms, PortSpec, TaskRef};
 use http_body_util::BodyExt;
@@ -27,6 +31,14 @@ use tokio::{runtime::Runtime, sync::watch};
 use tower::ServiceExt;
 
 use crate::fixed::{COLLAB, fixed};
+
+/// Where the caller connects from.
+const CALLER: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 7)),
+    40_000,
+);
+/// `{"alg":"HS256"}`: a header the API takes as signed (it cannot check vantage6's key).
+const HS256: &str = "eyJhbGciOiJIUzI1NiJ9";
 
 struct Harness {
     rt: Runtime,
@@ -70,11 +82,30 @@ fn harness() -> &'static Harness {
             ..Snapshot::default()
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot));
-        let app = admin::router(
-            "org-a/n1".parse().expect("node"),
-            rx,
-            Arc::new(Metrics::default()),
-        );
+        // The caller: org-a's run of task 10, at the address every request comes from.
+        let registry = Registry::new();
+        registry
+            .announce(LocalRun {
+                task_id: 10,
+                parent_id: Some(5),
+                source: CALLER.ip(),
+                ports: vec!["21366:mpc".parse().expect("port")],
+                host: None,
+            })
+            .expect("run");
+        // The forwarding client needs a provider even though no upstream is set here.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let state = V6State {
+            node: "org-a/n1".parse().expect("node"),
+            snapshot: rx,
+            registry,
+            upstream: None,
+            http: reqwest::Client::new(),
+        };
+        let app = v6::router(state, "").layer(Extension(Peer {
+            remote: CALLER,
+            certs: None,
+        }));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -101,7 +132,7 @@ pub fn run(data: &[u8]) {
     let token = if mode % 2 == 0 {
         token.to_vec()
     } else {
-        format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(token)).into_bytes()
+        format!("{HS256}.{}.c2ln", URL_SAFE_NO_PAD.encode(token)).into_bytes()
     };
     let mut bearer = b"Bearer ".to_vec();
     bearer.extend_from_slice(&token);
@@ -123,7 +154,7 @@ pub fn run(data: &[u8]) {
         .unwrap_or_else(|e| panic!("{status} answer is not JSON ({e}): {body:?}"));
     match status {
         StatusCode::OK => assert!(json["addresses"].is_array(), "{json}"),
-        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => {
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             assert!(json["msg"].is_string(), "{json}");
         }
         other => panic!("unexpected status {other}: {json}"),

@@ -22,6 +22,7 @@ pub mod hub;
 pub mod node;
 pub mod owner;
 pub mod render;
+pub mod rendezvous;
 
 /// How the exit status reads; printed under `fedmesh --help`.
 pub const EXIT_STATUS: &str = "\
@@ -85,6 +86,9 @@ pub enum Command {
     /// Run a whole collaboration on this machine: embedded hub, three organisations, real
     /// links, real traffic.
     Demo(demo::DemoArgs),
+    /// Run a rendezvous server: forwards end-to-end encrypted datagrams between members of a
+    /// collaboration that accept no inbound connections.
+    Rendezvous(rendezvous::RendezvousArgs),
     /// Render the Istio and Kubernetes objects a node needs, from a collaboration file.
     Render(render::RenderArgs),
     /// Compare the objects in the cluster with what the verified links want (exit 0: they
@@ -145,6 +149,7 @@ impl Cli {
             Command::Node(args) => done(node::run(args).await),
             Command::Demo(args) => done(demo::run(args).await),
             Command::Render(args) => done(render::run_render(args)),
+            Command::Rendezvous(args) => done(rendezvous::run(args).await),
             Command::Audit(args) => audit::run_audit(args).await,
         }
     }

@@ -161,8 +161,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:4433")]
     relay_listen: SocketAddr,
     /// The relay address peers dial (host:port); default: the bound address.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "outbound_only")]
     advertise: Option<String>,
+    /// This site accepts no inbound connections: advertise no direct endpoint; peers reach
+    /// this node through the rendezvous servers the collaboration lists.
+    #[arg(long)]
+    outbound_only: bool,
     /// Pool of local addresses for peers (one per peer).
     #[arg(long, default_value = DEFAULT_LOOPBACK_POOL)]
     loopback_pool: Pool,
@@ -296,6 +300,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         kube,
         relay_listen,
         advertise,
+        outbound_only,
         loopback_pool,
         exposes,
         dns_listen,
@@ -344,6 +349,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             announce_listen: Some(v6_announce_listen),
         }),
         relay: caps.options(max_udp_payload),
+        outbound_only,
         kubernetes,
     })
     .await?;

@@ -34,6 +34,35 @@ pub enum CollabCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// List the rendezvous servers nodes without inbound connections meet at (replaces the
+    /// list; none: clear it).
+    Rendezvous(RendezvousArgs),
+    /// Write the signed documents a rendezvous server needs (the collaboration document and
+    /// the latest revocation list), one per line, for `fedmesh rendezvous --documents`.
+    Documents(DocumentsArgs),
+}
+
+/// `fedmesh collab rendezvous`
+#[derive(Debug, Args)]
+pub struct RendezvousArgs {
+    /// Owner directory.
+    #[arg(long = "owner-dir", visible_alias = "dir")]
+    dir: PathBuf,
+    /// A rendezvous server: `<host:port>=<sha256 pin>` (the pin `fedmesh rendezvous` prints);
+    /// repeatable, in order of preference.
+    #[arg(long = "server")]
+    servers: Vec<String>,
+}
+
+/// `fedmesh collab documents`
+#[derive(Debug, Args)]
+pub struct DocumentsArgs {
+    /// Owner directory.
+    #[arg(long = "owner-dir", visible_alias = "dir")]
+    dir: PathBuf,
+    /// File to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// `fedmesh collab create`
@@ -64,6 +93,35 @@ pub struct CreateArgs {
     /// Longest a link may be approved for.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
     max_link_ttl: Duration,
+}
+
+async fn run_rendezvous(args: RendezvousArgs) -> Result<()> {
+    let servers = args
+        .servers
+        .iter()
+        .map(|s| {
+            let (address, pin) = s
+                .rsplit_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--server {s:?} is not <host:port>=<sha256 pin>"))?;
+            Ok(fedmesh_documents::RendezvousServer {
+                address: address.to_owned(),
+                pin_sha256: pin.trim_start_matches("sha256:").to_ascii_lowercase(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut owner = Owner::load(&args.dir)?;
+    let count = servers.len();
+    owner.set_rendezvous(servers).await?;
+    println!("collaboration lists {count} rendezvous server(s)");
+    Ok(())
+}
+
+async fn run_documents(args: DocumentsArgs) -> Result<()> {
+    let owner = Owner::load(&args.dir)?;
+    let text = owner.rendezvous_documents().await?;
+    files::write_public(&args.out, text.as_bytes())?;
+    println!("wrote {}", args.out.display());
+    Ok(())
 }
 
 /// `fedmesh join-token`
@@ -246,6 +304,8 @@ pub(crate) async fn run_collab(cmd: CollabCommand) -> Result<()> {
             );
             return Ok(());
         }
+        CollabCommand::Rendezvous(args) => return run_rendezvous(args).await,
+        CollabCommand::Documents(args) => return run_documents(args).await,
     };
     let CreateArgs {
         id,

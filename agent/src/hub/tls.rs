@@ -128,6 +128,26 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A client config that trusts exactly the server certificate with SHA-256 `pin` (a rendezvous
+/// server's), presenting `identity` and offering `alpn`.
+pub fn pinned_client_config(
+    pin: &str,
+    identity: &NodeIdentity,
+    alpn: &[u8],
+) -> Result<ClientConfig> {
+    let verifier = Arc::new(PinnedServer {
+        pin: pin.trim_start_matches("sha256:").to_ascii_lowercase(),
+        signatures: HandshakeSignatures::default(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain().to_vec(), identity.key_der())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 /// Accepts any client certificate whose key signed the handshake; chains are checked later,
 /// per collaboration, by the handlers.
 #[derive(Debug)]
@@ -201,7 +221,7 @@ impl ServerCertVerifier for PinnedServer {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "hub certificate sha256:{found} does not match the pinned sha256:{}",
+                "server certificate sha256:{found} does not match the pinned sha256:{}",
                 self.pin
             )))
         }

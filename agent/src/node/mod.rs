@@ -43,12 +43,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fedmesh_certs::{TrustBundle, files, verify::Usage};
+use fedmesh_certs::{NodeIdentity, TrustBundle, files, verify::Usage};
 use fedmesh_documents::{
     Advertisement, Document, EffectiveLink, Endpoint, Exposure, Ledger, NodeRef, NodeSigner,
     PortSpec, Rejection, Signer, jws,
 };
 use fedmesh_mesh_config::addresses::Pool;
+use futures::FutureExt;
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -64,7 +65,10 @@ use crate::{
     hub::client::HubClient,
     k8s::{self, Placement},
     metrics::Metrics,
-    relay::{Budgets, DirectUdp, Relay, RelayOptions, TlsMaterial},
+    relay::{
+        Budgets, Relay, RelayOptions, TlsMaterial,
+        relayed::{Carrier, Paths},
+    },
 };
 
 /// A port this node's algorithms expose to peers, and where inbound streams for it go.
@@ -125,6 +129,9 @@ pub struct NodeOptions {
     pub relay: RelayOptions,
     /// Run in Kubernetes (`None`: on a machine, peers on loopback addresses).
     pub kubernetes: Option<k8s::Options>,
+    /// Accept no inbound connections: advertise no direct endpoint, and ask peers to reach this
+    /// node through the collaboration's rendezvous servers.
+    pub outbound_only: bool,
 }
 
 /// Where and how the vantage6 address API is served.
@@ -286,12 +293,21 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let instance = selfcheck::Instance::start(&state)?;
     let metrics = Arc::new(Metrics::default());
     // The relay runs only where it carries links: not when a mesh backend (Istio) does.
+    let mut carrier = None;
     let relay = match relay_carries {
         false => None,
         true => {
             let budgets = Budgets::load(&state.dir.join("budgets.json"), metrics.clone())?;
+            let paths = Paths::bind(
+                opts.relay_listen,
+                Arc::new(NodeIdentity::from_pem(
+                    &identity.cert_pem,
+                    &identity.key_pem,
+                )?),
+            )?;
+            carrier = Some(paths.carrier());
             Some(Arc::new(Relay::new(
-                Arc::new(DirectUdp::bind(opts.relay_listen)?),
+                Arc::new(paths),
                 node.clone(),
                 &TlsMaterial {
                     identity: &identity.tls,
@@ -306,6 +322,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let relay_addr = relay.as_ref().map(|r| r.local_addr()).transpose()?;
     let advertise = match (&opts.advertise, relay_addr) {
         (Some(a), _) => a.clone(),
+        (None, Some(addr)) if opts.outbound_only => addr.to_string(),
         (None, None) => bail!("in Istio mode give --advertise <host:port> of the ingress gateway"),
         (None, Some(addr)) if addr.ip().is_unspecified() => {
             bail!("the relay listens on {addr}; give --advertise <host:port> for peers to dial")
@@ -317,6 +334,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
 
     let hub = identity.hub_client(&state)?;
     let endpoint = match relay_carries {
+        true if opts.outbound_only => Endpoint::Rendezvous,
         true => Endpoint::Quic {
             address: advertise.clone(),
         },
@@ -338,6 +356,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let (identity_tx, identity_rx) = watch::channel(identity);
     let (ledger_tx, ledger_rx) =
         watch::channel(Arc::new(Ledger::for_node(&state.config.owner_pin, &node)));
+    let ledger_rx_for_carrier = ledger_rx.clone();
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (names_tx, names_rx) = watch::channel(Arc::new(NameMap::new()));
     let (resolved_tx, resolved_rx) = watch::channel(Arc::new(resolve::Resolved::new()));
@@ -491,6 +510,15 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     if let Some(relay) = relay.clone() {
         let c = cancel.clone();
         tasks.spawn(async move { relay.run(c.cancelled()).await });
+    }
+    if let Some(carrier) = carrier {
+        tasks.spawn(carrier.clone().run(cancel.clone()).map(Ok));
+        tasks.spawn(follow_rendezvous(
+            carrier,
+            ledger_rx_for_carrier,
+            identity_rx.clone(),
+            cancel.clone(),
+        ));
     }
     tasks.spawn(follow_identity(
         relay,
@@ -725,6 +753,38 @@ async fn follow_identity(
                 bundle: &bundle,
             })?;
             info!(serial = %current.info().serial, "relay presents the renewed certificate");
+        }
+    }
+}
+
+/// Keeps the rendezvous carrier's server list (from the verified collaboration) and identity
+/// (across renewals) current.
+async fn follow_rendezvous(
+    carrier: Arc<Carrier>,
+    mut ledger: watch::Receiver<Arc<Ledger>>,
+    mut identity: IdentityWatch,
+    cancel: CancellationToken,
+) -> Result<()> {
+    loop {
+        let servers = ledger
+            .borrow_and_update()
+            .collaboration()
+            .map(|c| c.rendezvous.clone())
+            .unwrap_or_default();
+        carrier.set_servers(servers);
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            changed = ledger.changed() => if changed.is_err() { return Ok(()) },
+            changed = identity.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let current = identity.borrow_and_update().clone();
+                carrier.set_identity(Arc::new(NodeIdentity::from_pem(
+                    &current.cert_pem,
+                    &current.key_pem,
+                )?));
+            }
         }
     }
 }

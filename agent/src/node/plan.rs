@@ -138,15 +138,13 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
     let mut peers = BTreeMap::new();
     for (peer, ip) in &assigned {
         let reach = if relay_carries {
-            relay_address(inputs, peer)
+            relay_path(inputs, peer, collab)
         } else {
             Ok(None)
         };
         let unreachable = match reach {
-            Ok(Some(addr)) => {
-                // The transport is handed the resolved address: no name lookup when it dials.
-                let address = addr.to_string();
-                relay_peers.insert(peer.clone(), vec![Endpoint::Quic { address }]);
+            Ok(Some(endpoint)) => {
+                relay_peers.insert(peer.clone(), vec![endpoint]);
                 None
             }
             Ok(None) => None,
@@ -221,6 +219,32 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
             BTreeMap::new()
         },
         next_change,
+    }))
+}
+
+/// The path to `peer`: direct to its advertised QUIC endpoint (the resolved address, so the
+/// transport looks no name up when it dials) when it has one, else through the collaboration's
+/// rendezvous servers when it asks for that; `Ok(None)` while a name is being resolved; `Err`
+/// says why the peer cannot be dialled.
+fn relay_path(
+    inputs: &Inputs<'_>,
+    peer: &NodeRef,
+    collab: &fedmesh_documents::Collaboration,
+) -> Result<Option<Endpoint>, String> {
+    if let Some(ad) = inputs.ledger.advertisement(peer)
+        && ad.quic().is_none()
+        && ad.via_rendezvous()
+    {
+        if collab.rendezvous.is_empty() {
+            return Err(
+                "accepts no inbound connections, and the collaboration lists no rendezvous server"
+                    .to_owned(),
+            );
+        }
+        return Ok(Some(Endpoint::Rendezvous));
+    }
+    Ok(relay_address(inputs, peer)?.map(|addr| Endpoint::Quic {
+        address: addr.to_string(),
     }))
 }
 
@@ -407,6 +431,45 @@ mod tests {
             advertised: advertised.into(),
             addr: addr.map(|a| a.parse().unwrap()).map_err(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_peer_without_inbound_is_reached_through_the_rendezvous() {
+        let mut world = World::new();
+        // Advertising a direct endpoint, it is dialled directly.
+        assert_eq!(
+            world.plan(None, &[]).relay.peers[&n("c/n1")],
+            quic("192.0.2.3:4433")
+        );
+        let doc = Document::Advertisement(Advertisement {
+            collab: "c".into(),
+            node: n("c/n1"),
+            endpoints: vec![Endpoint::Rendezvous],
+            instance: None,
+            exposes: Vec::new(),
+            issued_at: jws::unix(world.fx.now) + 1,
+        });
+        let signed = world.fx.node_sign("c/n1", &doc);
+        world.ingest(&signed);
+        let p = world.plan(None, &[]);
+        assert_eq!(
+            p.snapshot.peers[&n("c/n1")].unreachable.as_deref(),
+            Some(
+                "accepts no inbound connections, and the collaboration lists no rendezvous server"
+            )
+        );
+        assert!(!p.relay.peers.contains_key(&n("c/n1")));
+
+        world.fx.collab.version = 2;
+        world.fx.collab.rendezvous = vec![fedmesh_documents::RendezvousServer {
+            address: "rv.example:443".into(),
+            pin_sha256: "ab".repeat(32),
+        }];
+        let collab = world.fx.collab_jws();
+        world.ingest(&collab);
+        let p = world.plan(None, &[]);
+        assert_eq!(p.snapshot.peers[&n("c/n1")].unreachable, None);
+        assert_eq!(p.relay.peers[&n("c/n1")], vec![Endpoint::Rendezvous]);
     }
 
     fn link_ids(plan: &NodePlan) -> BTreeSet<&str> {

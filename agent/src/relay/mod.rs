@@ -32,6 +32,7 @@ pub mod limits;
 pub mod policy;
 pub mod proto;
 pub mod pump;
+pub mod relayed;
 pub mod transport;
 
 use std::{

@@ -91,7 +91,11 @@ impl Pattern {
 }
 
 /// Writes `total` pattern bytes to `w` and returns their SHA-256.
-async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, total: usize) -> Vec<u8> {
+pub(super) async fn send_pattern(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    seed: u64,
+    total: usize,
+) -> Vec<u8> {
     let mut pattern = Pattern(seed);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -107,7 +111,7 @@ async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, total: us
 }
 
 /// Reads `r` to EOF; returns (bytes, SHA-256).
-async fn read_hash(r: &mut (impl AsyncReadExt + Unpin)) -> (usize, Vec<u8>) {
+pub(super) async fn read_hash(r: &mut (impl AsyncReadExt + Unpin)) -> (usize, Vec<u8>) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0;

@@ -254,6 +254,7 @@ async fn setup() -> Setup {
         admin_listen: None,
         v6: None,
         relay: RelayOptions::default(),
+        outbound_only: false,
         kubernetes: None,
     };
     let agent = start_synced(&options, &good).await;
