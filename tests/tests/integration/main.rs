@@ -14,6 +14,7 @@ mod hub;
 mod hub_hardening;
 mod relay;
 mod relay_security;
+mod rotation;
 mod shutdown;
 mod tampering;
 mod tls;
