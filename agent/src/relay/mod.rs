@@ -675,10 +675,10 @@ impl Shared {
                 }
                 Usable::Stale => {
                     let now = Instant::now();
-                    if s.stale_redial_at.is_some_and(|at| now < at) {
-                        if let Some(guard) = self.stream_guard(&conn) {
-                            return Ok((conn, guard));
-                        }
+                    if s.stale_redial_at.is_some_and(|at| now < at)
+                        && let Some(guard) = self.stream_guard(&conn)
+                    {
+                        return Ok((conn, guard));
                     }
                     s.stale_redial_at = Some(now + STALE_REDIAL_EVERY);
                     fallback = Some(conn);
@@ -1179,20 +1179,17 @@ async fn serve_connection(
     loop {
         match conn.accept_bi().await {
             Ok((mut send, recv)) => {
-                let guard = match shared.usable_inbound(&conn) {
-                    Some(guard) => guard,
-                    None => {
-                        let (shared, peer) = (shared.clone(), peer.clone());
-                        shared.clone().spawn(async move {
-                            let detail = format!(
-                                "a certificate of this connection with {} expired: open the stream on a new connection",
-                                peer.node
-                            );
-                            refuse(&shared, &mut send, &peer, Refusal::Expired, detail).await;
-                            drop(recv);
-                        });
-                        continue;
-                    }
+                let Some(guard) = shared.usable_inbound(&conn) else {
+                    let (shared, peer) = (shared.clone(), peer.clone());
+                    shared.clone().spawn(async move {
+                        let detail = format!(
+                            "a certificate of this connection with {} expired: open the stream on a new connection",
+                            peer.node
+                        );
+                        refuse(&shared, &mut send, &peer, Refusal::Expired, detail).await;
+                        drop(recv);
+                    });
+                    continue;
                 };
                 let task = inbound_stream(shared.clone(), peer.clone(), send, recv);
                 shared.spawn(async move {

@@ -142,7 +142,7 @@ async fn streams_outlive_renewals_and_expired_connections_carry_nothing_new() {
             .await
             .unwrap_or_else(|e| panic!("long stream, chunk {i}: {e}"));
         i += 1;
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             round_trip(addr, format!("short {short}").as_bytes())
                 .await
                 .unwrap_or_else(|e| panic!("short stream {short}: {e}"));
