@@ -15,6 +15,15 @@
 //! reset both ways. When a link is revoked or expires, or its byte budget is spent, the
 //! listeners close and every open stream of that link is reset.
 //!
+//! Certificates renew under open streams: new streams go to a connection made with both ends'
+//! current certificates (dialled anew when the slot's connection was made with a certificate of
+//! ours since renewed, or a peer certificate past its renewal point); a connection made with
+//! older ones keeps its open streams and closes when the last one ends. No new stream goes on a
+//! connection once a certificate it was made with has expired (the receiving end refuses it,
+//! [`proto::Refusal::Expired`], and the dialling end opens it again elsewhere). Keepalives and
+//! the idle timeout reset a dead peer's streams within 7.5 s (1.5 s keepalive, 6 s idle); until
+//! it is reached again, new streams to it fail fast with the reason instead of being held.
+//!
 //! Who may connect at all is the peer's [`Standing`]: the TLS verifiers refuse a revoked serial
 //! or node and a non-member at the handshake, and open connections whose standing changes are
 //! closed with their streams. What a connection may hold follows the links its peer has: few
