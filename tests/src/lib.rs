@@ -198,15 +198,18 @@ impl AgentProcess {
     /// Starts `bin node --state <state>` with its relay and admin server on loopback port 0
     /// and `extra` flags; returns once it printed its banner.
     pub fn start(bin: &Path, state: &Path, extra: &[String]) -> Self {
+        Self::start_at(bin, state, "127.0.0.1:0".parse().expect("addr"), extra)
+    }
+
+    /// [`AgentProcess::start`] with its relay on `relay` (a restarted agent takes its old
+    /// address again).
+    pub fn start_at(bin: &Path, state: &Path, relay: SocketAddr, extra: &[String]) -> Self {
         let mut child = Command::new(bin)
             .args(["--log", "warn", "node", "--state"])
             .arg(state)
-            .args([
-                "--relay-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .arg("--relay-listen")
+            .arg(relay.to_string())
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()

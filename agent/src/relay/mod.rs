@@ -15,6 +15,15 @@
 //! reset both ways. When a link is revoked or expires, or its byte budget is spent, the
 //! listeners close and every open stream of that link is reset.
 //!
+//! Certificates renew under open streams: new streams go to a connection made with both ends'
+//! current certificates (dialled anew when the slot's connection was made with a certificate of
+//! ours since renewed, or a peer certificate past its renewal point); a connection made with
+//! older ones keeps its open streams and closes when the last one ends. No new stream goes on a
+//! connection once a certificate it was made with has expired (the receiving end refuses it,
+//! [`proto::Refusal::Expired`], and the dialling end opens it again elsewhere). Keepalives and
+//! the idle timeout reset a dead peer's streams within 7.5 s (1.5 s keepalive, 6 s idle); until
+//! it is reached again, new streams to it fail fast with the reason instead of being held.
+//!
 //! Who may connect at all is the peer's [`Standing`]: the TLS verifiers refuse a revoked serial
 //! or node and a non-member at the handshake, and open connections whose standing changes are
 //! closed with their streams. What a connection may hold follows the links its peer has: few
@@ -40,7 +49,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -91,6 +100,23 @@ const UNLINKED_WINDOW: u32 = 128 * 1024;
 const LINKED_WINDOW: u32 = 64 * 1024 * 1024;
 /// How often open connections are checked when nothing changed (idle peers without a link).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often a connection sends a keepalive when nothing else travels.
+const KEEPALIVE: Duration = Duration::from_millis(1500);
+/// How long a connection lives without hearing from its peer (four keepalives missed). The
+/// first packet sent after the last one heard restarts the clock, so a dead peer's streams are
+/// reset at most [`KEEPALIVE`] + this after its last packet: 7.5 s.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long a dial may take to a peer known to be down before its client is failed.
+const DOWN_DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long before either certificate's end a connection stops taking new streams of ours (the
+/// peer refuses them at the end itself; this leaves room for clock skew and the round trip).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+/// How often a connection whose peer certificate is past its renewal point is replaced by a new
+/// dial while the peer still presents that certificate (it has not renewed yet).
+const STALE_REDIAL_EVERY: Duration = Duration::from_secs(5);
+/// How many times a stream is opened again when the peer refused it for an expired connection
+/// or closed the connection as rotated meanwhile.
+const ROTATION_RETRIES: usize = 3;
 
 /// Application close codes of peer connections.
 mod close {
@@ -105,6 +131,9 @@ mod close {
     pub(super) const NO_LINK: VarInt = VarInt::from_u32(3);
     /// The peer holds too many connections.
     pub(super) const TOO_MANY: VarInt = VarInt::from_u32(4);
+    /// The connection was made with certificates since renewed or expired, and its last stream
+    /// ended.
+    pub(super) const ROTATED: VarInt = VarInt::from_u32(5);
 }
 
 /// Everything the relay may do, recomputed by the node agent on every change.
@@ -172,8 +201,10 @@ fn transport(max_udp_payload: u16) -> Arc<TransportConfig> {
         .receive_window(VarInt::from_u32(UNLINKED_WINDOW))
         .send_window(64 * 1024 * 1024)
         .datagram_receive_buffer_size(None)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+        .keep_alive_interval(Some(KEEPALIVE))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
+        ));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
@@ -273,6 +304,8 @@ struct Shared {
     client_config: std::sync::Mutex<quinn::ClientConfig>,
     /// The standing both verifiers check.
     gate: PeerGate,
+    /// The certificate this relay presents to new connections (bumped on renewal).
+    ours: std::sync::Mutex<Ours>,
     /// Every open peer connection, by quinn's stable id.
     conns: std::sync::Mutex<HashMap<usize, Tracked>>,
     limits: std::sync::Mutex<Limits>,
@@ -284,6 +317,14 @@ struct Shared {
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
+/// The certificate this relay presents: which one (counted from 0, one more per renewal) and
+/// its end.
+#[derive(Clone, Copy, Debug)]
+struct Ours {
+    generation: u64,
+    not_after: SystemTime,
+}
+
 /// One open peer connection and what the relay last made of it.
 struct Tracked {
     conn: Connection,
@@ -292,14 +333,117 @@ struct Tracked {
     unlinked_since: Option<Instant>,
     /// The (streams, receive window) it was last given.
     sized: (u32, u32),
+    /// The certificate of ours it was made with (or an older one: never a newer one).
+    ours: Ours,
+    /// Streams open on it, both ways.
+    streams: usize,
+    /// The peer refused a stream on it as expired (its clock runs ahead of ours).
+    expired_by_peer: bool,
 }
 
-/// One peer's connection for dialling, and when to try again after a failed dial.
+/// What a connection may still carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Usable {
+    /// New streams: it was made with both ends' current certificates.
+    Fresh,
+    /// New streams while no fresher connection can be made: this relay renewed its certificate
+    /// since, or the peer's certificate is past its renewal point.
+    Stale,
+    /// Nothing new: a certificate it was made with has expired (or is about to).
+    Expired,
+}
+
+impl Tracked {
+    /// What it may carry at `now`, given this relay's current certificate `ours` and `margin`
+    /// before the certificates' end.
+    fn usable(&self, ours: &Ours, now: SystemTime, margin: Duration) -> Usable {
+        if self.expired_by_peer {
+            return Usable::Expired;
+        }
+        usable(
+            self.ours,
+            (self.peer.renew_at, self.peer.not_after),
+            ours,
+            now,
+            margin,
+        )
+    }
+
+    /// Whether it is closed once it carries no stream: made with a certificate of ours since
+    /// renewed, or with one that expired. (One made with a peer certificate past its renewal
+    /// point is the peer's to retire.)
+    fn retired(&self, ours: &Ours, now: SystemTime) -> bool {
+        self.ours.generation != ours.generation
+            || self.usable(ours, now, Duration::ZERO) == Usable::Expired
+    }
+}
+
+/// What a connection made with our certificate `made_with` and a peer certificate due for
+/// renewal and ending at `peer` = (renew at, not after) may carry at `now`, while this relay
+/// presents `ours`; `margin` before either certificate's end counts as its end.
+fn usable(
+    made_with: Ours,
+    peer: (SystemTime, SystemTime),
+    ours: &Ours,
+    now: SystemTime,
+    margin: Duration,
+) -> Usable {
+    let (peer_renew_at, peer_not_after) = peer;
+    if now + margin >= made_with.not_after.min(peer_not_after) {
+        Usable::Expired
+    } else if made_with.generation != ours.generation || now >= peer_renew_at {
+        Usable::Stale
+    } else {
+        Usable::Fresh
+    }
+}
+
+/// One peer's connection for new streams, when to try again after a failed dial, and whether
+/// the peer is known to be down.
 #[derive(Default)]
 struct Slot {
     conn: Option<Connection>,
     backoff: Duration,
     next_attempt: Option<Instant>,
+    /// Why the peer is known to be down: its last connection ended without it (timed out,
+    /// reset, shut down) and no dial succeeded since. New streams then fail fast instead of
+    /// being held for the dial deadline.
+    down: Option<String>,
+    /// No new dial to replace a stale connection before this.
+    stale_redial_at: Option<Instant>,
+}
+
+/// Why no connection to a peer is at hand.
+#[derive(Debug)]
+enum Unreachable {
+    /// A dial failed (and was logged); it is tried again (with backoff) until the client's
+    /// deadline.
+    Failed,
+    /// The peer is known to be down: the client fails now.
+    Down(String),
+}
+
+/// Counts one stream on a tracked connection while it lives; the last one to end closes a
+/// retired connection.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    id: usize,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ours = *lock(&self.shared.ours);
+        let mut conns = lock(&self.shared.conns);
+        let Some(t) = conns.get_mut(&self.id) else {
+            return;
+        };
+        t.streams = t.streams.saturating_sub(1);
+        if t.streams == 0 && t.retired(&ours, SystemTime::now()) {
+            let (conn, peer) = (t.conn.clone(), t.peer.clone());
+            drop(conns);
+            self.shared.close_rotated(&conn, &peer);
+        }
+    }
 }
 
 /// A peer as its certificate names it: every log line about a peer carries both.
@@ -308,6 +452,9 @@ struct PeerId {
     node: NodeRef,
     id: SpiffeId,
     serial: String,
+    /// When the certificate is due for renewal, and when it ends.
+    renew_at: SystemTime,
+    not_after: SystemTime,
 }
 
 impl PeerId {
@@ -323,6 +470,8 @@ impl PeerId {
         let info = CertInfo::parse(leaf).map_err(|e| e.to_string())?;
         Ok(Self {
             node: NodeRef::from(&info.spiffe_id),
+            renew_at: info.renew_at(),
+            not_after: info.not_after,
             id: info.spiffe_id,
             serial: info.serial,
         })
@@ -377,6 +526,10 @@ impl Relay {
                 peers: std::sync::Mutex::new(HashMap::new()),
                 client_config: std::sync::Mutex::new(client_config),
                 gate,
+                ours: std::sync::Mutex::new(Ours {
+                    generation: 0,
+                    not_after: tls_material.identity.info().not_after,
+                }),
                 conns: std::sync::Mutex::new(HashMap::new()),
                 limits: std::sync::Mutex::new(Limits::new(options.caps)),
                 budgets,
@@ -420,14 +573,19 @@ impl Relay {
 
     /// Swaps in a renewed certificate for new connections, both ways. (The client config is
     /// kept here, not as the endpoint's default: that default belongs to one endpoint handle.)
+    /// New streams then go to connections made with it; connections made with the previous one
+    /// keep their open streams and close when the last one ends.
     pub fn set_tls(&self, tls_material: &TlsMaterial<'_>) -> Result<()> {
         let gate = &self.shared.gate;
-        self.shared.endpoint.set_server_config(Some(server_config(
-            tls_material,
-            self.options,
-            gate,
-        )?));
-        *lock(&self.shared.client_config) = client_config(tls_material, self.options, gate)?;
+        let server = server_config(tls_material, self.options, gate)?;
+        let client = client_config(tls_material, self.options, gate)?;
+        // Both configs first, then the generation: a connection is never credited with a newer
+        // certificate than the one it was made with.
+        self.shared.endpoint.set_server_config(Some(server));
+        *lock(&self.shared.client_config) = client;
+        let mut ours = lock(&self.shared.ours);
+        ours.generation += 1;
+        ours.not_after = tls_material.identity.info().not_after;
         Ok(())
     }
 
@@ -505,20 +663,79 @@ impl Shared {
         lock(&self.peers).entry(peer.clone()).or_default().clone()
     }
 
-    /// The live connection to `peer`, dialling (with backoff) when there is none.
-    async fn connection(self: &Arc<Self>, peer: &NodeRef) -> Result<Connection, String> {
+    /// A connection to `peer` for one new stream, counted on it until the guard drops: the slot's
+    /// connection while it is fresh; a new dial (with backoff) when there is none, or it was made
+    /// with certificates since renewed or expired. A stale connection still serves while no
+    /// fresher one can be made; an expired one never does.
+    async fn connection(
+        self: &Arc<Self>,
+        peer: &NodeRef,
+    ) -> Result<(Connection, StreamGuard), Unreachable> {
         let slot = self.slot(peer);
         let mut s = slot.lock().await;
-        if let Some(conn) = &s.conn
+        let mut fallback = None;
+        if let Some(conn) = s.conn.clone()
             && conn.close_reason().is_none()
         {
-            return Ok(conn.clone());
+            match self.usable(&conn) {
+                Usable::Fresh => {
+                    if let Some(guard) = self.stream_guard(&conn) {
+                        return Ok((conn, guard));
+                    }
+                }
+                Usable::Stale => {
+                    let now = Instant::now();
+                    if s.stale_redial_at.is_some_and(|at| now < at)
+                        && let Some(guard) = self.stream_guard(&conn)
+                    {
+                        return Ok((conn, guard));
+                    }
+                    s.stale_redial_at = Some(now + STALE_REDIAL_EVERY);
+                    fallback = Some(conn);
+                }
+                Usable::Expired => {}
+            }
         }
+        match self.dial(peer, &mut s).await {
+            Ok(conn) => match self.stream_guard(&conn) {
+                Some(guard) => Ok((conn, guard)),
+                None => Err(Unreachable::Failed),
+            },
+            Err(error) => {
+                // A stale connection serves while no fresher one can be made.
+                if let Some(conn) = fallback
+                    && self.usable(&conn) != Usable::Expired
+                    && let Some(guard) = self.stream_guard(&conn)
+                {
+                    return Ok((conn, guard));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Dials `peer` into its slot `s`. After a failure, the next dial waits for a backoff; while
+    /// the peer is known to be down, a dial is bounded by [`DOWN_DIAL_TIMEOUT`] and a backoff
+    /// fails the stream at once.
+    async fn dial(
+        self: &Arc<Self>,
+        peer: &NodeRef,
+        s: &mut Slot,
+    ) -> Result<Connection, Unreachable> {
         if let Some(at) = s.next_attempt {
+            if let Some(why) = &s.down
+                && Instant::now() < at
+            {
+                return Err(Unreachable::Down(why.clone()));
+            }
             tokio::time::sleep_until(at.into()).await;
         }
-        let id = SpiffeId::new(&self.collab, &peer.org, &peer.node).map_err(|e| e.to_string())?;
+        let id =
+            SpiffeId::new(&self.collab, &peer.org, &peer.node).map_err(|_| Unreachable::Failed)?;
         let endpoints = self.config.borrow().peers.get(peer).cloned();
+        // The certificate first, then the config: a connection is never credited with a newer
+        // certificate than the one it was made with (see `Relay::set_tls`).
+        let ours = *lock(&self.ours);
         let client_config = lock(&self.client_config).clone();
         let attempt = async {
             let endpoints =
@@ -530,9 +747,25 @@ impl Shared {
                 .await
                 .map_err(|e| describe_connection_error(&e))
         };
+        let attempt = async {
+            if s.down.is_some() {
+                tokio::time::timeout(DOWN_DIAL_TIMEOUT, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no handshake within {DOWN_DIAL_TIMEOUT:?}")))
+            } else {
+                attempt.await
+            }
+        };
         let dialled = attempt.await.and_then(|conn| {
             let who = PeerId::of(&conn)?;
             Ok((conn, who))
+        });
+        let dialled = dialled.and_then(|(conn, who)| match self.track(&conn, &who, ours) {
+            Ok(()) => Ok((conn, who)),
+            Err(detail) => {
+                conn.close(close::TOO_MANY, b"too many connections");
+                Err(detail)
+            }
         });
         match dialled {
             Ok((conn, who)) => {
@@ -540,6 +773,7 @@ impl Shared {
                 s.conn = Some(conn.clone());
                 s.backoff = Duration::ZERO;
                 s.next_attempt = None;
+                s.down = None;
                 self.spawn(serve_connection(self.clone(), conn.clone(), who, None));
                 Ok(conn)
             }
@@ -551,20 +785,124 @@ impl Shared {
                 if let Some(held_back) = self.throttle.admit("unreachable", &who, Instant::now()) {
                     warn!(peer = %who, serial = "(no handshake)", %error, retry_in = ?s.backoff, held_back, "cannot reach peer");
                 }
-                Err(error)
+                match &s.down {
+                    Some(why) => Err(Unreachable::Down(format!("{why}; dialling again: {error}"))),
+                    None => Err(Unreachable::Failed),
+                }
             }
         }
     }
 
-    /// Keeps an accepted connection for outbound use too, unless a live one exists.
+    /// What `conn` may still carry of ours (untracked: nothing).
+    fn usable(&self, conn: &Connection) -> Usable {
+        let ours = *lock(&self.ours);
+        lock(&self.conns)
+            .get(&conn.stable_id())
+            .map_or(Usable::Expired, |t| {
+                t.usable(&ours, SystemTime::now(), EXPIRY_MARGIN)
+            })
+    }
+
+    /// The peer of the tracked connection `id`.
+    fn peer_of(&self, id: usize) -> Option<PeerId> {
+        lock(&self.conns).get(&id).map(|t| t.peer.clone())
+    }
+
+    /// Counts a stream the peer opened on `conn`, unless a certificate of it has expired.
+    fn usable_inbound(self: &Arc<Self>, conn: &Connection) -> Option<StreamGuard> {
+        let ours = *lock(&self.ours);
+        let expired = lock(&self.conns)
+            .get(&conn.stable_id())
+            .is_none_or(|t| t.usable(&ours, SystemTime::now(), Duration::ZERO) == Usable::Expired);
+        if expired {
+            return None;
+        }
+        self.stream_guard(conn)
+    }
+
+    /// Counts one more stream on `conn`, unless it is closed or no longer tracked.
+    fn stream_guard(self: &Arc<Self>, conn: &Connection) -> Option<StreamGuard> {
+        let id = conn.stable_id();
+        let mut conns = lock(&self.conns);
+        let t = conns.get_mut(&id)?;
+        if conn.close_reason().is_some() {
+            return None;
+        }
+        t.streams += 1;
+        Some(StreamGuard {
+            shared: self.clone(),
+            id,
+        })
+    }
+
+    /// Closes a connection made with certificates since renewed or expired, whose last stream
+    /// ended.
+    fn close_rotated(&self, conn: &Connection, peer: &PeerId) {
+        conn.close(close::ROTATED, b"rotated");
+        self.metrics.close_connection("rotated");
+        debug!(peer = %peer.id, serial = %peer.serial, "connection made with earlier certificates closed after its last stream");
+    }
+
+    /// A refusal of a stream on `conn` because a certificate of it expired (the peer's clock is
+    /// ahead): no new stream of ours goes on it.
+    fn expired_by_peer(&self, conn: &Connection) {
+        if let Some(t) = lock(&self.conns).get_mut(&conn.stable_id()) {
+            t.expired_by_peer = true;
+        }
+    }
+
+    /// Keeps an accepted connection for outbound use too, unless a fresh one exists.
     async fn register(&self, peer: &NodeRef, conn: &Connection) {
         let slot = self.slot(peer);
         let mut s = slot.lock().await;
-        if s.conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
+        let replace = match &s.conn {
+            None => true,
+            Some(c) => c.close_reason().is_some() || self.usable(c) != Usable::Fresh,
+        };
+        if replace && self.usable(conn) != Usable::Expired {
             s.conn = Some(conn.clone());
             s.backoff = Duration::ZERO;
             s.next_attempt = None;
+            s.down = None;
         }
+    }
+
+    /// Records that `conn`, a connection to `peer`, ended with `error`: when the peer died,
+    /// restarted or shut down, and no other connection to it lives, it is known to be down.
+    async fn ended(&self, peer: &PeerId, conn: &Connection, error: &quinn::ConnectionError) {
+        use quinn::ConnectionError as E;
+        let why = match error {
+            E::TimedOut => format!("no answer for {IDLE_TIMEOUT:?}"),
+            E::Reset => "it restarted (connection reset)".to_owned(),
+            E::ApplicationClosed(c) if c.error_code == close::SHUTDOWN => "it shut down".to_owned(),
+            _ => return,
+        };
+        let reason = if matches!(error, E::TimedOut) {
+            "peer_timed_out"
+        } else {
+            "peer_gone"
+        };
+        self.metrics.close_connection(reason);
+        let slot = self.slot(&peer.node);
+        let mut s = slot.lock().await;
+        let other_alive = s
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
+        if other_alive {
+            return;
+        }
+        s.conn = None;
+        s.backoff = Duration::ZERO;
+        s.next_attempt = None;
+        let what =
+            "peer connection lost with its streams; new streams to it fail fast until it is back";
+        if matches!(error, E::ApplicationClosed(_)) {
+            info!(peer = %peer.id, serial = %peer.serial, reason, detail = %why, "{what}");
+        } else {
+            self.warn_throttled(reason, peer, what, &why);
+        }
+        s.down = Some(format!("{} is down: {why}", peer.node));
     }
 
     /// Logs a refusal about `peer` at most once per reason and peer per interval.
@@ -577,8 +915,9 @@ impl Shared {
         }
     }
 
-    /// Starts tracking `conn`, unless its peer already holds too many connections.
-    fn track(&self, conn: &Connection, peer: &PeerId) -> Result<(), String> {
+    /// Starts tracking `conn`, made with our certificate `ours`, unless its peer already holds
+    /// too many connections.
+    fn track(&self, conn: &Connection, peer: &PeerId, ours: Ours) -> Result<(), String> {
         let mut conns = lock(&self.conns);
         let held = conns.values().filter(|t| t.peer.node == peer.node).count();
         let max = self.options.caps.connections_per_peer as usize;
@@ -595,6 +934,9 @@ impl Shared {
                 peer: peer.clone(),
                 unlinked_since: None,
                 sized: (UNLINKED_STREAMS, UNLINKED_WINDOW),
+                ours,
+                streams: 0,
+                expired_by_peer: false,
             },
         );
         Ok(())
@@ -605,6 +947,9 @@ impl Shared {
     /// for the links their peer has.
     fn sweep(&self, config: &RelayConfig, now: Instant) {
         let mut closing = Vec::new();
+        let mut rotated = Vec::new();
+        let ours = *lock(&self.ours);
+        let wall = SystemTime::now();
         {
             let mut conns = lock(&self.conns);
             for t in conns.values_mut() {
@@ -616,7 +961,15 @@ impl Shared {
                     closing.push((t.conn.clone(), t.peer.clone(), reason, error.to_string()));
                     continue;
                 }
+                if t.streams == 0 && t.retired(&ours, wall) {
+                    rotated.push((t.conn.clone(), t.peer.clone()));
+                    continue;
+                }
+                let expired = t.usable(&ours, wall, Duration::ZERO) == Usable::Expired;
                 match config.policy.inbound_streams(&t.peer.node, MAX_STREAMS) {
+                    // Expired: the peer is given no new stream (those already granted are
+                    // refused as they arrive).
+                    Some(_) if expired => size(t, 0, LINKED_WINDOW),
                     Some(streams) => {
                         t.unlinked_since = None;
                         size(t, streams.max(UNLINKED_STREAMS), LINKED_WINDOW);
@@ -639,6 +992,9 @@ impl Shared {
                     }
                 }
             }
+        }
+        for (conn, peer) in rotated {
+            self.close_rotated(&conn, &peer);
         }
         for (conn, peer, reason, detail) in closing {
             let code = if reason == "idle_without_link" {
@@ -682,7 +1038,7 @@ async fn sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let current = config.borrow_and_update().clone();
-        let unix = fedmesh_documents::jws::unix(std::time::SystemTime::now());
+        let unix = fedmesh_documents::jws::unix(SystemTime::now());
         shared.budgets.sync(current.policy.grants(), unix);
         shared.sweep(&current, Instant::now());
         tokio::select! {
@@ -757,6 +1113,8 @@ async fn accept_loop(shared: Arc<Shared>) {
 
 async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: SourceSlot) {
     let remote = incoming.remote_address();
+    // The certificate before the handshake that presents it (see `Relay::set_tls`).
+    let ours = *lock(&shared.ours);
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -798,19 +1156,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: So
         }
     };
     debug!(peer = %peer.id, serial = %peer.serial, %remote, "peer connected");
-    shared.register(&peer.node, &conn).await;
-    serve_connection(shared, conn, peer, Some(slot)).await;
-}
-
-/// Serves the streams a peer opens on `conn` (whichever side dialled); `_slot` holds the
-/// source's place in the caps for as long as the connection lives.
-async fn serve_connection(
-    shared: Arc<Shared>,
-    conn: Connection,
-    peer: PeerId,
-    _slot: Option<SourceSlot>,
-) {
-    if let Err(detail) = shared.track(&conn, &peer) {
+    if let Err(detail) = shared.track(&conn, &peer, ours) {
         conn.close(close::TOO_MANY, b"too many connections");
         shared.metrics.refuse_connection("connections_per_peer");
         shared.warn_throttled(
@@ -821,6 +1167,20 @@ async fn serve_connection(
         );
         return;
     }
+    shared.register(&peer.node, &conn).await;
+    serve_connection(shared, conn, peer, Some(slot)).await;
+}
+
+/// Serves the streams a peer opens on `conn` (whichever side dialled, tracked by then); `_slot`
+/// holds the source's place in the caps for as long as the connection lives. A stream arriving
+/// once a certificate of the connection expired is refused: the peer opens it again on a
+/// connection made with current certificates.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: Connection,
+    peer: PeerId,
+    _slot: Option<SourceSlot>,
+) {
     // Size it for the peer's links now, not at the next sweep.
     let config = shared.config.borrow().clone();
     shared.sweep(&config, Instant::now());
@@ -828,11 +1188,28 @@ async fn serve_connection(
     let path = tokio::spawn(report_path(shared.clone(), conn.clone(), peer.node.clone()));
     loop {
         match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                shared.spawn(inbound_stream(shared.clone(), peer.clone(), send, recv));
+            Ok((mut send, recv)) => {
+                let Some(guard) = shared.usable_inbound(&conn) else {
+                    let (shared, peer) = (shared.clone(), peer.clone());
+                    shared.clone().spawn(async move {
+                        let detail = format!(
+                            "a certificate of this connection with {} expired: open the stream on a new connection",
+                            peer.node
+                        );
+                        refuse(&shared, &mut send, &peer, Refusal::Expired, detail).await;
+                        drop(recv);
+                    });
+                    continue;
+                };
+                let task = inbound_stream(shared.clone(), peer.clone(), send, recv);
+                shared.spawn(async move {
+                    task.await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 debug!(peer = %peer.id, serial = %peer.serial, error = %describe_connection_error(&e), "peer connection ended");
+                shared.ended(&peer, &conn, &e).await;
                 break;
             }
         }
@@ -1175,7 +1552,7 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
     let result = tokio::time::timeout(DIAL_DEADLINE, open_patiently(&shared, &peer, port, &grant));
     let result = result.await;
     // Dropping `tcp` on a refusal closes the client connection.
-    let (send, recv, serial) = match result {
+    let (send, recv, serial, guard) = match result {
         Ok(Ok(streams)) => streams,
         Ok(Err((reason, serial, detail))) => return refused(reason, &serial, &detail),
         Err(_) => {
@@ -1184,11 +1561,14 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         }
     };
     debug!(peer = %who, %serial, port, link = %grant.link_id, "outbound stream connected");
-    let peer = PeerId {
+    // The connection's record of the peer (this stream's logs name the same certificate).
+    let peer = shared.peer_of(guard.id).unwrap_or(PeerId {
         node: peer,
         id,
         serial,
-    };
+        renew_at: SystemTime::UNIX_EPOCH,
+        not_after: SystemTime::UNIX_EPOCH,
+    });
     let counters = counters(&shared, &grant, ticket.as_ref());
     let cancel = until_cut(
         shared.config.clone(),
@@ -1201,20 +1581,38 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
     )
     .await;
+    drop(guard);
 }
+
+/// An open stream to a peer: its two halves, the serial of the peer's certificate, and its
+/// count on the connection.
+type Opened = (quinn::SendStream, quinn::RecvStream, String, StreamGuard);
+/// Why a stream could not be opened: the reason, the peer's serial, and the detail.
+type NotOpened = (&'static str, String, String);
+/// The reason of a stream opened on a connection the peer closed as rotated meanwhile.
+const ROTATED_REASON: &str = "rotated";
 
 /// [`open`], asked again while the peer answers that no link allows the stream but this node's
 /// links still do: each end learns of a link from the hub on its own schedule, so a peer that has
-/// not seen a new link yet holds the client a moment instead of failing it.
+/// not seen a new link yet holds the client a moment instead of failing it. Asked again, a few
+/// times, when the stream met a connection the peer retired (expired or rotated): nothing
+/// reached the target yet, and the next connection is made with current certificates.
 async fn open_patiently(
     shared: &Arc<Shared>,
     peer: &NodeRef,
     port: u16,
     grant: &policy::Grant,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
+) -> Result<Opened, NotOpened> {
     let mut delay = Duration::from_millis(50);
+    let mut rotations = 0;
     loop {
         match open(shared, peer, port, grant).await {
+            Err((reason, ..))
+                if (reason == Refusal::Expired.as_str() || reason == ROTATED_REASON)
+                    && rotations < ROTATION_RETRIES =>
+            {
+                rotations += 1;
+            }
             Err((reason, ..))
                 if reason == Refusal::NoLink.as_str()
                     && shared
@@ -1239,37 +1637,56 @@ async fn open(
     peer: &NodeRef,
     port: u16,
     grant: &policy::Grant,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), (&'static str, String, String)> {
-    // Retry the dial (with backoff) until the deadline around this call cuts it short.
-    let conn = loop {
+) -> Result<Opened, NotOpened> {
+    // Retry the dial (with backoff) until the deadline around this call cuts it short, unless
+    // the peer is known to be down: then the client fails now, with the reason.
+    let (conn, guard) = loop {
         match shared.connection(peer).await {
-            Ok(conn) => break conn,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(found) => break found,
+            Err(Unreachable::Down(why)) => {
+                return Err(("peer_down", "(no handshake)".to_owned(), why));
+            }
+            Err(Unreachable::Failed) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
     let serial = PeerId::of(&conn).map(|p| p.serial).unwrap_or_default();
     let fail = |reason: &'static str, detail: String| (reason, serial.clone(), detail);
+    // A connection the peer closed as rotated while this stream was being opened.
+    let lost = |detail: String| {
+        let rotated = matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::ROTATED);
+        fail(
+            if rotated {
+                ROTATED_REASON
+            } else {
+                "peer_unreachable"
+            },
+            detail,
+        )
+    };
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| fail("peer_unreachable", describe_connection_error(&e)))?;
+        .map_err(|e| lost(describe_connection_error(&e)))?;
     let request = Request {
         port,
         label: grant.label.clone(),
     };
     send.write_all(&request.encode())
         .await
-        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
+        .map_err(|e| lost(e.to_string()))?;
     let mut prefix = [0u8; 2];
     recv.read_exact(&mut prefix)
         .await
-        .map_err(|e| fail("peer_unreachable", e.to_string()))?;
+        .map_err(|e| lost(e.to_string()))?;
     match Response::decode_prefix(prefix).map_err(|e| fail("bad_response", e))? {
-        None => Ok((send, recv, serial)),
+        None => Ok((send, recv, serial, guard)),
         Some((refusal, len)) => {
             let mut reason = vec![0u8; len];
             let _ = recv.read_exact(&mut reason).await;
             let reason = String::from_utf8_lossy(&reason).into_owned();
+            if refusal == Refusal::Expired {
+                shared.expired_by_peer(&conn);
+            }
             Err(fail(refusal.as_str(), reason))
         }
     }
@@ -1277,3 +1694,45 @@ async fn open(
 
 /// Local loopback addresses for peers: the default pool.
 pub const DEFAULT_LOOPBACK_POOL: &str = "127.77.0.0/16";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_fresh_until_a_renewal_and_carries_nothing_new_once_expired() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs;
+        let first = Ours {
+            generation: 0,
+            not_after: t0 + s(60),
+        };
+        let renewed = Ours {
+            generation: 1,
+            not_after: t0 + s(100),
+        };
+        // The peer's certificate: renewal due at +40 s, ends at +50 s.
+        let peer = (t0 + s(40), t0 + s(50));
+        let at = |secs| t0 + s(secs);
+        let zero = Duration::ZERO;
+        assert_eq!(usable(first, peer, &first, at(10), zero), Usable::Fresh);
+        // This relay renewed: the connection still serves while no fresher one can be made.
+        assert_eq!(usable(first, peer, &renewed, at(10), zero), Usable::Stale);
+        // The peer's certificate is due for renewal.
+        assert_eq!(usable(first, peer, &first, at(40), zero), Usable::Stale);
+        // Either certificate's end (the peer's here) ends new streams; the margin comes first.
+        assert_eq!(usable(first, peer, &first, at(50), zero), Usable::Expired);
+        assert_eq!(usable(first, peer, &first, at(49), s(1)), Usable::Expired);
+        assert_eq!(usable(first, peer, &first, at(48), s(1)), Usable::Stale);
+        // Our own certificate's end, with a peer certificate that lives longer.
+        let long_peer = (t0 + s(400), t0 + s(500));
+        assert_eq!(
+            usable(first, long_peer, &renewed, at(60), zero),
+            Usable::Expired
+        );
+        assert_eq!(
+            usable(renewed, long_peer, &renewed, at(60), zero),
+            Usable::Fresh
+        );
+    }
+}

@@ -51,6 +51,9 @@ pub enum Refusal {
     BudgetSpent = 7,
     /// The link already carries as many streams as its budget allows.
     StreamLimit = 8,
+    /// The connection's certificates (either end's) have expired: no new stream on it; the
+    /// dialling agent opens the stream again on a connection made with current certificates.
+    Expired = 9,
 }
 
 impl Refusal {
@@ -70,6 +73,7 @@ impl Refusal {
             6 => Self::Revoked,
             7 => Self::BudgetSpent,
             8 => Self::StreamLimit,
+            9 => Self::Expired,
             _ => return None,
         })
     }
@@ -85,6 +89,7 @@ impl Refusal {
             Self::Revoked => "revoked",
             Self::BudgetSpent => "budget_spent",
             Self::StreamLimit => "stream_limit",
+            Self::Expired => "certificate_expired",
         }
     }
 }
@@ -237,7 +242,8 @@ mod tests {
             Some((Refusal::BudgetSpent, 0))
         );
         assert_eq!(Refusal::StreamLimit.as_str(), "stream_limit");
-        for code in 1..=8 {
+        assert_eq!(Refusal::Expired.as_str(), "certificate_expired");
+        for code in 1..=9 {
             assert_eq!(Refusal::from_code(code).unwrap().code(), code);
         }
     }
