@@ -902,6 +902,8 @@ async fn rates_and_collaboration_quotas_are_limited() {
     options.limits.writes_per_identity.burst = 20;
     options.limits.writes_per_identity.every = Duration::from_secs(60);
     options.limits.requests_per_ip.burst = 400;
+    // Slow refill: a loaded machine sending the requests slowly still exhausts the burst.
+    options.limits.requests_per_ip.every = Duration::from_secs(1);
     options.limits.collab_quota.docs = 40;
     let hub = TestHub::start_with(options).await;
     let tmp = tempfile::tempdir().unwrap();
