@@ -10,7 +10,7 @@
 //! | `cancel` completes with a code (link revoked, budget spent) | both: QUIC reset + TCP reset |
 //! | the link's byte budget runs out mid-chunk | what fits passes, then both are reset |
 //!
-//! TCP → QUIC holds at most one buffer of [`CHUNK`] bytes; QUIC → TCP holds at most [`BATCH`]
+//! TCP → QUIC holds at most one buffer of [`CHUNK`] bytes; QUIC → TCP holds at most 32
 //! received chunks (already inside the stream's flow-control window) until one `writev` takes
 //! them. Everything else is QUIC flow control and TCP windows, so a slow reader slows the
 //! writer instead of growing a queue.
