@@ -127,7 +127,15 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut hub = Command::new(fedmesh())
-        .args(["--log", "warn", "hub", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "--log",
+            "warn",
+            "hub",
+            "--init",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(dir.join("hub"))
         .stdout(Stdio::piped())
         .spawn()

@@ -29,7 +29,10 @@ use crate::{
     k8s::{self, Mode, PortRange},
     node::{self, Expose, NodeOptions},
     output::{Format, table},
-    relay::{Caps, DEFAULT_LOOPBACK_POOL, RelayOptions},
+    relay::{
+        Caps, DEFAULT_LOOPBACK_POOL, RelayOptions,
+        tuning::{Congestion, PathEstimate},
+    },
 };
 
 /// `--mode`: a mesh backend ([`Mode`]), or `auto` (`None`): in Kubernetes, Istio when the
@@ -197,6 +200,17 @@ pub struct RunArgs {
     /// Ethernet MTU; raise it where the path carries more (8952 on 9000-byte jumbo frames).
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
+    /// Congestion controller of the relay's QUIC connections.
+    #[arg(long, value_enum, default_value_t = Congestion::default())]
+    congestion: Congestion,
+    /// Bottleneck bandwidth expected to peers, in Mbit/s: with --link-rtt, sizes the relay's
+    /// flow-control windows from the bandwidth-delay product (bounded per connection).
+    #[arg(long, default_value_t = PathEstimate::default().bits_per_second / 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    link_bandwidth: u64,
+    /// Round-trip time expected to peers (with --link-bandwidth).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "32ms")]
+    link_rtt: Duration,
     #[command(flatten)]
     caps: RelayCaps,
 }
@@ -310,6 +324,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         v6_upstream,
         v6_announce_listen,
         max_udp_payload,
+        congestion,
+        link_bandwidth,
+        link_rtt,
         caps,
     } = args;
     if let Some(u) = &v6_upstream
@@ -348,7 +365,14 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             upstream: v6_upstream,
             announce_listen: Some(v6_announce_listen),
         }),
-        relay: caps.options(max_udp_payload),
+        relay: RelayOptions {
+            congestion,
+            path: PathEstimate {
+                bits_per_second: link_bandwidth * 1_000_000,
+                rtt: link_rtt,
+            },
+            ..caps.options(max_udp_payload)
+        },
         outbound_only,
         kubernetes,
     })

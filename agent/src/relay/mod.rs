@@ -43,6 +43,7 @@ pub mod proto;
 pub mod pump;
 pub mod relayed;
 pub mod transport;
+pub mod tuning;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -69,12 +70,14 @@ pub use self::{
     limits::Caps,
     policy::Policy,
     transport::{DirectUdp, Transport},
+    tuning::{Congestion, PathEstimate},
 };
 use self::{
     budget::Ticket,
     limits::Limits,
     proto::{Refusal, Request, Response},
     pump::{Counters, Ended},
+    tuning::Windows,
 };
 use crate::{
     metrics::{DirectionLabels, Metrics},
@@ -96,8 +99,6 @@ const UNLINKED_STREAMS: u32 = 8;
 const MAX_STREAMS: u32 = fedmesh_documents::MAX_LINK_STREAMS;
 /// A connection's receive window while its peer has no link.
 const UNLINKED_WINDOW: u32 = 128 * 1024;
-/// A connection's receive window once its peer has a link.
-const LINKED_WINDOW: u32 = 64 * 1024 * 1024;
 /// How often open connections are checked when nothing changed (idle peers without a link).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often a connection sends a keepalive when nothing else travels.
@@ -191,27 +192,30 @@ const GSO_MAX_BYTES: usize = 65_535 - 20 - 8;
 
 /// The QUIC transport parameters every connection starts with: few streams and a small receive
 /// window (quinn allocates state for every stream a peer may open, at once), a stream window
-/// large enough for a fast path, keepalive well inside the idle timeout, no datagrams. Once its
-/// peer has links, a connection is raised to what they need ([`Shared::size`]).
-fn transport(max_udp_payload: u16) -> Arc<TransportConfig> {
+/// and a send window sized from the expected path's bandwidth-delay product, the configured
+/// congestion controller, keepalive well inside the idle timeout, no datagrams. Once its peer
+/// has links, a connection is raised to what they need ([`Shared::size`]).
+fn transport(options: &RelayOptions) -> Arc<TransportConfig> {
+    let windows = Windows::for_path(options.path);
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(UNLINKED_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
+        .stream_receive_window(VarInt::from_u32(windows.stream))
         .receive_window(VarInt::from_u32(UNLINKED_WINDOW))
-        .send_window(64 * 1024 * 1024)
+        .send_window(u64::from(windows.send))
+        .congestion_controller_factory(options.congestion.factory())
         .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(KEEPALIVE))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
         ));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(max_udp_payload);
+    mtu.upper_bound(options.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
     // quinn hands the kernel up to 10 datagrams per segmentation-offload send, and Linux refuses
     // one above 64 KiB. Those refused sends look like loss, and black-hole detection then drops
     // the path to 1200 bytes for ten minutes. Datagrams that large gain nothing from batching.
-    if usize::from(max_udp_payload) * GSO_MAX_SEGMENTS > GSO_MAX_BYTES {
+    if usize::from(options.max_udp_payload) * GSO_MAX_SEGMENTS > GSO_MAX_BYTES {
         t.enable_segmentation_offload(false);
     }
     Arc::new(t)
@@ -242,6 +246,10 @@ pub struct RelayOptions {
     pub caps: Caps,
     /// How long a connection is kept while its peer has no link with this node.
     pub unlinked_idle: Duration,
+    /// The congestion controller of peer connections.
+    pub congestion: Congestion,
+    /// The path expected to peers: flow-control windows follow its bandwidth-delay product.
+    pub path: PathEstimate,
 }
 
 impl Default for RelayOptions {
@@ -251,6 +259,8 @@ impl Default for RelayOptions {
             target_deadline: Duration::from_secs(30),
             caps: Caps::default(),
             unlinked_idle: Duration::from_secs(15),
+            congestion: Congestion::default(),
+            path: PathEstimate::default(),
         }
     }
 }
@@ -268,7 +278,7 @@ fn server_config(
     )?;
     let crypto = qrustls::QuicServerConfig::try_from(rustls).context("QUIC server TLS")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(options.max_udp_payload));
+    config.transport_config(transport(&options));
     // quinn's own bound on connection attempts not yet accepted, beside the relay's caps.
     config.max_incoming(options.caps.handshakes.max(1) as usize);
     Ok(config)
@@ -287,7 +297,7 @@ fn client_config(
     )?;
     let crypto = qrustls::QuicClientConfig::try_from(rustls).context("QUIC client TLS")?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(options.max_udp_payload));
+    config.transport_config(transport(&options));
     Ok(config)
 }
 
@@ -969,10 +979,16 @@ impl Shared {
                 match config.policy.inbound_streams(&t.peer.node, MAX_STREAMS) {
                     // Expired: the peer is given no new stream (those already granted are
                     // refused as they arrive).
-                    Some(_) if expired => size(t, 0, LINKED_WINDOW),
+                    Some(_) if expired => {
+                        size(t, 0, Windows::for_path(self.options.path).connection);
+                    }
                     Some(streams) => {
                         t.unlinked_since = None;
-                        size(t, streams.max(UNLINKED_STREAMS), LINKED_WINDOW);
+                        size(
+                            t,
+                            streams.max(UNLINKED_STREAMS),
+                            Windows::for_path(self.options.path).connection,
+                        );
                     }
                     None => {
                         let since = *t.unlinked_since.get_or_insert(now);

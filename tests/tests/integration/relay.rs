@@ -13,6 +13,7 @@ use fedmesh_agent::{
     relay::{
         RelayOptions,
         proto::{ALPN, Refusal, Request, Response},
+        tuning::{Congestion, PathEstimate},
     },
 };
 use fedmesh_certs::{CollabCa, IssuancePolicy, NodeIdentity, NodeKey, SpiffeId, TrustBundle, tls};
@@ -210,6 +211,31 @@ async fn loopback_sized_datagrams_keep_their_path_mtu_under_load() {
         "path MTU fell to {mtu} bytes while carrying data"
     );
     mesh.shutdown().await.unwrap();
+}
+
+/// Every congestion controller a node may pick carries bytes exactly, with flow-control windows
+/// sized from a small path (the windows' floor) and from the default one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_congestion_controller_and_sized_windows_carry_bytes_exactly() {
+    for (congestion, path) in [
+        (
+            Congestion::Bbr,
+            PathEstimate {
+                bits_per_second: 10_000_000,
+                rtt: Duration::from_millis(10),
+            },
+        ),
+        (Congestion::NewReno, PathEstimate::default()),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let relay = RelayOptions {
+            congestion,
+            path,
+            ..RelayOptions::default()
+        };
+        let mesh = carry_both_ways(tmp.path(), relay, 8 * 1024 * 1024).await;
+        mesh.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,615 @@
+//! Relay benchmark between two sites: two network namespaces joined by a 1500-byte-MTU link,
+//! with direct TCP (Cubic and BBR), an stunnel TLS 1.3 tunnel and the relay (release agents)
+//! measured in the same run, on three link profiles:
+//!
+//! | profile | link |
+//! |---|---|
+//! | LAN | a veth pair, no shaping (CPU-bound) |
+//! | WAN | 20 ms RTT, 1 Gbit/s bottleneck |
+//! | lossy | 40 ms RTT, 200 Mbit/s bottleneck, 0.5% random loss |
+//!
+//! This kernel has no `sch_netem`: the shaped profiles run over two TUN devices joined by a
+//! user-space link emulator (`wanlink.c` beside this file: a drop-tail bottleneck queue of
+//! 1,000 full-size packets, rate, random loss, one-way delay). The emulator itself costs CPU on
+//! the same machine, so every path pays it alike.
+//!
+//! Printed per profile: throughput (iperf3, one stream, 10 s), CPU-seconds per GB of each
+//! tunnel's two processes, bottleneck drops, 1 KiB ping-pong p50/p90/p99, and the first-byte
+//! time of new connections (connect, 1-byte echo), with ratios against direct TCP and stunnel.
+//!
+//! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
+//! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fedmesh_agent::{
+    enroll,
+    owner::{self, HubAddress, NewCollab, Owner},
+};
+use fedmesh_documents::{CollabPolicy, NodeRef};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 7100;
+const RELAY_PORT: u16 = 4433;
+/// The emulator's bottleneck queue: 1,000 full-size packets (netem's default limit).
+const QUEUE_BYTES: u64 = 1000 * 1500;
+
+fn n(s: &str) -> NodeRef {
+    s.parse().expect("node name")
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run with `scripts/bench wan`"))
+}
+
+/// Kills the child when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A command run in the second site's namespace.
+fn in_b(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &env("FEDMESH_WAN_NS_B")])
+        .arg(program);
+    c
+}
+
+#[derive(Clone, Copy)]
+struct Profile {
+    name: &'static str,
+    /// (RTT µs, rate bit/s, loss ppm); `None`: the veth pair.
+    shaped: Option<(u64, u64, u64)>,
+    a: &'static str,
+    b: &'static str,
+    pings: usize,
+    first_bytes: usize,
+}
+
+const PROFILES: [Profile; 3] = [
+    Profile {
+        name: "LAN (veth, no shaping)",
+        shaped: None,
+        a: "10.77.1.1",
+        b: "10.77.1.2",
+        pings: 5000,
+        first_bytes: 200,
+    },
+    Profile {
+        name: "WAN (20 ms RTT, 1 Gbit/s)",
+        shaped: Some((20_000, 1_000_000_000, 0)),
+        a: "10.77.2.1",
+        b: "10.77.2.2",
+        pings: 200,
+        first_bytes: 30,
+    },
+    Profile {
+        name: "lossy (40 ms RTT, 200 Mbit/s, 0.5% loss)",
+        shaped: Some((40_000, 200_000_000, 5_000)),
+        a: "10.77.2.1",
+        b: "10.77.2.2",
+        pings: 100,
+        first_bytes: 30,
+    },
+];
+
+/// The link emulator between the two TUN devices, and its counters.
+struct Shaper {
+    _proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Shaper {
+    fn start((rtt_us, rate, loss_ppm): (u64, u64, u64)) -> Self {
+        let mut child = Command::new(env("FEDMESH_WAN_LINK"))
+            .args([
+                &env("FEDMESH_WAN_NS_A"),
+                "fmtun",
+                &env("FEDMESH_WAN_NS_B"),
+                "fmtun",
+            ])
+            .args([rtt_us, rate, loss_ppm, QUEUE_BYTES].map(|v| v.to_string()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the link emulator");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).expect("emulator banner");
+        assert_eq!(ready.trim(), "ready", "link emulator did not start");
+        Self {
+            _proc: Proc(child),
+            stdin,
+            stdout,
+        }
+    }
+
+    /// (bottleneck drops, random losses) since the last call.
+    fn counters(&mut self) -> (u64, u64) {
+        writeln!(self.stdin).expect("emulator stdin");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("emulator counters");
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (v[0], v[1])
+    }
+}
+
+/// CPU time (user + system) of `pids` in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|s| {
+            let fields: Vec<u64> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            fields.iter().sum::<u64>() as f64 / 100.0
+        })
+        .sum()
+}
+
+/// Echo server for the latency runs (started in the second site by re-running this binary).
+async fn serve_echo(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .expect("bind echo");
+    println!("ready");
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tcp.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+fn fedmesh() -> PathBuf {
+    fedmesh_tests::repo_root().join("target/release/fedmesh")
+}
+
+/// A hub in the second site, an owner and two enrolled nodes with a link for the iperf3 and
+/// echo ports.
+struct Site {
+    _hub: Proc,
+    dir: PathBuf,
+}
+
+async fn site(p: &Profile, dir: &Path) -> Site {
+    let mut hub = in_b(fedmesh())
+        .args([
+            "--log",
+            "warn",
+            "hub",
+            "--init",
+            "--listen",
+            &format!("{}:0", p.b),
+            "--data",
+        ])
+        .arg(dir.join("hub"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start hub");
+    let mut lines = BufReader::new(hub.stdout.take().expect("stdout")).lines();
+    let mut banner = || lines.next().expect("banner").expect("banner");
+    let url = banner().replace("hub listening on ", "");
+    let pin = banner().replace("hub pin ", "");
+    let hub = Proc(hub);
+    let mut owner = Owner::create(
+        &dir.join("owner"),
+        HubAddress { url, pin },
+        NewCollab {
+            id: "wan".into(),
+            owner_name: "bench".into(),
+            online_ca: true,
+            policy: CollabPolicy::default(),
+        },
+    )
+    .await
+    .expect("collaboration");
+    for node in ["org-a/n1", "org-b/n1"] {
+        let token = owner
+            .join_token(&n(node), None, 3600 * SECOND)
+            .await
+            .expect("token");
+        enroll::enroll(&token, &dir.join(node.replace('/', "-")), None)
+            .await
+            .expect("enroll");
+    }
+    let ports = [
+        IPERF_PORT.to_string().parse().expect("port"),
+        ECHO_PORT.to_string().parse().expect("port"),
+    ];
+    let terms = owner::terms(
+        "wan",
+        &n("org-a/n1"),
+        &n("org-b/n1"),
+        &ports,
+        3600 * SECOND,
+        None,
+    )
+    .expect("terms");
+    let terms = owner.request(terms).await.expect("request");
+    owner.approve(&terms.id).await.expect("approve");
+    Site {
+        _hub: hub,
+        dir: dir.to_owned(),
+    }
+}
+
+/// Two agents (with `flags`); returns them and org-a's local addresses for iperf3 and echo.
+async fn agents(p: &Profile, s: &Site, flags: &[String]) -> (Proc, Proc, SocketAddr, SocketAddr) {
+    let peers = s.dir.join("org-a-n1/peers.json");
+    let _ = std::fs::remove_file(&peers);
+    let start = |mut c: Command, name: &str, ip: &str, extra: &[String]| {
+        c.args(["--log", "warn", "node", "--state"])
+            .arg(s.dir.join(name))
+            .args(["--relay-listen", &format!("{ip}:{RELAY_PORT}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--loopback-pool", "127.99.1.0/24"])
+            .args(flags)
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .map(Proc)
+            .expect("start node")
+    };
+    let b = start(
+        in_b(fedmesh()),
+        "org-b-n1",
+        p.b,
+        &[
+            "--expose".into(),
+            format!("{IPERF_PORT}=127.0.0.1:{IPERF_PORT}"),
+            "--expose".into(),
+            format!("{ECHO_PORT}=127.0.0.1:{ECHO_PORT}"),
+        ],
+    );
+    let a = start(Command::new(fedmesh()), "org-a-n1", p.a, &[]);
+    let deadline = Instant::now() + 30 * SECOND;
+    let addrs: Vec<SocketAddr> = loop {
+        if let Some(v) = std::fs::read_to_string(&peers)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            && let Some(list) = v["org-b.wan.fedmesh"].as_array()
+            && list.len() == 2
+        {
+            break list
+                .iter()
+                .filter_map(|a| a.as_str()?.parse().ok())
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "relay did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let iperf = *addrs
+        .iter()
+        .find(|a| a.port() == IPERF_PORT)
+        .expect("iperf");
+    let echo = *addrs.iter().find(|a| a.port() == ECHO_PORT).expect("echo");
+    // The first stream also brings the QUIC connection up.
+    loop {
+        if let Ok(mut tcp) = TcpStream::connect(echo).await {
+            let mut b = [1u8];
+            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "relay listener did not open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (a, b, iperf, echo)
+}
+
+/// An stunnel pair across the link: client in site A on 127.0.0.1:`client_port`, server in
+/// site B, both TLS 1.3 with a verified self-signed certificate.
+fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (Proc, Proc) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.join("st-cert.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("st-key.pem"), key.serialize_pem()).expect("write");
+    let server_port = client_port + 1;
+    let d = dir.display();
+    let conf = |name: &str, body: String, mut c: Command| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("foreground = yes\npid =\n{body}")).expect("write");
+        c.arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Proc)
+            .expect("stunnel4")
+    };
+    let server = conf(
+        &format!("st-server-{target}.conf"),
+        format!(
+            "[s]\naccept = {}:{server_port}\nconnect = 127.0.0.1:{target}\ncert = {d}/st-cert.pem\nkey = {d}/st-key.pem\n",
+            p.b
+        ),
+        in_b("stunnel4"),
+    );
+    let client = conf(
+        &format!("st-client-{target}.conf"),
+        format!(
+            "[c]\nclient = yes\naccept = 127.0.0.1:{client_port}\nconnect = {}:{server_port}\nverifyChain = yes\nCAfile = {d}/st-cert.pem\ncheckHost = localhost\n",
+            p.b
+        ),
+        Command::new("stunnel4"),
+    );
+    std::thread::sleep(SECOND);
+    (server, client)
+}
+
+/// One throughput run's figures.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    gbits: f64,
+    cpu_per_gb: Option<f64>,
+    drops: Option<u64>,
+}
+
+/// iperf3 (one stream, 10 s, `cc` on the sending socket) from site A to `to`; CPU of `pids`.
+fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) -> Run {
+    let _server = in_b("iperf3")
+        .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Proc)
+        .expect("iperf3 server");
+    std::thread::sleep(SECOND / 2);
+    if let Some(s) = shaper.as_mut() {
+        s.counters();
+    }
+    let cpu = cpu_seconds(pids);
+    let out = Command::new("iperf3")
+        .args(["-c", &to.ip().to_string(), "-p", &to.port().to_string()])
+        .args(["-t", "10", "-J", "-C", cc])
+        .output()
+        .expect("iperf3");
+    let cpu = cpu_seconds(pids) - cpu;
+    let drops = shaper.as_mut().map(|s| s.counters().0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let gbits = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
+    if bytes == 0.0 {
+        eprintln!("iperf3 to {to} failed: {}", v["error"]);
+    }
+    Run {
+        gbits,
+        cpu_per_gb: (!pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9)),
+        drops,
+    }
+}
+
+/// 1 KiB ping-pong RTTs in microseconds, sorted.
+async fn ping_pong(to: SocketAddr, rounds: usize) -> Vec<f64> {
+    let mut tcp = TcpStream::connect(to).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let msg = [0x5au8; 1024];
+    let mut back = [0u8; 1024];
+    let mut rtts = Vec::with_capacity(rounds);
+    let warm = rounds / 10;
+    for i in 0..rounds + warm {
+        let t = Instant::now();
+        tcp.write_all(&msg).await.expect("write");
+        tcp.read_exact(&mut back).await.expect("read");
+        if i >= warm {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    rtts.sort_by(f64::total_cmp);
+    rtts
+}
+
+/// Times from connect to the first echoed byte of new connections, in µs, sorted.
+async fn first_bytes(to: SocketAddr, count: usize) -> Vec<f64> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut tcp = TcpStream::connect(to).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut b = [1u8];
+        tcp.write_all(&b).await.expect("write");
+        tcp.read_exact(&mut b).await.expect("echo");
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Relay variants: one per congestion controller when the agent has the flag.
+fn relay_variants() -> Vec<(String, Vec<String>)> {
+    let help = Command::new(fedmesh())
+        .args(["node", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let wanted = std::env::var("FEDMESH_WAN_RELAY").unwrap_or_else(|_| "bbr cubic".into());
+    if !help.contains("--congestion") {
+        return vec![("fedmesh relay".into(), vec![])];
+    }
+    wanted
+        .split_whitespace()
+        .map(|cc| {
+            (
+                format!("fedmesh relay, {cc}"),
+                vec!["--congestion".into(), cc.into()],
+            )
+        })
+        .collect()
+}
+
+struct Row {
+    name: String,
+    run: Run,
+    pings: Vec<f64>,
+    first: Vec<f64>,
+}
+
+async fn profile(p: &Profile) {
+    println!("\n## {}", p.name);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut shaper = p.shaped.map(Shaper::start);
+    let echo = in_b(std::env::current_exe().expect("self"))
+        .args(["serve-echo", &ECHO_PORT.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Proc)
+        .expect("echo server");
+    std::thread::sleep(SECOND / 2);
+    let direct_iperf: SocketAddr = format!("{}:{IPERF_PORT}", p.b).parse().expect("addr");
+    let direct_echo: SocketAddr = format!("{}:{ECHO_PORT}", p.b).parse().expect("addr");
+    let mut rows: Vec<Row> = Vec::new();
+
+    for cc in ["cubic", "bbr"] {
+        let run = iperf(direct_iperf, cc, &[], &mut shaper);
+        let (pings, first) = if cc == "cubic" {
+            (
+                ping_pong(direct_echo, p.pings).await,
+                first_bytes(direct_echo, p.first_bytes).await,
+            )
+        } else {
+            (vec![], vec![])
+        };
+        rows.push(Row {
+            name: format!("direct TCP, {cc}"),
+            run,
+            pings,
+            first,
+        });
+    }
+    {
+        let (srv, cli) = stunnel(p, tmp.path(), IPERF_PORT, 6000);
+        let pids = [srv.0.id(), cli.0.id()];
+        let run = iperf(
+            "127.0.0.1:6000".parse().expect("addr"),
+            "cubic",
+            &pids,
+            &mut shaper,
+        );
+        let (_esrv, _ecli) = stunnel(p, tmp.path(), ECHO_PORT, 6100);
+        let to = "127.0.0.1:6100".parse().expect("addr");
+        rows.push(Row {
+            name: "stunnel (TLS 1.3; the system default congestion control between sites)".into(),
+            run,
+            pings: ping_pong(to, p.pings).await,
+            first: first_bytes(to, p.first_bytes).await,
+        });
+    }
+    let s = site(p, tmp.path()).await;
+    for (name, flags) in relay_variants() {
+        let (a, b, iperf_at, echo_at) = agents(p, &s, &flags).await;
+        let run = iperf(iperf_at, "cubic", &[a.0.id(), b.0.id()], &mut shaper);
+        rows.push(Row {
+            name,
+            run,
+            pings: ping_pong(echo_at, p.pings).await,
+            first: first_bytes(echo_at, p.first_bytes).await,
+        });
+    }
+    drop(echo);
+
+    let base = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.run.gbits)
+    };
+    let (cubic, bbr, st) = (
+        base("direct TCP, cubic"),
+        base("direct TCP, bbr"),
+        base("stunnel"),
+    );
+    let ratio = |v: f64, b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}x", v / b));
+    println!(
+        "\n### Throughput, one stream, iperf3 10 s\n| path | Gbit/s | vs TCP cubic | vs TCP bbr | vs stunnel | tunnel CPU s/GB | bottleneck drops |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &rows {
+        println!(
+            "| {} | {:.3} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.run.gbits,
+            ratio(r.run.gbits, cubic),
+            ratio(r.run.gbits, bbr),
+            ratio(r.run.gbits, st),
+            r.run.cpu_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
+            r.run.drops.map_or("-".into(), |d| d.to_string()),
+        );
+    }
+    let direct = rows.iter().find(|r| !r.pings.is_empty()).expect("direct");
+    let (dp, df) = (direct.pings.clone(), direct.first.clone());
+    println!(
+        "\n### 1 KiB ping-pong ({} rounds, µs) and first byte of a new connection ({} connections, ms)\n| path | p50 | p90 | p99 | p90 added | first byte p50 | p90 | p50 added |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+        p.pings, p.first_bytes
+    );
+    for r in rows.iter().filter(|r| !r.pings.is_empty()) {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            r.name,
+            pct(&r.pings, 0.5),
+            pct(&r.pings, 0.9),
+            pct(&r.pings, 0.99),
+            pct(&r.pings, 0.9) - pct(&dp, 0.9),
+            pct(&r.first, 0.5) / 1e3,
+            pct(&r.first, 0.9) / 1e3,
+            (pct(&r.first, 0.5) - pct(&df, 0.5)) / 1e3,
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    if args.get(1).map(String::as_str) == Some("serve-echo") {
+        rt.block_on(serve_echo(args[2].parse().expect("port")));
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let only = std::env::var("FEDMESH_WAN_PROFILES").unwrap_or_default();
+    println!(
+        "fedmesh WAN benchmark: two sites in network namespaces, 1500-byte MTU; shaped profiles \
+         through a user-space link emulator (no sch_netem on this kernel), bottleneck queue {} \
+         packets",
+        QUEUE_BYTES / 1500
+    );
+    for p in PROFILES
+        .iter()
+        .filter(|p| only.is_empty() || only.split(',').any(|o| p.name.starts_with(o)))
+    {
+        rt.block_on(profile(p));
+    }
+}
