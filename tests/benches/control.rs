@@ -16,11 +16,12 @@
 //!
 //! Run with `scripts/bench control` (builds the release binary first).
 
+use fedmesh_tests::{KillOnDrop, release_fedmesh};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -44,32 +45,6 @@ fn n(s: &str) -> NodeRef {
 
 fn node_name(i: usize) -> String {
     format!("org-{i}/n1")
-}
-
-fn fedmesh() -> PathBuf {
-    let bin = fedmesh_tests::repo_root().join("target/release/fedmesh");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p fedmesh-agent",
-        bin.display()
-    );
-    bin
-}
-
-/// Kills the child when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
 }
 
 /// CPU time a process has used, summed over its threads (`/proc/<pid>/task/*/schedstat`,
@@ -155,13 +130,13 @@ fn ms(d: Duration) -> f64 {
 
 /// The hub process, its address, and the owner.
 struct Collab {
-    hub: Proc,
+    hub: KillOnDrop,
     owner: Owner,
     owner_dir: PathBuf,
 }
 
 async fn collab(dir: &Path, nodes: usize) -> Collab {
-    let mut hub = Command::new(fedmesh())
+    let mut hub = Command::new(release_fedmesh())
         .args(["--log", "warn", "hub", "--init", "--listen", "127.0.0.1:0"])
         .args([
             "--max-connections",
@@ -203,7 +178,7 @@ async fn collab(dir: &Path, nodes: usize) -> Collab {
             .expect("enroll");
     }
     Collab {
-        hub: Proc(hub),
+        hub: KillOnDrop(hub),
         owner,
         owner_dir,
     }
@@ -225,8 +200,8 @@ async fn link(owner: &Owner, from: usize, to: usize, port: u16) -> String {
 }
 
 /// Starts agent `i`; returns it and its admin address (from its banner).
-fn start_agent(dir: &Path, i: usize) -> (Proc, SocketAddr) {
-    let mut child = Command::new(fedmesh())
+fn start_agent(dir: &Path, i: usize) -> (KillOnDrop, SocketAddr) {
+    let mut child = Command::new(release_fedmesh())
         .args(["--log", "warn", "node", "--state"])
         .arg(dir.join(format!("node-{i}")))
         .args([
@@ -252,7 +227,7 @@ fn start_agent(dir: &Path, i: usize) -> (Proc, SocketAddr) {
         .and_then(|rest| rest.split([',', '\n']).next())
         .and_then(|a| a.parse::<SocketAddr>().ok())
         .unwrap_or_else(|| panic!("no admin address in the banner {banner:?}"));
-    (Proc(child), admin)
+    (KillOnDrop(child), admin)
 }
 
 /// One row of the scale table.
@@ -289,7 +264,7 @@ async fn scale(nodes: usize, history: bool) -> Row {
             std::thread::spawn(move || start_agent(&dir, i))
         })
         .collect();
-    let agents: Vec<(Proc, SocketAddr)> = handles
+    let agents: Vec<(KillOnDrop, SocketAddr)> = handles
         .into_iter()
         .map(|h| h.join().expect("agent started"))
         .collect();
@@ -373,7 +348,7 @@ async fn scale(nodes: usize, history: bool) -> Row {
 /// Runs `fedmesh <args>` and returns how long it took.
 fn timed(args: &[&str]) -> Duration {
     let t0 = Instant::now();
-    let out = Command::new(fedmesh())
+    let out = Command::new(release_fedmesh())
         .args(["--log", "warn"])
         .args(args)
         .output()
@@ -454,7 +429,7 @@ async fn stored(c: &Collab, key: &OwnerKey) -> usize {
     }
 }
 
-async fn owner_commands(c: &Collab, agents: &[(Proc, SocketAddr)]) {
+async fn owner_commands(c: &Collab, agents: &[(KillOnDrop, SocketAddr)]) {
     let key = Arc::new(
         OwnerKey::from_pem(
             &std::fs::read_to_string(c.owner_dir.join("owner-key.pem")).expect("owner key"),

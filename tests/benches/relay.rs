@@ -10,11 +10,12 @@
 //! Run with `scripts/bench` (builds the release binary first). iperf3 and stunnel4 come from
 //! apt; without them their rows are skipped.
 
+use fedmesh_tests::{KillOnDrop, echo_server, release_fedmesh};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -29,33 +30,13 @@ use fedmesh_agent::{
 use fedmesh_documents::{CollabPolicy, NodeRef};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
 
 fn n(s: &str) -> NodeRef {
     s.parse().expect("node name")
-}
-
-fn fedmesh() -> PathBuf {
-    let bin = fedmesh_tests::repo_root().join("target/release/fedmesh");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p fedmesh-agent",
-        bin.display()
-    );
-    bin
-}
-
-/// Kills the child when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What the relay's UDP payload may grow to: what fits a 1500-byte Ethernet MTU (the agent's
@@ -92,28 +73,12 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Echoes every connection.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// Fields drop in order: the agents before the hub, the directory last.
 struct Setup {
-    a: Proc,
+    a: KillOnDrop,
     a_admin: SocketAddr,
-    b: Proc,
-    _hub: Proc,
+    b: KillOnDrop,
+    _hub: KillOnDrop,
     relay_iperf: SocketAddr,
     relay_echo: SocketAddr,
     iperf_port: u16,
@@ -126,7 +91,7 @@ struct Setup {
 async fn setup(udp_payload: u16, pool: u8) -> Setup {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
-    let mut hub = Command::new(fedmesh())
+    let mut hub = Command::new(release_fedmesh())
         .args([
             "--log",
             "warn",
@@ -151,7 +116,7 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
         .expect("banner")
         .expect("banner")
         .replace("hub pin ", "");
-    let hub = Proc(hub);
+    let hub = KillOnDrop(hub);
     let mut owner = Owner::create(
         &dir.join("owner"),
         HubAddress { url, pin },
@@ -178,7 +143,7 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
     // Returns the process and its admin address (from its banner).
     let start_node = |name: &str, extra: Vec<String>| {
         let relay = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(fedmesh())
+        let mut child = Command::new(release_fedmesh())
             .args(["--log", "warn", "node", "--state"])
             .arg(dir.join(name))
             .args(["--relay-listen", &relay, "--admin-listen", "127.0.0.1:0"])
@@ -202,7 +167,7 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
             .and_then(|rest| rest.split([',', '\n']).next())
             .and_then(|a| a.parse::<SocketAddr>().ok())
             .expect("admin address in the banner");
-        (Proc(child), admin)
+        (KillOnDrop(child), admin)
     };
     let (a, a_admin) = start_node("org-a-n1", vec![]);
     let (b, _) = start_node(
@@ -278,7 +243,7 @@ fn iperf(port: u16, to: SocketAddr) -> Option<f64> {
         .args(["-s", "-1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .spawn()
-        .map(Proc)
+        .map(KillOnDrop)
         .ok()?;
     std::thread::sleep(SECOND / 2);
     let out = Command::new("iperf3")
@@ -307,7 +272,7 @@ fn iperf(port: u16, to: SocketAddr) -> Option<f64> {
 
 /// An stunnel client+server pair: TLS 1.3 with a verified self-signed certificate, like a
 /// classic TLS tunnel between two sites. Returns the client's accept address.
-fn stunnel(dir: &Path, target_port: u16) -> Option<(Proc, Proc, SocketAddr)> {
+fn stunnel(dir: &Path, target_port: u16) -> Option<(KillOnDrop, KillOnDrop, SocketAddr)> {
     let key = rcgen::KeyPair::generate().ok()?;
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
         .ok()?
@@ -325,7 +290,7 @@ fn stunnel(dir: &Path, target_port: u16) -> Option<(Proc, Proc, SocketAddr)> {
             .stderr(Stdio::null())
             .spawn()
             .ok()
-            .map(Proc)
+            .map(KillOnDrop)
     };
     let d = dir.display();
     let server = conf(
@@ -418,7 +383,7 @@ async fn relay_iperf(s: &Setup) -> Option<f64> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map(Proc)
+            .map(KillOnDrop)
     });
     let gbits = iperf(s.iperf_port, s.relay_iperf);
     let metrics = reqwest::get(format!("http://{}/metrics", s.a_admin))

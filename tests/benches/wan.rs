@@ -20,11 +20,12 @@
 //! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
 //! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
 
+use fedmesh_tests::{KillOnDrop, release_fedmesh};
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -51,16 +52,6 @@ fn n(s: &str) -> NodeRef {
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run with `scripts/bench wan`"))
-}
-
-/// Kills the child when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A command run in the second site's namespace.
@@ -111,7 +102,7 @@ const PROFILES: [Profile; 3] = [
 
 /// The link emulator between the two TUN devices, and its counters.
 struct Shaper {
-    _proc: Proc,
+    _proc: KillOnDrop,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
@@ -136,7 +127,7 @@ impl Shaper {
         stdout.read_line(&mut ready).expect("emulator banner");
         assert_eq!(ready.trim(), "ready", "link emulator did not start");
         Self {
-            _proc: Proc(child),
+            _proc: KillOnDrop(child),
             stdin,
             stdout,
         }
@@ -189,19 +180,15 @@ async fn serve_echo(port: u16) {
     }
 }
 
-fn fedmesh() -> PathBuf {
-    fedmesh_tests::repo_root().join("target/release/fedmesh")
-}
-
 /// A hub in the second site, an owner and two enrolled nodes with a link for the iperf3 and
 /// echo ports.
 struct Site {
-    _hub: Proc,
+    _hub: KillOnDrop,
     dir: PathBuf,
 }
 
 async fn site(p: &Profile, dir: &Path) -> Site {
-    let mut hub = in_b(fedmesh())
+    let mut hub = in_b(release_fedmesh())
         .args([
             "--log",
             "warn",
@@ -219,7 +206,7 @@ async fn site(p: &Profile, dir: &Path) -> Site {
     let mut banner = || lines.next().expect("banner").expect("banner");
     let url = banner().replace("hub listening on ", "");
     let pin = banner().replace("hub pin ", "");
-    let hub = Proc(hub);
+    let hub = KillOnDrop(hub);
     let mut owner = Owner::create(
         &dir.join("owner"),
         HubAddress { url, pin },
@@ -263,7 +250,11 @@ async fn site(p: &Profile, dir: &Path) -> Site {
 }
 
 /// Two agents (with `flags`); returns them and org-a's local addresses for iperf3 and echo.
-async fn agents(p: &Profile, s: &Site, flags: &[String]) -> (Proc, Proc, SocketAddr, SocketAddr) {
+async fn agents(
+    p: &Profile,
+    s: &Site,
+    flags: &[String],
+) -> (KillOnDrop, KillOnDrop, SocketAddr, SocketAddr) {
     let peers = s.dir.join("org-a-n1/peers.json");
     let _ = std::fs::remove_file(&peers);
     let start = |mut c: Command, name: &str, ip: &str, extra: &[String]| {
@@ -276,11 +267,11 @@ async fn agents(p: &Profile, s: &Site, flags: &[String]) -> (Proc, Proc, SocketA
             .args(extra)
             .stdout(Stdio::null())
             .spawn()
-            .map(Proc)
+            .map(KillOnDrop)
             .expect("start node")
     };
     let b = start(
-        in_b(fedmesh()),
+        in_b(release_fedmesh()),
         "org-b-n1",
         p.b,
         &[
@@ -290,7 +281,7 @@ async fn agents(p: &Profile, s: &Site, flags: &[String]) -> (Proc, Proc, SocketA
             format!("{ECHO_PORT}=127.0.0.1:{ECHO_PORT}"),
         ],
     );
-    let a = start(Command::new(fedmesh()), "org-a-n1", p.a, &[]);
+    let a = start(Command::new(release_fedmesh()), "org-a-n1", p.a, &[]);
     let deadline = Instant::now() + 30 * SECOND;
     let addrs: Vec<SocketAddr> = loop {
         if let Some(v) = std::fs::read_to_string(&peers)
@@ -328,7 +319,7 @@ async fn agents(p: &Profile, s: &Site, flags: &[String]) -> (Proc, Proc, SocketA
 
 /// An stunnel pair across the link: client in site A on 127.0.0.1:`client_port`, server in
 /// site B, both TLS 1.3 with a verified self-signed certificate.
-fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (Proc, Proc) {
+fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (KillOnDrop, KillOnDrop) {
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
         .expect("params")
@@ -345,7 +336,7 @@ fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (Proc, Pro
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map(Proc)
+            .map(KillOnDrop)
             .expect("stunnel4")
     };
     let server = conf(
@@ -382,7 +373,7 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
         .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
         .stdout(Stdio::null())
         .spawn()
-        .map(Proc)
+        .map(KillOnDrop)
         .expect("iperf3 server");
     std::thread::sleep(SECOND / 2);
     if let Some(s) = shaper.as_mut() {
@@ -454,7 +445,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 /// Relay variants: one per congestion controller when the agent has the flag.
 fn relay_variants() -> Vec<(String, Vec<String>)> {
-    let help = Command::new(fedmesh())
+    let help = Command::new(release_fedmesh())
         .args(["node", "--help"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -489,7 +480,7 @@ async fn profile(p: &Profile) {
         .args(["serve-echo", &ECHO_PORT.to_string()])
         .stdout(Stdio::piped())
         .spawn()
-        .map(Proc)
+        .map(KillOnDrop)
         .expect("echo server");
     std::thread::sleep(SECOND / 2);
     let direct_iperf: SocketAddr = format!("{}:{IPERF_PORT}", p.b).parse().expect("addr");

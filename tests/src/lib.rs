@@ -145,6 +145,52 @@ pub async fn metrics_until(
 }
 
 /// The repository's root directory.
+/// The release `fedmesh` binary the benchmarks run (`scripts/bench` builds it).
+pub fn release_fedmesh() -> PathBuf {
+    let bin = repo_root().join("target/release/fedmesh");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build --release -p fedmesh-agent",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP echo server on loopback (`TCP_NODELAY` on every connection); returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

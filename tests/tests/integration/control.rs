@@ -24,28 +24,13 @@ use fedmesh_documents::{CollabPolicy, NodeRef, jws};
 use fedmesh_tests::{TestHub, fedmesh_bin};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
 
 fn n(s: &str) -> NodeRef {
     s.parse().unwrap()
-}
-
-/// An echo server on loopback.
-async fn echo() -> SocketAddr {
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = target.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = target.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Sends a few bytes through `addr` and expects them back.
@@ -71,7 +56,7 @@ fn spec(node: &str, exposes: Vec<Expose>) -> NodeSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_past_its_certificate_comes_back_by_itself_unless_revoked() {
     fedmesh_tests::subscribe();
-    let target = echo().await;
+    let target = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     // Certificates of 6 s (+1.5 s back-dated).
     let opts = MeshOptions {

@@ -25,21 +25,6 @@ use tokio::{
 
 use super::relay::{SECOND, a, ask, b, raw_client, two_nodes};
 
-/// An echo server; returns its address.
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 fn b_id() -> SpiffeId {
     SpiffeId::new("collab-x", "org-b", "n1").unwrap()
 }
@@ -129,7 +114,7 @@ enum Cut {
 /// org-a holds a raw connection and a relayed stream to org-b; the owner cuts org-a off; both
 /// close within 5 s, and org-a's certificate cannot complete a new handshake.
 async fn cut_off(cut: Cut, reason: &str) {
-    let target = echo().await;
+    let target = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut mesh = two_nodes(tmp.path(), 7100, target, RelayOptions::default()).await;
     mesh.link(&a(), &b(), &["7100".parse().unwrap()], 3600 * SECOND, None)
@@ -216,7 +201,13 @@ async fn connections_beyond_the_caps_are_refused() {
         connections_per_peer: 4,
         ..Caps::default()
     };
-    let mesh = two_nodes(tmp.path(), 7101, echo().await, capped(caps)).await;
+    let mesh = two_nodes(
+        tmp.path(),
+        7101,
+        fedmesh_tests::echo_server().await,
+        capped(caps),
+    )
+    .await;
     mesh.node(&b())
         .wait_for(5 * SECOND, |s| s.synced)
         .await
@@ -333,7 +324,13 @@ async fn handshakes_in_flight_beyond_the_caps_are_refused() {
         handshakes_per_source: 2,
         ..Caps::default()
     };
-    let mesh = two_nodes(tmp.path(), 7102, echo().await, capped(caps)).await;
+    let mesh = two_nodes(
+        tmp.path(),
+        7102,
+        fedmesh_tests::echo_server().await,
+        capped(caps),
+    )
+    .await;
     mesh.node(&b())
         .wait_for(5 * SECOND, |s| s.synced)
         .await
@@ -415,7 +412,13 @@ async fn idle_connections_of_peers_without_a_link_are_closed() {
         unlinked_idle: 2 * SECOND,
         ..RelayOptions::default()
     };
-    let mesh = two_nodes(tmp.path(), 7103, echo().await, options).await;
+    let mesh = two_nodes(
+        tmp.path(),
+        7103,
+        fedmesh_tests::echo_server().await,
+        options,
+    )
+    .await;
     mesh.node(&b())
         .wait_for(5 * SECOND, |s| s.synced)
         .await
@@ -480,7 +483,13 @@ async fn two_thousand_garbage_streams_log_a_handful_of_lines_and_count_exactly()
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let tmp = tempfile::tempdir().unwrap();
-    let mesh = two_nodes(tmp.path(), 7104, echo().await, RelayOptions::default()).await;
+    let mesh = two_nodes(
+        tmp.path(),
+        7104,
+        fedmesh_tests::echo_server().await,
+        RelayOptions::default(),
+    )
+    .await;
     mesh.link(&a(), &b(), &["7104".parse().unwrap()], 3600 * SECOND, None)
         .await
         .unwrap();
@@ -576,7 +585,7 @@ async fn budgeted_link(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receiving_end_enforces_a_links_budget_and_remembers_it_across_a_restart() {
-    let target = echo().await;
+    let target = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     fedmesh_tests::subscribe();
     let specs = [
@@ -786,7 +795,13 @@ async fn the_dialling_end_enforces_a_links_budget_before_the_peer_sees_a_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_another_collaborations_ca_refuses_to_start() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut mesh = two_nodes(tmp.path(), 7108, echo().await, RelayOptions::default()).await;
+    let mut mesh = two_nodes(
+        tmp.path(),
+        7108,
+        fedmesh_tests::echo_server().await,
+        RelayOptions::default(),
+    )
+    .await;
     mesh.nodes.remove(&a()).unwrap().shutdown().await.unwrap();
     let ca = mesh.state_dir(&a()).join("ca.pem");
     let start = std::time::SystemTime::now() - 60 * SECOND;
@@ -808,7 +823,13 @@ async fn an_agent_with_another_collaborations_ca_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_nodes_state_started_elsewhere_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut mesh = two_nodes(tmp.path(), 7109, echo().await, RelayOptions::default()).await;
+    let mut mesh = two_nodes(
+        tmp.path(),
+        7109,
+        fedmesh_tests::echo_server().await,
+        RelayOptions::default(),
+    )
+    .await;
     // A restart (at once, likely within the same second) is not a copy.
     mesh.nodes.remove(&a()).unwrap().shutdown().await.unwrap();
     let restarted = fedmesh_agent::node::start(mesh.options[&a()].clone())

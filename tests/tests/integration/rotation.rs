@@ -24,28 +24,13 @@ use fedmesh_certs::{NodeIdentity, SpiffeId, TrustBundle, tls};
 use fedmesh_documents::NodeRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
 
 fn n(s: &str) -> NodeRef {
     s.parse().unwrap()
-}
-
-/// An echo server on loopback.
-async fn echo() -> SocketAddr {
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = target.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = target.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Sends `payload` through `tcp` and expects it back, within 10 s.
@@ -89,7 +74,7 @@ fn counter(metrics: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_outlive_renewals_and_expired_connections_carry_nothing_new() {
     fedmesh_tests::subscribe();
-    let target = echo().await;
+    let target = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let opts = MeshOptions {
         cert_ttl: 6 * SECOND,
@@ -254,7 +239,7 @@ async fn raw_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_peer_resets_its_streams_fails_new_ones_fast_and_comes_back() {
     fedmesh_tests::subscribe();
-    let target = echo().await;
+    let target = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (n("org-a/n1"), n("org-b/n1"));
     let specs = [NodeSpec {
