@@ -789,8 +789,17 @@ async fn follow_rendezvous(
     }
 }
 
-/// How long to wait before trying a failed renewal again.
+/// How long to wait before trying a failed renewal again, at most.
 const RENEW_RETRY: Duration = Duration::from_secs(10);
+/// ... and at least.
+const RENEW_RETRY_MIN: Duration = Duration::from_millis(500);
+
+/// When to try a failed renewal again: after [`RENEW_RETRY`], or sooner as the certificate's
+/// end nears (a quarter of what is left), so a short-lived certificate gets several tries.
+fn renew_retry(now: SystemTime, not_after: SystemTime) -> Duration {
+    let left = not_after.duration_since(now).unwrap_or_default();
+    (left / 4).clamp(RENEW_RETRY_MIN, RENEW_RETRY)
+}
 
 /// Renews the node certificate at two thirds of its life (online CA): a CSR for the node's key,
 /// the hub's signature, then the new certificate on the identity channel. The key stays; only
@@ -819,8 +828,10 @@ async fn renew_loop(
                 retry_at = None;
             }
             Err(error) => {
-                warn!(error = %format!("{error:#}"), retry_in = ?RENEW_RETRY, "certificate renewal failed");
-                retry_at = Some(SystemTime::now() + RENEW_RETRY);
+                let now = SystemTime::now();
+                let retry_in = renew_retry(now, current.info().not_after);
+                warn!(error = %format!("{error:#}"), ?retry_in, "certificate renewal failed");
+                retry_at = Some(now + retry_in);
             }
         }
     }
@@ -847,4 +858,27 @@ async fn renew_once(state: &NodeState, current: &Identity) -> Result<Identity> {
     let identity = Identity::from_pem(renewed.cert_pem, current.key_pem.clone())?;
     state.save_cert(&identity.cert_pem)?;
     Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A day-long certificate waits the full retry; one seconds from its end is tried again
+    /// several times before it expires; an expired one still waits a little.
+    #[test]
+    fn failed_renewals_are_retried_sooner_as_the_end_nears() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hours = |h: u64| now + Duration::from_secs(h * 3600);
+        assert_eq!(renew_retry(now, hours(8)), RENEW_RETRY);
+        assert_eq!(
+            renew_retry(now, now + Duration::from_millis(2_500)),
+            Duration::from_millis(625)
+        );
+        assert_eq!(renew_retry(now, now), RENEW_RETRY_MIN);
+        assert_eq!(
+            renew_retry(now, now - Duration::from_secs(5)),
+            RENEW_RETRY_MIN
+        );
+    }
 }
