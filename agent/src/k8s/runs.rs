@@ -313,4 +313,247 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("10.42.0.1".into(), 1), ("10.42.0.2".into(), 2)]);
     }
+
+    /// The watch against a scripted API server (no Kubernetes API server runs here:
+    /// `tower_test`'s mock pair behind a real [`kube::Client`]). It answers the Pod and Job
+    /// lists of `vantage6-tasks`, then each watch with the next batch of events the test sends
+    /// for that kind, holding the watch open until then.
+    mod watched {
+        use std::{collections::VecDeque, time::Duration};
+
+        use axum::http::{Method, Request, Response};
+        use kube::client::Body;
+        use tokio::sync::mpsc;
+
+        use super::*;
+        use crate::node::v6::{Origin, verify};
+
+        type Send = tower_test::mock::SendResponse<Response<Body>>;
+
+        const PODS: &str = "/api/v1/namespaces/vantage6-tasks/pods?";
+        const JOBS: &str = "/apis/batch/v1/namespaces/vantage6-tasks/jobs?";
+
+        fn item(mut v: Value) -> Value {
+            let m = v.as_object_mut().unwrap();
+            m.remove("apiVersion");
+            m.remove("kind");
+            v
+        }
+
+        fn lines(events: &[Value]) -> Body {
+            let mut out = Vec::new();
+            for e in events {
+                out.extend(serde_json::to_vec(e).unwrap());
+                out.push(b'\n');
+            }
+            Body::from(out)
+        }
+
+        /// Plays the API server until the client goes away; returns every request's URI.
+        async fn serve(
+            mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+            pods: Vec<Value>,
+            jobs: Vec<Value>,
+            mut batches: mpsc::UnboundedReceiver<(&'static str, Vec<Value>)>,
+        ) -> Vec<String> {
+            let mut seen = Vec::new();
+            let mut waiting: BTreeMap<&str, Send> = BTreeMap::new();
+            let mut queued: BTreeMap<&str, VecDeque<Vec<Value>>> = BTreeMap::new();
+            loop {
+                tokio::select! {
+                    req = handle.next_request() => {
+                        let Some((req, send)) = req else { return seen };
+                        let uri = req.uri().to_string();
+                        assert_eq!(req.method(), Method::GET, "read-only: {uri}");
+                        seen.push(uri.clone());
+                        let (kind, list) = if uri.starts_with(PODS) {
+                            (PODS, ("PodList", &pods))
+                        } else if uri.starts_with(JOBS) {
+                            (JOBS, ("JobList", &jobs))
+                        } else {
+                            panic!("unexpected request {uri}");
+                        };
+                        if !uri.contains("watch=true") {
+                            let items: Vec<Value> = list.1.iter().cloned().map(item).collect();
+                            let body = json!({"kind": list.0, "apiVersion": "v1",
+                                              "metadata": {"resourceVersion": "1"},
+                                              "items": items});
+                            send.send_response(Response::new(Body::from(
+                                serde_json::to_vec(&body).unwrap(),
+                            )));
+                        } else if let Some(b) = queued.get_mut(kind).and_then(VecDeque::pop_front) {
+                            send.send_response(Response::new(lines(&b)));
+                        } else {
+                            waiting.insert(kind, send);
+                        }
+                    }
+                    batch = batches.recv() => {
+                        let Some((kind, events)) = batch else { return seen };
+                        match waiting.remove(kind) {
+                            Some(send) => send.send_response(Response::new(lines(&events))),
+                            None => queued.entry(kind).or_default().push_back(events),
+                        }
+                    }
+                }
+            }
+        }
+
+        fn event(kind: &str, mut object: Value, rv: u32) -> Value {
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            json!({"type": kind, "object": object})
+        }
+
+        /// Waits (at most 2 s) until `registry` satisfies `done`.
+        async fn until(registry: &Registry, done: impl Fn(&Registry) -> bool) {
+            let mut changed = registry.subscribe();
+            tokio::time::timeout(Duration::from_secs(2), async {
+                while !done(registry) {
+                    changed.changed().await.unwrap();
+                }
+            })
+            .await
+            .expect("the registry never got there");
+        }
+
+        fn tasks(registry: &Registry) -> Vec<(String, u64)> {
+            let mut t: Vec<_> = registry
+                .all()
+                .iter()
+                .map(|r| (r.source.to_string(), r.task_id))
+                .collect();
+            t.sort();
+            t
+        }
+
+        #[tokio::test]
+        async fn running_task_pods_come_and_go_in_the_registry() {
+            let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let client = Client::new(service, "vantage6-tasks");
+            let (batches, rx) = mpsc::unbounded_channel();
+            let server = tokio::spawn(serve(
+                handle,
+                vec![
+                    pod("a", "ja", "10.42.0.1", "Running"),
+                    pod("b", "jb", "10.42.0.2", "Pending"),
+                ],
+                vec![job("ja", "10", "5"), job("jb", "11", "")],
+                rx,
+            ));
+            let registry = Registry::new();
+            // An operator's announcement is the watch's to leave alone.
+            registry
+                .announce(LocalRun {
+                    task_id: 7,
+                    parent_id: None,
+                    source: "172.17.0.5".parse().unwrap(),
+                    ports: vec![],
+                    host: None,
+                })
+                .unwrap();
+            let cancel = CancellationToken::new();
+            let watching = tokio::spawn(watch(
+                client,
+                "vantage6-tasks",
+                registry.clone(),
+                cancel.clone(),
+            ));
+
+            until(&registry, |r| r.all().len() == 2).await;
+            assert_eq!(
+                tasks(&registry),
+                vec![("10.42.0.1".into(), 10), ("172.17.0.5".into(), 7)]
+            );
+            let a = "10.42.0.1".parse().unwrap();
+            assert_eq!(registry.origin(a), Some(Origin::Cluster));
+            assert_eq!(
+                registry.by_source(a).unwrap().ports,
+                vec!["8888:mpc".parse().unwrap(), "9000".parse().unwrap()]
+            );
+            // A pod of the watch needs no token; the operator's run still does.
+            let now = std::time::SystemTime::now();
+            assert_eq!(verify(&registry, a, None, None, now).unwrap().task_id, 10);
+            let announced = "172.17.0.5".parse().unwrap();
+            assert_eq!(
+                verify(&registry, announced, None, None, now)
+                    .unwrap_err()
+                    .status,
+                axum::http::StatusCode::UNAUTHORIZED
+            );
+
+            // b starts running; a finishes, then is deleted.
+            let mut a_done = pod("a", "ja", "10.42.0.1", "Succeeded");
+            a_done["status"]["podIP"] = json!("10.42.0.1");
+            batches
+                .send((
+                    PODS,
+                    vec![
+                        event("MODIFIED", pod("b", "jb", "10.42.0.2", "Running"), 2),
+                        event("MODIFIED", a_done.clone(), 3),
+                    ],
+                ))
+                .unwrap();
+            until(&registry, |r| {
+                tasks(r) == [("10.42.0.2".into(), 11), ("172.17.0.5".into(), 7)]
+            })
+            .await;
+            assert_eq!(
+                registry
+                    .by_source("10.42.0.2".parse().unwrap())
+                    .unwrap()
+                    .parent_id,
+                None
+            );
+            assert_eq!(
+                verify(&registry, a, None, None, now).unwrap_err().status,
+                axum::http::StatusCode::FORBIDDEN
+            );
+
+            // The IP comes back for a pod of another task: no clash with the ended run.
+            batches
+                .send((JOBS, vec![event("ADDED", job("jc", "12", "10"), 4)]))
+                .unwrap();
+            batches
+                .send((
+                    PODS,
+                    vec![
+                        event("DELETED", a_done, 5),
+                        event("ADDED", pod("c", "jc", "10.42.0.1", "Running"), 6),
+                    ],
+                ))
+                .unwrap();
+            until(&registry, |r| {
+                r.by_source(a).is_some_and(|r| r.task_id == 12)
+            })
+            .await;
+            assert_eq!(registry.by_source(a).unwrap().parent_id, Some(10));
+
+            // Its Job deleted (e.g. the node killed the run): the pod is no run any more.
+            batches
+                .send((JOBS, vec![event("DELETED", job("jc", "12", "10"), 7)]))
+                .unwrap();
+            until(&registry, |r| r.by_source(a).is_none()).await;
+            assert_eq!(
+                tasks(&registry),
+                vec![("10.42.0.2".into(), 11), ("172.17.0.5".into(), 7)]
+            );
+
+            cancel.cancel();
+            watching.await.unwrap();
+            drop(batches);
+            let uris = server.await.unwrap();
+            // Exactly pods and jobs in the task namespace, listed then watched.
+            assert!(
+                uris.iter()
+                    .any(|u| u.starts_with(PODS) && !u.contains("watch=true"))
+            );
+            assert!(
+                uris.iter()
+                    .any(|u| u.starts_with(JOBS) && !u.contains("watch=true"))
+            );
+            assert!(
+                uris.iter()
+                    .any(|u| u.starts_with(PODS) && u.contains("watch=true"))
+            );
+        }
+    }
 }

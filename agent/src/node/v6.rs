@@ -1015,4 +1015,69 @@ mod tests {
             StatusCode::FORBIDDEN
         );
     }
+
+    #[test]
+    fn cluster_runs_need_no_token_and_never_replace_another_tasks_announcement() {
+        let reg = Registry::new();
+        let run = |task_id, ip: &str| LocalRun {
+            task_id,
+            parent_id: None,
+            source: ip.parse().unwrap(),
+            ports: vec![],
+            host: None,
+        };
+        reg.announce(run(7, "10.42.0.7")).unwrap();
+        reg.announce(run(8, "10.42.0.8")).unwrap();
+        let seen = |runs: &[LocalRun]| runs.iter().map(|r| (r.source, r.clone())).collect();
+        let refused = reg.sync_cluster(seen(&[
+            run(9, "10.42.0.7"),
+            run(8, "10.42.0.8"),
+            run(10, "::ffff:10.42.0.10"),
+        ]));
+        // Another task's cluster run at an announced address is refused and said so.
+        assert_eq!(refused.len(), 1);
+        assert!(matches!(
+            refused[0].1,
+            RegistryError::SourceTaken { task_id: 7, .. }
+        ));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(reg.origin(ip("10.42.0.7")), Some(Origin::Announced));
+        // The same task's becomes a cluster run; a mapped IPv6 source is kept as IPv4.
+        assert_eq!(reg.origin(ip("10.42.0.8")), Some(Origin::Cluster));
+        assert_eq!(reg.origin(ip("10.42.0.10")), Some(Origin::Cluster));
+        let now = SystemTime::now();
+        assert_eq!(
+            verify(&reg, ip("10.42.0.10"), None, None, now).map(|r| r.task_id),
+            Ok(10)
+        );
+        assert_eq!(
+            verify(&reg, ip("10.42.0.7"), None, None, now)
+                .unwrap_err()
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        // A token a cluster run sends anyway must be its own.
+        let other = jwt(
+            r#"{"alg":"HS256"}"#,
+            serde_json::json!({"sub": {"task_id": 11}}),
+            "c2ln",
+        );
+        assert_eq!(
+            verify(&reg, ip("10.42.0.10"), Some(&other), None, now)
+                .unwrap_err()
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        // Unchanged input changes nothing; an empty one ends the cluster runs only.
+        let rx = reg.subscribe();
+        assert!(
+            reg.sync_cluster(seen(&[run(8, "10.42.0.8"), run(10, "10.42.0.10")]))
+                .is_empty()
+        );
+        assert!(!rx.has_changed().unwrap());
+        assert!(reg.sync_cluster(BTreeMap::new()).is_empty());
+        assert!(rx.has_changed().unwrap());
+        let left: Vec<u64> = reg.all().iter().map(|r| r.task_id).collect();
+        assert_eq!(left, vec![7]);
+    }
 }
