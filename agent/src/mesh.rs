@@ -161,6 +161,7 @@ impl LocalMesh {
                     api_path: String::new(),
                     upstream: None,
                     announce_listen: Some("127.0.0.1:0".parse()?),
+                    task_namespace: None,
                 }),
                 relay: opts.relay,
                 kubernetes: None,

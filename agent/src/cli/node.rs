@@ -196,6 +196,10 @@ pub struct RunArgs {
     /// Where the node's operator announces and ends algorithm runs (POST /runs, POST /runs/end).
     #[arg(long, default_value = "127.0.0.1:9465")]
     v6_announce_listen: SocketAddr,
+    /// vantage6 5's task namespace: its running algorithm pods (of Jobs annotated `task_id`)
+    /// become runs the address API answers, verified by pod IP (needs --kubernetes).
+    #[arg(long, env = "FEDMESH_V6_TASK_NAMESPACE", requires = "v6_listen")]
+    v6_task_namespace: Option<String>,
     /// Largest UDP payload QUIC path MTU discovery may reach. The default fits a 1500-byte
     /// Ethernet MTU; raise it where the path carries more (8952 on 9000-byte jumbo frames).
     #[arg(long, default_value_t = 1452)]
@@ -323,6 +327,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         v6_api_path,
         v6_upstream,
         v6_announce_listen,
+        v6_task_namespace,
         max_udp_payload,
         congestion,
         link_bandwidth,
@@ -345,6 +350,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         }
         (false, _) => None,
     };
+    if v6_task_namespace.is_some() && kubernetes.is_none() {
+        bail!("--v6-task-namespace needs --kubernetes");
+    }
     if !state.join("node.json").exists()
         && let Some(token) = owner::read_join_token(join_token_file.as_deref())?
     {
@@ -364,6 +372,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             api_path: v6_api_path,
             upstream: v6_upstream,
             announce_listen: Some(v6_announce_listen),
+            task_namespace: v6_task_namespace,
         }),
         relay: RelayOptions {
             congestion,

@@ -153,6 +153,11 @@ impl Controller {
         Ok(Self::new(client, settings))
     }
 
+    /// The client it talks to the API server with.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// A controller with settings already resolved.
     pub fn new(client: Client, settings: Settings) -> Self {
         Self {

@@ -26,6 +26,8 @@
 //! - [`plan`]: the pure comparison of desired and live objects.
 //! - [`peerlink`]: the `PeerLink` custom resource, its conditions and reasons.
 //! - [`controller`]: the thin async shell around the Kubernetes API.
+//! - [`runs`]: vantage6 5 runs, from the Pods and Jobs of the task namespace, into the node's
+//!   run registry.
 
 pub mod backend;
 pub mod controller;
@@ -33,6 +35,7 @@ pub mod desired;
 pub mod peerlink;
 pub mod plan;
 pub mod resources;
+pub mod runs;
 
 #[cfg(test)]
 pub mod fixtures;

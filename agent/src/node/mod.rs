@@ -145,6 +145,9 @@ pub struct V6Options {
     pub upstream: Option<String>,
     /// Where the node's operator announces and ends runs (loopback; none: not served).
     pub announce_listen: Option<SocketAddr>,
+    /// vantage6 5's task namespace, whose running algorithm pods become runs (Kubernetes only;
+    /// none: no watch).
+    pub task_namespace: Option<String>,
 }
 
 /// A peer as algorithms see it.
@@ -410,6 +413,18 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             tasks.spawn(v6::serve(listener, state, o.api_path.clone(), async move {
                 c.cancelled().await;
             }));
+            if let (Some(ns), Some(controller)) = (&o.task_namespace, &controller) {
+                let (client, ns, runs, c) = (
+                    controller.client(),
+                    ns.clone(),
+                    runs.clone(),
+                    cancel.clone(),
+                );
+                tasks.spawn(async move {
+                    k8s::runs::watch(client, &ns, runs, c).await;
+                    Ok(())
+                });
+            }
             let announce = match o.announce_listen {
                 Some(addr) => {
                     let listener = tokio::net::TcpListener::bind(addr)

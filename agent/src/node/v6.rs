@@ -19,8 +19,8 @@
 //! Runs come from two places: links in force that name a task (the owner's, or those computed
 //! from run announcements) give the runs this node may reach, and the **run registry** holds the
 //! runs of this node, announced by the node's operator (`POST /runs` on the announce listener,
-//! loopback by default) or the Kubernetes controller, each with the address its container
-//! connects from.
+//! loopback by default) or the Kubernetes run watcher (pods of vantage6 5 task Jobs), each with
+//! the address its container connects from.
 //!
 //! # Verified callers
 //!
@@ -33,6 +33,16 @@
 //! JWT (else 401) whose task (and organisation, when the node knows its own id) is that run's
 //! (else 403). The answer then covers that run's task only. A forged token from a registered
 //! container learns no more than that container's own task, which it may already read.
+//!
+//! vantage6 5 gives a token only to central containers, so the token cannot be required there.
+//! Runs the Kubernetes run watcher registered (`crate::k8s::runs`, [`Origin::Cluster`]) are
+//! verified by the source address alone: it is the IP the API server reports for a *running*
+//! pod, in the task namespace, owned by a Job that carries vantage6's `task_id` annotation, and
+//! not on the host network (whose IP every host process shares). Only the vantage6 node can
+//! create Jobs there; the pod network assigns the IP (a pod cannot send from another pod's IP
+//! on a CNI with anti-spoofing, which this relies on); and the address API's NetworkPolicy lets
+//! only algorithm pods reach it. A token adds nothing the node could check (it cannot verify
+//! the signature), so none is asked; one that is sent must still name the run's task.
 //!
 //! Every other path is answered with a JSON error body, or — with `--v6-upstream` — forwarded
 //! unchanged to the vantage6 node proxy, so an algorithm can keep `HOST`/`PORT` as the node set
@@ -132,10 +142,27 @@ impl std::fmt::Display for RegistryError {
     }
 }
 
+/// Where a registered run came from, which decides what its callers must show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Announced by the node's operator (`POST /runs`): callers show the run's container token.
+    Announced,
+    /// Seen by the Kubernetes run watcher: a running pod of a vantage6 task Job, its IP read
+    /// from the API server. Callers need no token (vantage6 5 gives non-central containers
+    /// none); a token, when sent, must still be the run's.
+    Cluster,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    run: LocalRun,
+    origin: Origin,
+}
+
 /// The runs of this node, keyed by the address each connects from.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
-    runs: Arc<RwLock<BTreeMap<IpAddr, LocalRun>>>,
+    runs: Arc<RwLock<BTreeMap<IpAddr, Entry>>>,
     changed: Arc<watch::Sender<u64>>,
 }
 
@@ -147,27 +174,58 @@ impl Registry {
 
     /// Records a run (again: replaces it). An IPv4-mapped IPv6 source is kept as IPv4, as
     /// callers are looked up.
-    pub fn announce(&self, mut run: LocalRun) -> Result<(), RegistryError> {
-        run.source = run.source.to_canonical();
-        if run.ports.len() > MAX_RUN_PORTS {
-            return Err(RegistryError::TooManyPorts(run.ports.len()));
-        }
-        {
-            let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
-            match runs.get(&run.source) {
-                Some(old) if old.task_id != run.task_id => {
-                    return Err(RegistryError::SourceTaken {
-                        source: run.source,
-                        task_id: old.task_id,
-                    });
-                }
-                None if runs.len() >= MAX_RUNS => return Err(RegistryError::Full),
-                _ => {}
-            }
-            runs.insert(run.source, run);
-        }
+    pub fn announce(&self, run: LocalRun) -> Result<(), RegistryError> {
+        let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
+        insert(&mut runs, run, Origin::Announced)?;
+        drop(runs);
         self.changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Makes the runs the Kubernetes watcher saw ([`Origin::Cluster`]) exactly `seen`: cluster
+    /// runs no longer seen (or changed) end, the others are recorded. An operator's
+    /// announcement is never replaced by a different task's cluster run (that run is skipped
+    /// and returned with why); one of the same task becomes a cluster run. Returns the refused.
+    pub fn sync_cluster(&self, seen: BTreeMap<IpAddr, LocalRun>) -> Vec<(LocalRun, RegistryError)> {
+        let seen: BTreeMap<IpAddr, LocalRun> = seen
+            .into_values()
+            .map(|mut r| {
+                r.source = r.source.to_canonical();
+                (r.source, r)
+            })
+            .collect();
+        let mut refused = Vec::new();
+        let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
+        let before = runs.clone();
+        runs.retain(|ip, e| {
+            e.origin != Origin::Cluster || seen.get(ip).is_some_and(|r| *r == e.run)
+        });
+        for run in seen.into_values() {
+            if runs
+                .get(&run.source)
+                .is_some_and(|e| e.origin == Origin::Cluster)
+            {
+                continue;
+            }
+            if let Err(e) = insert(&mut runs, run.clone(), Origin::Cluster) {
+                refused.push((run, e));
+            }
+        }
+        let changed = *runs != before;
+        drop(runs);
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        refused
+    }
+
+    /// Where the run at `source` came from, if there is one.
+    pub fn origin(&self, source: IpAddr) -> Option<Origin> {
+        self.runs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&source.to_canonical())
+            .map(|e| e.origin)
     }
 
     /// Ends the run at `source`; returns it if there was one.
@@ -176,7 +234,8 @@ impl Registry {
             .runs
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&source.to_canonical());
+            .remove(&source.to_canonical())
+            .map(|e| e.run);
         if old.is_some() {
             self.changed.send_modify(|n| *n += 1);
         }
@@ -187,7 +246,7 @@ impl Registry {
     pub fn end_task(&self, task_id: u64) -> usize {
         let mut runs = self.runs.write().unwrap_or_else(|e| e.into_inner());
         let before = runs.len();
-        runs.retain(|_, r| r.task_id != task_id);
+        runs.retain(|_, e| e.run.task_id != task_id);
         let n = before - runs.len();
         drop(runs);
         if n > 0 {
@@ -202,7 +261,7 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&source.to_canonical())
-            .cloned()
+            .map(|e| e.run.clone())
     }
 
     /// Every run.
@@ -211,7 +270,7 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|e| e.run.clone())
             .collect()
     }
 
@@ -219,6 +278,30 @@ impl Registry {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+}
+
+/// Records `run` in `runs` unless its source is another task's or the registry is full.
+fn insert(
+    runs: &mut BTreeMap<IpAddr, Entry>,
+    mut run: LocalRun,
+    origin: Origin,
+) -> Result<(), RegistryError> {
+    run.source = run.source.to_canonical();
+    if run.ports.len() > MAX_RUN_PORTS {
+        return Err(RegistryError::TooManyPorts(run.ports.len()));
+    }
+    match runs.get(&run.source) {
+        Some(old) if old.run.task_id != run.task_id => {
+            return Err(RegistryError::SourceTaken {
+                source: run.source,
+                task_id: old.run.task_id,
+            });
+        }
+        None if runs.len() >= MAX_RUNS => return Err(RegistryError::Full),
+        _ => {}
+    }
+    runs.insert(run.source, Entry { run, origin });
+    Ok(())
 }
 
 /// A run's port known to this node: its organisation and the address the caller dials.
@@ -408,7 +491,8 @@ fn refused(status: StatusCode, msg: &'static str) -> Refused {
 
 /// Checks a caller: its source address must be a registered run, its token a well-formed,
 /// unexpired JWT with a signing algorithm whose task (and organisation, if `own_org_id` is
-/// known) is that run's. Returns the run.
+/// known) is that run's. A run the Kubernetes watcher registered ([`Origin::Cluster`]) may
+/// send no token. Returns the run.
 pub fn verify(
     registry: &Registry,
     source: IpAddr,
@@ -416,12 +500,17 @@ pub fn verify(
     own_org_id: Option<u64>,
     now: SystemTime,
 ) -> Result<LocalRun, Refused> {
-    let Some(run) = registry.by_source(source) else {
+    let (Some(run), Some(origin)) = (registry.by_source(source), registry.origin(source)) else {
         return Err(refused(
             StatusCode::FORBIDDEN,
             "this address is no algorithm run of this node",
         ));
     };
+    // A run the Kubernetes watcher saw is verified by its pod IP alone (see the module doc);
+    // a token it sends anyway must still be its own.
+    if origin == Origin::Cluster && authorization.is_none() {
+        return Ok(run);
+    }
     let unauthorized = |msg| refused(StatusCode::UNAUTHORIZED, msg);
     let token = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -925,5 +1014,70 @@ mod tests {
             check("10.1.0.7", &good).unwrap_err().status,
             StatusCode::FORBIDDEN
         );
+    }
+
+    #[test]
+    fn cluster_runs_need_no_token_and_never_replace_another_tasks_announcement() {
+        let reg = Registry::new();
+        let run = |task_id, ip: &str| LocalRun {
+            task_id,
+            parent_id: None,
+            source: ip.parse().unwrap(),
+            ports: vec![],
+            host: None,
+        };
+        reg.announce(run(7, "10.42.0.7")).unwrap();
+        reg.announce(run(8, "10.42.0.8")).unwrap();
+        let seen = |runs: &[LocalRun]| runs.iter().map(|r| (r.source, r.clone())).collect();
+        let refused = reg.sync_cluster(seen(&[
+            run(9, "10.42.0.7"),
+            run(8, "10.42.0.8"),
+            run(10, "::ffff:10.42.0.10"),
+        ]));
+        // Another task's cluster run at an announced address is refused and said so.
+        assert_eq!(refused.len(), 1);
+        assert!(matches!(
+            refused[0].1,
+            RegistryError::SourceTaken { task_id: 7, .. }
+        ));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(reg.origin(ip("10.42.0.7")), Some(Origin::Announced));
+        // The same task's becomes a cluster run; a mapped IPv6 source is kept as IPv4.
+        assert_eq!(reg.origin(ip("10.42.0.8")), Some(Origin::Cluster));
+        assert_eq!(reg.origin(ip("10.42.0.10")), Some(Origin::Cluster));
+        let now = SystemTime::now();
+        assert_eq!(
+            verify(&reg, ip("10.42.0.10"), None, None, now).map(|r| r.task_id),
+            Ok(10)
+        );
+        assert_eq!(
+            verify(&reg, ip("10.42.0.7"), None, None, now)
+                .unwrap_err()
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        // A token a cluster run sends anyway must be its own.
+        let other = jwt(
+            r#"{"alg":"HS256"}"#,
+            serde_json::json!({"sub": {"task_id": 11}}),
+            "c2ln",
+        );
+        assert_eq!(
+            verify(&reg, ip("10.42.0.10"), Some(&other), None, now)
+                .unwrap_err()
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        // Unchanged input changes nothing; an empty one ends the cluster runs only.
+        let rx = reg.subscribe();
+        assert!(
+            reg.sync_cluster(seen(&[run(8, "10.42.0.8"), run(10, "10.42.0.10")]))
+                .is_empty()
+        );
+        assert!(!rx.has_changed().unwrap());
+        assert!(reg.sync_cluster(BTreeMap::new()).is_empty());
+        assert!(rx.has_changed().unwrap());
+        let left: Vec<u64> = reg.all().iter().map(|r| r.task_id).collect();
+        assert_eq!(left, vec![7]);
     }
 }

@@ -138,6 +138,12 @@ fn agent_value_sets() -> Vec<Vec<&'static str>> {
             "dns.enabled=true",
             "exposes={11366:mpc=fedmesh-mpc.vantage6-tasks.svc:11366}",
         ],
+        vec![
+            ADVERTISE,
+            "vantage6.enabled=true",
+            "vantage6.apiPath=/api",
+            "dns.enabled=true",
+        ],
     ]
 }
 
@@ -377,6 +383,83 @@ fn rbac_is_exactly_what_the_agent_writes() {
     }
 }
 
+/// With the vantage6 address API on, the agent reads exactly pods and jobs in the task
+/// namespace, and its NetworkPolicies select only algorithm pods by `role` there.
+#[test]
+fn vantage6_runs_are_read_only_and_policies_select_roles() {
+    let off = documents(&template(
+        "charts/fedmesh-agent",
+        &[ADVERTISE, "mode=relay"],
+    ));
+    let on = documents(&template(
+        "charts/fedmesh-agent",
+        &[
+            ADVERTISE,
+            "mode=relay",
+            "vantage6.enabled=true",
+            "vantage6.taskNamespace=v6-tasks",
+        ],
+    ));
+    let added: BTreeSet<_> = permissions(&on)
+        .difference(&permissions(&off))
+        .cloned()
+        .collect();
+    assert_eq!(
+        added,
+        table(&[
+            ("Role v6-tasks", "", "pods", "get,list,watch"),
+            ("Role v6-tasks", "batch", "jobs", "get,list,watch"),
+        ])
+    );
+    assert!(off.iter().all(|d| d["kind"] != "NetworkPolicy"));
+    let egress = find(&on, "NetworkPolicy", "r-fedmesh-agent-v6-egress");
+    assert_eq!(egress["metadata"]["namespace"], "v6-tasks");
+    let roles = json!([{"key": "role", "operator": "In",
+                        "values": ["central_compute", "federated_compute"]}]);
+    assert_eq!(egress["spec"]["podSelector"]["matchExpressions"], roles);
+    assert_eq!(egress["spec"]["policyTypes"], json!(["Egress"]));
+    assert_eq!(
+        egress["spec"]["egress"],
+        json!([{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fedmesh"}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "fedmesh-agent",
+                                                         "app.kubernetes.io/instance": "r"}}}],
+                "ports": [{"port": 7655, "protocol": "TCP"}]}])
+    );
+    let ingress = find(&on, "NetworkPolicy", "r-fedmesh-agent-v6-ingress");
+    let rules = ingress["spec"]["ingress"].as_array().unwrap();
+    // The address API port only from the algorithm pods; every other rule leaves it out.
+    assert_eq!(
+        rules[0]["from"][0]["podSelector"]["matchExpressions"],
+        roles
+    );
+    assert_eq!(
+        rules[0]["ports"],
+        json!([{"port": 7655, "protocol": "TCP"}])
+    );
+    for rule in &rules[1..] {
+        assert!(
+            rule["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["port"] != 7655)
+        );
+    }
+    let agent =
+        &find(&on, "Deployment", "r-fedmesh-agent")["spec"]["template"]["spec"]["containers"][0];
+    let argv = argv(agent);
+    assert!(
+        argv.contains(&"--v6-listen=0.0.0.0:7655".to_owned()),
+        "{argv:?}"
+    );
+    assert!(
+        argv.contains(&"--v6-task-namespace=v6-tasks".to_owned()),
+        "{argv:?}"
+    );
+    let service = find(&on, "Service", "r-fedmesh-agent-v6");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "v6");
+}
+
 /// Each mode's Roles grant exactly what its mesh backend says it writes (plus the PeerLinks
 /// every mode writes): the RBAC rows sit beside the backends, and the chart follows them.
 #[test]
@@ -478,6 +561,7 @@ fn argv(container: &Value) -> Vec<String> {
         "FEDMESH_RESYNC" => Some("--resync"),
         "FEDMESH_LOG" => Some("--log"),
         "FEDMESH_LOG_FORMAT" => Some("--log-format"),
+        "FEDMESH_V6_TASK_NAMESPACE" => Some("--v6-task-namespace"),
         _ => None,
     };
     let mut argv = vec!["fedmesh".to_owned()];
