@@ -87,7 +87,7 @@ impl Net {
     /// pub (hub, rendezvous) ── router (NAT) ── site a, b, c.
     fn build() -> Self {
         let tag = format!("fmnat{}", std::process::id());
-        let mut net = Net { names: Vec::new() };
+        let mut net = Self { names: Vec::new() };
         for which in ["pub", "rtr", "a", "b", "c"] {
             let name = format!("{tag}-{which}");
             run("ip", &["netns", "add", &name]);
