@@ -1,9 +1,15 @@
 //! Sites that accept no inbound connections, for real: each site in its own network namespace
 //! behind a NAT router (iptables MASQUERADE) that drops every new inbound connection, the hub
 //! and the rendezvous in another namespace. Three `--outbound-only` nodes (real processes) link
-//! through the rendezvous over QUIC/UDP; 100 MB cross byte-exact (sha256) both ways; revoking a
-//! link closes its open connection within 5 s. The test first proves the NAT drops a direct
+//! through the rendezvous over QUIC/UDP; 100 MB cross byte-exact (sha256) both ways; a 3-party
+//! MPyC job (the example, unmodified) completes; revoking a link closes its open connection
+//! within 5 s while the other links carry on. The test first proves the NAT drops a direct
 //! dial (TCP and UDP) from one site to another and from the public side.
+//!
+//! Everything runs as real processes (`ip netns exec`): hub, rendezvous, owner commands,
+//! enrollment, nodes, and the Python peers (`nat_peer.py` beside this file) that send and hash.
+//! Addresses and ports are fixed inside the namespaces (each run has its own), never in the
+//! host's.
 //!
 //! Root only, with `ip` and `iptables`; otherwise it says why and passes without running.
 //! Every name is unique to this process and everything is removed on drop, also on failure.
@@ -515,25 +521,28 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         dir,
         &["collab", "documents", "--out", docs.to_str().unwrap()],
     );
-    // Links: a → b (the 100 MB), b → c and c → a (a ring: every site dials and is dialled).
+    // Links: a → b (the 100 MB), b → c and c → a (a ring: every site dials and is dialled) on
+    // 7101; the MPyC parties' ports: party 0 (a) dials 1 (b, 11366) and 2 (c, 11367), 1 dials 2.
     let mut links = Vec::new();
-    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
-        let id = owner(
-            &net,
-            dir,
-            &[
-                "link",
-                "request",
-                "--from",
-                &format!("org-{from}/n1"),
-                "--to",
-                &format!("org-{to}/n1"),
-                "--port",
-                "7101",
-            ],
-        )
-        .trim()
-        .to_owned();
+    for (from, to, ports) in [
+        ("a", "b", &["7101", "11366"][..]),
+        ("b", "c", &["7101", "11367"][..]),
+        ("c", "a", &["7101"][..]),
+        ("a", "c", &["11367"][..]),
+    ] {
+        let mut args = vec![
+            "link".to_owned(),
+            "request".into(),
+            "--from".into(),
+            format!("org-{from}/n1"),
+            "--to".into(),
+            format!("org-{to}/n1"),
+        ];
+        for port in ports {
+            args.extend(["--port".to_owned(), (*port).to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = owner(&net, dir, &args).trim().to_owned();
         let approved = {
             let mut c = net.exec("pub", &bin);
             c.args(["link", "approve", &id, "--owner-dir"])
@@ -564,6 +573,11 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
                 "127.0.0.1:9464",
             ])
             .args(["--expose", "7101=127.0.0.1:9101"])
+            .args(match site {
+                "b" => &["--expose", "11366=127.0.0.1:11366"][..],
+                "c" => &["--expose", "11367=127.0.0.1:11367"][..],
+                _ => &[][..],
+            })
             .stdout(Stdio::null())
             .spawn()
             .map(Proc)
@@ -614,6 +628,41 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         out_bytes > 200 * MB as u64,
         "the bytes went through the rendezvous: {metrics}"
     );
+
+    // A 3-party MPyC job, unmodified, each party in its own site, with the addresses its
+    // node hands out (its peers.json as FEDMESH_PEERS).
+    for (from, to, port) in [("a", "b", 11366), ("a", "c", 11367), ("b", "c", 11367)] {
+        peer_addr(dir, from, to, port);
+    }
+    let started = Instant::now();
+    let parties: Vec<_> = SITES
+        .iter()
+        .enumerate()
+        .map(|(i, site)| {
+            let peers = std::fs::read_to_string(dir.join(format!("org-{site}/peers.json")))
+                .expect("peers.json");
+            let mut c = net.exec(site, fedmesh_tests::python());
+            c.arg(fedmesh_tests::repo_root().join("examples/mpyc/party.py"))
+                .env("FEDMESH_PARTY_INDEX", i.to_string())
+                .env("FEDMESH_PARTIES", "org-a,org-b,org-c")
+                .env("FEDMESH_COLLAB", "nat")
+                .env("FEDMESH_PEERS", peers)
+                .env("FEDMESH_MPC_START_TIMEOUT", "30")
+                .env("FEDMESH_MPC_TIMEOUT", "30");
+            std::thread::spawn(move || c.output().expect("run an MPyC party"))
+        })
+        .collect();
+    for (i, party) in parties.into_iter().enumerate() {
+        let out = party.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("party {i}: sum=67 argmax=1")),
+            "MPyC party {i}: {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("3-party MPyC job in {:?}", started.elapsed());
 
     // An open connection over a → b; the owner revokes the link; it is closed within 5 s.
     let (_hold, mut hold) = spawn_lines({
