@@ -696,6 +696,18 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         "the connection over the revoked link was not closed within 5 s: {closed:?} after {elapsed:?}"
     );
     eprintln!("revoked link closed after {elapsed:?}");
+    // a's peer map drops org-b (its only link to it is gone) within 5 s.
+    loop {
+        let peers = std::fs::read_to_string(dir.join("org-a/peers.json")).unwrap_or_default();
+        if !peers.contains("org-b.nat.fedmesh") {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < 5 * SECOND,
+            "org-a still lists org-b after the revocation: {peers}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The other links still carry.
     let bc = peer_addr(dir, "b", "c", 7101);
     transfer(&net, "b", bc, &mut servers[2].1, 1024, 1024);
