@@ -285,13 +285,13 @@ pub fn server_config_gated(
     alpn: &[&[u8]],
     gate: &PeerGate,
 ) -> Result<ServerConfig> {
-    let verifier = Arc::new(SpiffeVerifier::new(bundle.clone(), gate.clone()));
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key_der())?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    server_config_for_members(
+        identity.chain.clone(),
+        identity.key_der(),
+        bundle,
+        alpn,
+        gate,
+    )
 }
 
 /// A server config presenting a certificate of its own (`chain`, `key`: a rendezvous server's,

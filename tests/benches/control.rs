@@ -16,7 +16,7 @@
 //!
 //! Run with `scripts/bench control` (builds the release binary first).
 
-use fedmesh_tests::{KillOnDrop, release_fedmesh};
+use fedmesh_tests::{KillOnDrop, enrolled_collab, release_fedmesh};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -26,11 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedmesh_agent::{
-    enroll,
-    owner::{self, HubAddress, NewCollab, Owner},
-};
-use fedmesh_documents::{CollabPolicy, Document, LinkRequest, NodeRef, OwnerKey, Signer, jws};
+use fedmesh_agent::owner::{self, HubAddress, Owner};
+use fedmesh_documents::{Document, LinkRequest, NodeRef, OwnerKey, Signer, jws};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -156,27 +153,13 @@ async fn collab(dir: &Path, nodes: usize) -> Collab {
     let url = line().replace("hub listening on ", "");
     let pin = line().replace("hub pin ", "");
     let owner_dir = dir.join("owner");
-    let mut owner = Owner::create(
+    let owner = enrolled_collab(
         &owner_dir,
         HubAddress { url, pin },
-        NewCollab {
-            id: COLLAB.into(),
-            owner_name: "bench".into(),
-            online_ca: true,
-            policy: CollabPolicy::default(),
-        },
+        COLLAB,
+        (0..nodes).map(|i| (node_name(i), dir.join(format!("node-{i}")))),
     )
-    .await
-    .expect("collaboration");
-    for i in 0..nodes {
-        let token = owner
-            .join_token(&n(&node_name(i)), None, 3600 * SECOND)
-            .await
-            .expect("token");
-        enroll::enroll(&token, &dir.join(format!("node-{i}")), None)
-            .await
-            .expect("enroll");
-    }
+    .await;
     Collab {
         hub: KillOnDrop(hub),
         owner,

@@ -10,7 +10,7 @@
 //! Run with `scripts/bench` (builds the release binary first). iperf3 and stunnel4 come from
 //! apt; without them their rows are skipped.
 
-use fedmesh_tests::{KillOnDrop, echo_server, release_fedmesh};
+use fedmesh_tests::{KillOnDrop, echo_server, enrolled_collab, release_fedmesh};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -23,11 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedmesh_agent::{
-    enroll,
-    owner::{self, HubAddress, NewCollab, Owner},
-};
-use fedmesh_documents::{CollabPolicy, NodeRef};
+use fedmesh_agent::owner::{self, HubAddress};
+use fedmesh_documents::NodeRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -117,27 +114,13 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
         .expect("banner")
         .replace("hub pin ", "");
     let hub = KillOnDrop(hub);
-    let mut owner = Owner::create(
+    let owner = enrolled_collab(
         &dir.join("owner"),
         HubAddress { url, pin },
-        NewCollab {
-            id: "bench".into(),
-            owner_name: "bench".into(),
-            online_ca: true,
-            policy: CollabPolicy::default(),
-        },
+        "bench",
+        ["org-a/n1", "org-b/n1"].map(|node| (node.to_owned(), dir.join(node.replace('/', "-")))),
     )
-    .await
-    .expect("collaboration");
-    for node in ["org-a/n1", "org-b/n1"] {
-        let token = owner
-            .join_token(&n(node), None, 3600 * SECOND)
-            .await
-            .expect("token");
-        enroll::enroll(&token, &dir.join(node.replace('/', "-")), None)
-            .await
-            .expect("enroll");
-    }
+    .await;
     let iperf_port = free_port();
     let echo = echo_server().await;
     // Returns the process and its admin address (from its banner).

@@ -20,7 +20,7 @@
 //! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
 //! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
 
-use fedmesh_tests::{KillOnDrop, release_fedmesh};
+use fedmesh_tests::{KillOnDrop, enrolled_collab, release_fedmesh};
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
@@ -29,11 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedmesh_agent::{
-    enroll,
-    owner::{self, HubAddress, NewCollab, Owner},
-};
-use fedmesh_documents::{CollabPolicy, NodeRef};
+use fedmesh_agent::owner::{self, HubAddress};
+use fedmesh_documents::NodeRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -207,27 +204,13 @@ async fn site(p: &Profile, dir: &Path) -> Site {
     let url = banner().replace("hub listening on ", "");
     let pin = banner().replace("hub pin ", "");
     let hub = KillOnDrop(hub);
-    let mut owner = Owner::create(
+    let owner = enrolled_collab(
         &dir.join("owner"),
         HubAddress { url, pin },
-        NewCollab {
-            id: "wan".into(),
-            owner_name: "bench".into(),
-            online_ca: true,
-            policy: CollabPolicy::default(),
-        },
+        "wan",
+        ["org-a/n1", "org-b/n1"].map(|node| (node.to_owned(), dir.join(node.replace('/', "-")))),
     )
-    .await
-    .expect("collaboration");
-    for node in ["org-a/n1", "org-b/n1"] {
-        let token = owner
-            .join_token(&n(node), None, 3600 * SECOND)
-            .await
-            .expect("token");
-        enroll::enroll(&token, &dir.join(node.replace('/', "-")), None)
-            .await
-            .expect("enroll");
-    }
+    .await;
     let ports = [
         IPERF_PORT.to_string().parse().expect("port"),
         ECHO_PORT.to_string().parse().expect("port"),

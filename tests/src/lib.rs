@@ -145,6 +145,43 @@ pub async fn metrics_until(
 }
 
 /// The repository's root directory.
+/// A collaboration with an online CA made by an owner in `owner_dir` at `hub`, and `nodes`
+/// (name, state directory) enrolled with one-time tokens: the benchmarks' common start.
+pub async fn enrolled_collab(
+    owner_dir: &Path,
+    hub: fedmesh_agent::owner::HubAddress,
+    id: &str,
+    nodes: impl IntoIterator<Item = (String, PathBuf)>,
+) -> fedmesh_agent::owner::Owner {
+    use fedmesh_agent::owner::{NewCollab, Owner};
+    let mut owner = Owner::create(
+        owner_dir,
+        hub,
+        NewCollab {
+            id: id.into(),
+            owner_name: "bench".into(),
+            online_ca: true,
+            policy: fedmesh_documents::CollabPolicy::default(),
+        },
+    )
+    .await
+    .expect("collaboration");
+    for (node, state) in nodes {
+        let token = owner
+            .join_token(
+                &node.parse().expect("node name"),
+                None,
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("token");
+        fedmesh_agent::enroll::enroll(&token, &state, None)
+            .await
+            .expect("enroll");
+    }
+    owner
+}
+
 /// The release `fedmesh` binary the benchmarks run (`scripts/bench` builds it).
 pub fn release_fedmesh() -> PathBuf {
     let bin = repo_root().join("target/release/fedmesh");
