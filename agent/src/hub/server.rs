@@ -701,6 +701,16 @@ fn now() -> SystemTime {
     SystemTime::now()
 }
 
+/// The collaboration's online CA, for renewing a certificate; an offline CA's owner renews.
+fn online_ca(state: &CollabState) -> HubResult<&CollabCa> {
+    state.ca.as_ref().ok_or_else(|| {
+        HubError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this collaboration's CA is offline: the owner renews certificates",
+        )
+    })
+}
+
 fn not_found(id: &str) -> HubError {
     HubError::new(
         StatusCode::NOT_FOUND,
@@ -1446,12 +1456,7 @@ async fn renew(
     let inner = &mut *inner;
     let state = inner.collabs.get_mut(&id).ok_or_else(|| not_found(&id))?;
     let node = member(&peer, state, now)?;
-    let ca = state.ca.as_ref().ok_or_else(|| {
-        HubError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "this collaboration's CA is offline: the owner renews certificates",
-        )
-    })?;
+    let ca = online_ca(state)?;
     let issued = issue_for(
         (&inner.policy, inner.cert_ttl),
         ca,
@@ -1580,12 +1585,7 @@ async fn reattest(
             record.serial
         )));
     }
-    let ca = state.ca.as_ref().ok_or_else(|| {
-        HubError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "this collaboration's CA is offline: the owner renews certificates",
-        )
-    })?;
+    let ca = online_ca(state)?;
     let issued = issue_for(
         (&inner.policy, inner.cert_ttl),
         ca,
