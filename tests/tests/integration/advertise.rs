@@ -11,7 +11,7 @@ use fedmesh_agent::{
 use fedmesh_documents::NodeRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -23,16 +23,7 @@ fn n(s: &str) -> NodeRef {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_advertised_by_host_name_is_dialled() {
     fedmesh_tests::subscribe();
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = target.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let target_addr = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (n("org-a/n1"), n("org-b/n1"));
     let specs = [

@@ -11,7 +11,7 @@ use fedmesh_agent::{
 use fedmesh_documents::NodeRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -24,16 +24,7 @@ fn n(s: &str) -> NodeRef {
 async fn stopping_drains_streams_and_hub_connections() {
     fedmesh_tests::subscribe();
     // An echo target at org-b.
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = target.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let target_addr = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let specs = [
         NodeSpec {
