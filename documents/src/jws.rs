@@ -372,6 +372,9 @@ pub fn signed_at(doc: &Document) -> u64 {
         Document::Revocation(r) => r.issued_at,
         Document::JoinGrant(g) => g.not_after,
         Document::Checkpoint(c) => c.issued_at,
+        Document::LinkPolicy(p) => p.issued_at,
+        Document::RunAnnouncement(a) => a.started_at,
+        Document::RunEnd(e) => e.ended_at,
     }
 }
 

@@ -40,6 +40,10 @@ use crate::{
     Advertisement, Approval, Checkpoint, Collaboration, Decision, DocKind, Document, LinkRequest,
     LinkTerms, NodeRef, Revocation, Verdict,
     jws::{self, unix},
+    runs::{
+        self, LinkPolicy, MAX_LIFETIME_SECS, MAX_POLICIES, MAX_RUNS_PER_NODE, RunAnnouncement,
+        RunEnd, run_key,
+    },
 };
 
 /// A signed document as the hub delivers it: a sequence number, what the hub says it is, and
@@ -295,6 +299,15 @@ pub struct Ledger {
     revoked_in: BTreeMap<String, u64>,
     numbers: Numbers,
     checkpoint: Option<Checkpoint>,
+    /// Link policies by name (the latest signed of each).
+    #[serde(default)]
+    policies: BTreeMap<String, LinkPolicy>,
+    /// Runs announced and not ended, by [`run_key`], with the signer's certificate serial.
+    #[serde(default)]
+    runs: BTreeMap<String, (RunAnnouncement, String)>,
+    /// The latest end of each run, by [`run_key`]: an announcement it ended never comes back.
+    #[serde(default)]
+    ends: BTreeMap<String, RunEnd>,
     /// Advertisements of nodes this node has no link with, not verified (the latest each).
     deferred: BTreeMap<NodeRef, Envelope>,
     cursor: u64,
@@ -323,6 +336,9 @@ impl Ledger {
             revoked_in: BTreeMap::new(),
             numbers: Numbers::default(),
             checkpoint: None,
+            policies: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            ends: BTreeMap::new(),
             deferred: BTreeMap::new(),
             cursor: 0,
             verified: HashMap::new(),
@@ -357,6 +373,9 @@ impl Ledger {
             revoked_in: self.revoked_in.clone(),
             numbers: self.numbers.clone(),
             checkpoint: self.checkpoint.clone(),
+            policies: self.policies.clone(),
+            runs: self.runs.clone(),
+            ends: self.ends.clone(),
             deferred: BTreeMap::new(),
             cursor: self.cursor,
             verified: HashMap::new(),
@@ -615,6 +634,15 @@ impl Ledger {
                 .map_err(|reason| (Forbidden, reason))?;
             Ok((doc, info.serial))
         } else {
+            if matches!(claimed, Document::RunAnnouncement(_) | Document::RunEnd(_)) {
+                return refuse(
+                    Forbidden,
+                    format!(
+                        "a {} must be signed by the node it is about",
+                        claimed.kind()
+                    ),
+                );
+            }
             let doc = jws::verify_owner(jws, &collab.owner_key)
                 .map_err(|e| (Forbidden, e.to_string()))?;
             Ok((doc, String::new()))
@@ -650,6 +678,8 @@ impl Ledger {
             Document::Advertisement(a) => a.node.to_string(),
             Document::LinkRequest(r) => r.requested_by.clone(),
             Document::Decision(d) => d.by.to_string(),
+            Document::RunAnnouncement(a) => a.node.to_string(),
+            Document::RunEnd(e) => e.node.to_string(),
             other => return Err(format!("a {} must be signed by the owner", other.kind())),
         };
         if speaks_for != signer.to_string() {
@@ -732,9 +762,105 @@ impl Ledger {
             }
             Document::Revocation(r) => self.record_revocation(r),
             Document::Checkpoint(cp) => self.record_checkpoint(cp),
+            Document::LinkPolicy(p) => self.record_policy(p),
+            Document::RunAnnouncement(a) => self.record_run(a, serial),
+            Document::RunEnd(e) => Ok(self.record_run_end(e)),
             // Join grants matter to the hub only.
             Document::JoinGrant(_) => Ok(Ingested::Unchanged),
         }
+    }
+
+    /// Records a link policy unless one of its name signed later is held.
+    fn record_policy(&mut self, p: LinkPolicy) -> Result<Ingested, Refusal> {
+        p.validate()
+            .map_err(|e| (RejectCode::Invalid, e.to_string()))?;
+        match self.policies.get(&p.name) {
+            Some(old) if old.issued_at >= p.issued_at => return Ok(Ingested::Unchanged),
+            None if self.policies.len() >= MAX_POLICIES => {
+                return refuse(
+                    RejectCode::Invalid,
+                    format!("the collaboration holds {MAX_POLICIES} link policies already"),
+                );
+            }
+            _ => {}
+        }
+        self.policies.insert(p.name.clone(), p);
+        Ok(Ingested::Changed)
+    }
+
+    /// Records a run announcement: refused when an end of the run at or after its start is
+    /// held (a replay of an ended run), or when its node has too many runs; unchanged when a
+    /// later start of the same run is held.
+    fn record_run(&mut self, a: RunAnnouncement, serial: String) -> Result<Ingested, Refusal> {
+        a.validate()
+            .map_err(|e| (RejectCode::Invalid, e.to_string()))?;
+        let key = run_key(&a.node, a.task.task_id);
+        if let Some(end) = self.ends.get(&key)
+            && end.ended_at >= a.started_at
+        {
+            return refuse(
+                RejectCode::Stale,
+                format!(
+                    "the run of task {} at {} started at {} ended at {}",
+                    a.task.task_id, a.node, a.started_at, end.ended_at
+                ),
+            );
+        }
+        match self.runs.get(&key) {
+            Some((old, _)) if old.started_at >= a.started_at => return Ok(Ingested::Unchanged),
+            Some(_) => {}
+            None => {
+                let live = self.runs.values().filter(|(r, _)| r.node == a.node).count();
+                if live >= MAX_RUNS_PER_NODE {
+                    return refuse(
+                        RejectCode::Invalid,
+                        format!(
+                            "{} has {live} runs announced and not ended; at most \
+                             {MAX_RUNS_PER_NODE}",
+                            a.node
+                        ),
+                    );
+                }
+            }
+        }
+        self.runs.insert(key, (a, serial));
+        Ok(Ingested::Changed)
+    }
+
+    /// Records the end of a run: the announcement it ends (started at or before it) is
+    /// withdrawn.
+    fn record_run_end(&mut self, e: RunEnd) -> Ingested {
+        let key = run_key(&e.node, e.task_id);
+        if self
+            .ends
+            .get(&key)
+            .is_some_and(|old| old.ended_at >= e.ended_at)
+        {
+            return Ingested::Unchanged;
+        }
+        if self
+            .runs
+            .get(&key)
+            .is_some_and(|(a, _)| a.started_at <= e.ended_at)
+        {
+            self.runs.remove(&key);
+        }
+        self.ends.insert(key, e);
+        Ingested::Changed
+    }
+
+    /// The runs announced and not ended, less those whose signer's certificate was revoked.
+    pub fn live_runs(&self) -> Vec<&RunAnnouncement> {
+        self.runs
+            .values()
+            .filter(|(_, serial)| !self.serial_revoked(serial))
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    /// The link policies held (withdrawn and expired ones included).
+    pub fn link_policies(&self) -> impl Iterator<Item = &LinkPolicy> {
+        self.policies.values()
     }
 
     /// Adds what `r` revokes to what is revoked.
@@ -824,6 +950,12 @@ impl Ledger {
         }
         let revoked_nodes = self.revocation.nodes.clone();
         self.adverts.retain(|node, _| !revoked_nodes.contains(node));
+        // Runs and their ends matter for at most the longest lifetime after they happened: a
+        // replayed announcement that old grants nothing (and the hub refuses it).
+        let horizon = cp.issued_at.saturating_sub(MAX_LIFETIME_SECS);
+        self.runs.retain(|_, (a, _)| a.started_at > horizon);
+        self.ends.retain(|_, e| e.ended_at > horizon);
+        self.policies.retain(|_, p| p.not_after > cp.issued_at);
         self.checkpoint = Some(cp);
         Ok(Ingested::Changed)
     }
@@ -978,6 +1110,12 @@ impl Ledger {
                 .is_none_or(|cp| r.number > cp.revocations),
             Document::Checkpoint(cp) => self.checkpoint.as_ref() == Some(cp),
             Document::JoinGrant(_) => true,
+            Document::LinkPolicy(p) => self.policies.get(&p.name) == Some(p),
+            Document::RunAnnouncement(a) => self
+                .runs
+                .get(&run_key(&a.node, a.task.task_id))
+                .is_some_and(|(x, _)| x == a),
+            Document::RunEnd(e) => self.ends.get(&run_key(&e.node, e.task_id)) == Some(e),
         }
     }
 
@@ -1045,7 +1183,38 @@ impl Ledger {
                 _ => {}
             }
         }
+        let owner_signed: BTreeSet<String> = links.iter().map(|l| l.terms.id.clone()).collect();
+        links.extend(
+            self.task_links(now)
+                .into_iter()
+                .filter(|l| l.terms.concerns(local) && !owner_signed.contains(&l.terms.id)),
+        );
         (links, rejections)
+    }
+
+    /// The task-lifetime links the link policies grant at `now` between the runs announced and
+    /// not ended ([`runs::task_links`]), less those revoked (by link id, or a node at either
+    /// end) or with an end that is no longer a member. The receiving node consented by
+    /// announcing its run; its local veto (by link id) still applies downstream.
+    pub fn task_links(&self, now: SystemTime) -> Vec<EffectiveLink> {
+        if self.collab.is_none() || self.policies.is_empty() {
+            return Vec::new();
+        }
+        let live = self.live_runs();
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for policy in self.policies.values() {
+            for link in runs::task_links(policy, &live, now) {
+                if self.link_revoked(&link.terms)
+                    || self.check_members(&link.terms).is_err()
+                    || !seen.insert(link.terms.id.clone())
+                {
+                    continue;
+                }
+                out.push(link);
+            }
+        }
+        out
     }
 }
 

@@ -8,7 +8,10 @@ use std::{collections::BTreeSet, fmt, str::FromStr};
 use fedmesh_certs::id::validate_label;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    runs::{LinkPolicy, RunAnnouncement, RunEnd},
+};
 
 /// Most ports one link may carry.
 pub const MAX_PORTS_PER_LINK: usize = 32;
@@ -785,6 +788,12 @@ pub enum Document {
     JoinGrant(JoinGrant),
     /// [`Checkpoint`].
     Checkpoint(Checkpoint),
+    /// [`LinkPolicy`] (owner-signed).
+    LinkPolicy(LinkPolicy),
+    /// [`RunAnnouncement`] (signed by the node the run is at).
+    RunAnnouncement(RunAnnouncement),
+    /// [`RunEnd`] (signed by the node the run was at).
+    RunEnd(RunEnd),
 }
 
 /// The kinds of [`Document`].
@@ -807,6 +816,12 @@ pub enum DocKind {
     JoinGrant,
     /// [`Checkpoint`].
     Checkpoint,
+    /// [`LinkPolicy`].
+    LinkPolicy,
+    /// [`RunAnnouncement`].
+    RunAnnouncement,
+    /// [`RunEnd`].
+    RunEnd,
 }
 
 impl fmt::Display for DocKind {
@@ -820,6 +835,9 @@ impl fmt::Display for DocKind {
             Self::Revocation => "revocation",
             Self::JoinGrant => "join grant",
             Self::Checkpoint => "checkpoint",
+            Self::LinkPolicy => "link policy",
+            Self::RunAnnouncement => "run announcement",
+            Self::RunEnd => "run end",
         };
         f.write_str(s)
     }
@@ -837,6 +855,9 @@ impl Document {
             Self::Revocation(_) => DocKind::Revocation,
             Self::JoinGrant(_) => DocKind::JoinGrant,
             Self::Checkpoint(_) => DocKind::Checkpoint,
+            Self::LinkPolicy(_) => DocKind::LinkPolicy,
+            Self::RunAnnouncement(_) => DocKind::RunAnnouncement,
+            Self::RunEnd(_) => DocKind::RunEnd,
         }
     }
 
@@ -851,6 +872,9 @@ impl Document {
             Self::Revocation(r) => &r.collab,
             Self::JoinGrant(g) => &g.collab,
             Self::Checkpoint(c) => &c.collab,
+            Self::LinkPolicy(p) => &p.collab,
+            Self::RunAnnouncement(a) => &a.collab,
+            Self::RunEnd(e) => &e.collab,
         }
     }
 
@@ -865,6 +889,9 @@ impl Document {
             Self::Revocation(r) => r.number.to_string(),
             Self::JoinGrant(g) => g.node.to_string(),
             Self::Checkpoint(c) => c.number.to_string(),
+            Self::LinkPolicy(p) => p.name.clone(),
+            Self::RunAnnouncement(a) => crate::runs::run_key(&a.node, a.task.task_id),
+            Self::RunEnd(e) => crate::runs::run_key(&e.node, e.task_id),
         }
     }
 }

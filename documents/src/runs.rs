@@ -34,6 +34,15 @@ pub const MAX_POLICY_ORGS: usize = 256;
 pub const MAX_RUN_PORTS: usize = 32;
 /// Longest lifetime a policy may grant a task link: 7 days.
 pub const MAX_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+/// Most runs one node may have announced and not ended at once.
+pub const MAX_RUNS_PER_NODE: usize = 1024;
+/// Most link policies a collaboration may hold.
+pub const MAX_POLICIES: usize = 64;
+
+/// What the ledger files a run's announcement and end under: `<org>/<node>#<task>`.
+pub fn run_key(node: &NodeRef, task_id: u64) -> String {
+    format!("{node}#{task_id}")
+}
 
 /// The owner's standing permission for task-lifetime links.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,8 +61,11 @@ pub struct LinkPolicy {
     pub orgs: Vec<String>,
     /// Longest a task link lasts: it ends when either of its two runs has run this long.
     pub max_lifetime_secs: u64,
-    /// Unix time after which the policy grants nothing.
+    /// Unix time after which the policy grants nothing (withdrawing a policy is signing it
+    /// again with `not_after` at the signing time).
     pub not_after: u64,
+    /// When it was signed; a newer policy of the same name replaces an older one.
+    pub issued_at: u64,
 }
 
 /// "A run of `task` started at `node`", signed by that node.
@@ -304,6 +316,7 @@ mod tests {
             orgs: vec!["a".into(), "b".into(), "c".into()],
             max_lifetime_secs: 100,
             not_after: 10_000,
+            issued_at: 1,
         }
     }
 

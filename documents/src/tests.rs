@@ -627,3 +627,174 @@ fn links_in_force_leave_out_local_vetoes_and_end_at_expiry() {
     assert_eq!(links[0].terms, long);
     assert_eq!(Ledger::next_expiry(&[]), None);
 }
+
+mod task_links {
+    use super::*;
+    use crate::{
+        RejectCode, TaskRef,
+        runs::{LinkPolicy, RunAnnouncement, RunEnd},
+    };
+
+    const IMG: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const OTHER: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn policy(f: &Fixture, issued_at: u64, not_after: u64) -> String {
+        f.owner_sign(&Document::LinkPolicy(LinkPolicy {
+            collab: f.collab.id.clone(),
+            name: "mpc".into(),
+            images: vec![IMG.into()],
+            ports: vec!["11365:mpc".parse().unwrap()],
+            orgs: vec!["org-a".into(), "org-b".into(), "org-c".into()],
+            max_lifetime_secs: 3600,
+            not_after,
+            issued_at,
+        }))
+    }
+
+    fn announce(f: &Fixture, node: &str, task: u64, image: &str, started_at: u64) -> String {
+        announce_as(f, node, node, task, image, started_at)
+    }
+
+    fn announce_as(
+        f: &Fixture,
+        signer: &str,
+        node: &str,
+        task: u64,
+        image: &str,
+        started_at: u64,
+    ) -> String {
+        f.node_sign(
+            signer,
+            &Document::RunAnnouncement(RunAnnouncement {
+                collab: f.collab.id.clone(),
+                node: n(node),
+                task: TaskRef {
+                    task_id: task,
+                    parent_id: None,
+                },
+                image: image.into(),
+                ports: vec!["11365:mpc".parse().unwrap()],
+                started_at,
+            }),
+        )
+    }
+
+    fn end(f: &Fixture, node: &str, task: u64, ended_at: u64) -> String {
+        f.node_sign(
+            node,
+            &Document::RunEnd(RunEnd {
+                collab: f.collab.id.clone(),
+                node: n(node),
+                task_id: task,
+                ended_at,
+            }),
+        )
+    }
+
+    fn peers(l: &Ledger, node: &str, f: &Fixture) -> Vec<String> {
+        let mut v: Vec<String> = l
+            .effective_links(&n(node), f.now)
+            .0
+            .iter()
+            .map(|l| format!("{}>{}", l.terms.from, l.terms.to))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn announced_runs_link_under_a_policy_until_one_ends() {
+        let f = fixture();
+        let now = jws::unix(f.now);
+        let mut l = ledger(&f);
+        accept(&mut l, &f, policy(&f, now, now + 7200));
+        accept(&mut l, &f, announce(&f, "org-a/n1", 7, IMG, now));
+        assert!(
+            peers(&l, "org-a/n1", &f).is_empty(),
+            "one run links to nobody"
+        );
+        accept(&mut l, &f, announce(&f, "org-b/n1", 7, IMG, now));
+        accept(&mut l, &f, announce(&f, "org-c/n1", 7, OTHER, now));
+        assert_eq!(
+            peers(&l, "org-a/n1", &f),
+            ["org-a/n1>org-b/n1", "org-b/n1>org-a/n1"],
+            "an unlisted image gets no link"
+        );
+        let links = l.effective_links(&n("org-a/n1"), f.now).0;
+        assert_eq!(
+            links[0].terms.not_after,
+            now + 3600,
+            "the lifetime bounds it"
+        );
+        assert_eq!(links[0].approved_by, "link policy mpc");
+
+        // The end withdraws the run; a replay of the announcement is refused.
+        accept(&mut l, &f, end(&f, "org-b/n1", 7, now));
+        assert!(peers(&l, "org-a/n1", &f).is_empty());
+        // (The same bytes again are known by their hash and change nothing; a ledger that has
+        // the end but never saw the announcement refuses it.)
+        let replay = f.envelope(announce(&f, "org-b/n1", 7, IMG, now));
+        assert_eq!(l.ingest(&replay, f.now).unwrap(), Ingested::Unchanged);
+        assert!(peers(&l, "org-a/n1", &f).is_empty());
+        let mut fresh = ledger(&f);
+        accept(&mut fresh, &f, end(&f, "org-b/n1", 7, now));
+        let r = fresh.ingest(&replay, f.now).unwrap_err();
+        assert_eq!(r.code, RejectCode::Stale, "{r}");
+        // A later run of the task at the node links again.
+        accept(&mut l, &f, announce(&f, "org-b/n1", 7, IMG, now + 1));
+        assert_eq!(peers(&l, "org-b/n1", &f).len(), 2);
+
+        // What the store may drop: the ended announcement, not the end.
+        let doc = |jws: &str| jws::peek(jws).unwrap().1;
+        assert!(!l.holds(&doc(&announce(&f, "org-b/n1", 7, IMG, now))));
+        assert!(l.holds(&doc(&end(&f, "org-b/n1", 7, now))));
+        assert!(l.holds(&doc(&announce(&f, "org-b/n1", 7, IMG, now + 1))));
+
+        // Withdrawing the policy (signed again, ending now) ends every task link.
+        accept(&mut l, &f, policy(&f, now + 1, now));
+        assert!(peers(&l, "org-a/n1", &f).is_empty());
+        // An older policy of the same name changes nothing.
+        let old = f.envelope(policy(&f, now, now + 7200));
+        assert_eq!(l.ingest(&old, f.now).unwrap(), Ingested::Unchanged);
+        assert!(peers(&l, "org-a/n1", &f).is_empty());
+    }
+
+    #[test]
+    fn only_the_node_itself_announces_and_revocation_applies() {
+        let f = fixture();
+        let now = jws::unix(f.now);
+        let mut l = ledger(&f);
+        accept(&mut l, &f, policy(&f, now, now + 7200));
+        let forged = f.envelope(announce_as(&f, "org-c/n1", "org-b/n1", 7, IMG, now));
+        let r = l.ingest(&forged, f.now).unwrap_err();
+        assert_eq!(r.code, RejectCode::Forbidden);
+        assert!(
+            r.reason
+                .contains("signed by org-c/n1 but speaks for org-b/n1"),
+            "{r}"
+        );
+        // An owner-signed announcement is not a node's.
+        let owner =
+            f.envelope(f.owner_sign(&jws::peek(&announce(&f, "org-b/n1", 7, IMG, now)).unwrap().1));
+        assert!(
+            l.ingest(&owner, f.now)
+                .unwrap_err()
+                .reason
+                .contains("must be signed by the node")
+        );
+
+        accept(&mut l, &f, announce(&f, "org-a/n1", 7, IMG, now));
+        accept(&mut l, &f, announce(&f, "org-b/n1", 7, IMG, now));
+        assert_eq!(peers(&l, "org-a/n1", &f).len(), 2);
+        let id = l.effective_links(&n("org-a/n1"), f.now).0[0]
+            .terms
+            .id
+            .clone();
+        accept(&mut l, &f, f.revocation(1, &[&id]));
+        assert_eq!(
+            peers(&l, "org-a/n1", &f).len(),
+            1,
+            "the revoked direction is out"
+        );
+    }
+}
