@@ -312,6 +312,7 @@ pub fn environment(mesh: &LocalMesh, org: &Org) -> Result<BTreeMap<String, Strin
         source: std::net::Ipv4Addr::LOCALHOST.into(),
         ports: org.exposes.clone(),
         host: None,
+        image: None,
     }) {
         bail!("announcing the demo run: {e}");
     }

@@ -311,6 +311,39 @@ impl Owner {
         Ok(ledger)
     }
 
+    /// Signs and publishes a link policy (a newer one of the same name replaces it); the
+    /// collaboration and signing time are filled in. Returns the policy as signed.
+    pub async fn link_policy(
+        &self,
+        mut policy: fedmesh_documents::runs::LinkPolicy,
+    ) -> Result<fedmesh_documents::runs::LinkPolicy> {
+        policy.collab = self.collab.id.clone();
+        policy.issued_at = unix(SystemTime::now());
+        policy.validate()?;
+        self.submit(self.sign(&Document::LinkPolicy(policy.clone()))?)
+            .await?;
+        Ok(policy)
+    }
+
+    /// Withdraws the link policy `name`: signs it again ending now. Returns it as signed.
+    pub async fn withdraw_link_policy(
+        &self,
+        name: &str,
+    ) -> Result<fedmesh_documents::runs::LinkPolicy> {
+        let ledger = self.ledger().await?;
+        let Some(held) = ledger.link_policies().find(|p| p.name == name) else {
+            bail!("the hub holds no link policy named {name:?}");
+        };
+        let mut policy = held.clone();
+        let now = unix(SystemTime::now());
+        policy.not_after = now;
+        // Signed after the policy it withdraws, even within the same second.
+        policy.issued_at = now.max(held.issued_at + 1);
+        self.submit(self.sign(&Document::LinkPolicy(policy.clone()))?)
+            .await?;
+        Ok(policy)
+    }
+
     /// Requests a link in the owner's name.
     pub async fn request(&self, terms: LinkTerms) -> Result<LinkTerms> {
         let doc = Document::LinkRequest(LinkRequest {

@@ -40,6 +40,89 @@ pub enum CollabCommand {
     /// Write the signed documents a rendezvous server needs (the collaboration document and
     /// the latest revocation list), one per line, for `fedmesh rendezvous --documents`.
     Documents(DocumentsArgs),
+    /// Sign a link policy: runs of tasks whose image digest is listed link among the listed
+    /// organisations on the listed ports while both runs last, at most `--lifetime` (the same
+    /// name again replaces it; `--withdraw` ends it).
+    LinkPolicy(LinkPolicyArgs),
+}
+
+/// `fedmesh collab link-policy`
+#[derive(Debug, Args)]
+pub struct LinkPolicyArgs {
+    /// Owner directory.
+    #[arg(long = "owner-dir", visible_alias = "dir")]
+    dir: PathBuf,
+    /// The policy's name (a lowercase DNS label).
+    #[arg(long)]
+    name: String,
+    /// An algorithm image digest, `sha256:<64 hex>` (repeatable).
+    #[arg(long = "image", required_unless_present = "withdraw")]
+    images: Vec<String>,
+    /// A port runs may link on, `port[:label]` (repeatable).
+    #[arg(long = "port", required_unless_present = "withdraw")]
+    ports: Vec<PortSpec>,
+    /// An organisation taking part (repeatable, at least two).
+    #[arg(long = "org", required_unless_present = "withdraw")]
+    orgs: Vec<String>,
+    /// Longest a task link lasts (from the later of its two runs' starts).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2h")]
+    lifetime: Duration,
+    /// When the policy ends (RFC 3339, e.g. 2027-01-01T00:00:00Z; default: 90 days from now).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    not_after: Option<std::time::SystemTime>,
+    /// Withdraw the policy of this name (sign it again ending now).
+    #[arg(long, conflicts_with_all = ["images", "ports", "orgs"])]
+    withdraw: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Format,
+}
+
+async fn run_link_policy(args: LinkPolicyArgs) -> Result<()> {
+    let owner = Owner::load(&args.dir)?;
+    let policy = if args.withdraw {
+        owner.withdraw_link_policy(&args.name).await?
+    } else {
+        let now = std::time::SystemTime::now();
+        let not_after = args
+            .not_after
+            .unwrap_or(now + Duration::from_secs(90 * 24 * 3600));
+        owner
+            .link_policy(fedmesh_documents::runs::LinkPolicy {
+                collab: String::new(),
+                name: args.name.clone(),
+                images: args.images,
+                ports: args.ports,
+                orgs: args.orgs,
+                max_lifetime_secs: args.lifetime.as_secs(),
+                not_after: jws::unix(not_after),
+                issued_at: 0,
+            })
+            .await?
+    };
+    if let Some(json) = args.output.render(&policy)? {
+        print!("{json}");
+        return Ok(());
+    }
+    if args.withdraw {
+        println!("link policy {} withdrawn", policy.name);
+    } else {
+        println!(
+            "link policy {}: {} image(s), ports {}, organisations {}, links last at most {}s, until {}",
+            policy.name,
+            policy.images.len(),
+            policy
+                .ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            policy.orgs.join(","),
+            policy.max_lifetime_secs,
+            rfc3339(fedmesh_certs::time::from_unix(policy.not_after)),
+        );
+    }
+    Ok(())
 }
 
 /// `fedmesh collab rendezvous`
@@ -306,6 +389,7 @@ pub(crate) async fn run_collab(cmd: CollabCommand) -> Result<()> {
         }
         CollabCommand::Rendezvous(args) => return run_rendezvous(args).await,
         CollabCommand::Documents(args) => return run_documents(args).await,
+        CollabCommand::LinkPolicy(args) => return run_link_policy(args).await,
     };
     let CreateArgs {
         id,

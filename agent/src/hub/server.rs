@@ -322,18 +322,27 @@ impl CollabState {
                 .map(|env| env.seq)
                 .collect();
         }
-        replaced
-            .filter(|(kind, _)| {
-                matches!(
-                    kind,
-                    DocKind::Collaboration | DocKind::Advertisement | DocKind::Decision
-                )
-            })
-            .and_then(|subject| self.subjects.get(subject))
-            .and_then(|seq| self.docs.get(seq))
+        let Some((kind, subject)) = replaced else {
+            return Vec::new();
+        };
+        // A newer document of the same subject replaces the old one; a run's end replaces its
+        // announcement.
+        let candidates: &[DocKind] = match kind {
+            DocKind::Collaboration
+            | DocKind::Advertisement
+            | DocKind::Decision
+            | DocKind::LinkPolicy
+            | DocKind::RunAnnouncement => &[*kind],
+            DocKind::RunEnd => &[DocKind::RunEnd, DocKind::RunAnnouncement],
+            _ => &[],
+        };
+        candidates
+            .iter()
+            .filter_map(|k| self.subjects.get(&(*k, subject.clone())))
+            .filter_map(|seq| self.docs.get(seq))
             .filter(|env| !rests_on(env))
-            .map(|env| vec![env.seq])
-            .unwrap_or_default()
+            .map(|env| env.seq)
+            .collect()
     }
 }
 
@@ -1173,6 +1182,21 @@ fn check_hub_rules(
                 ));
             }
             Ok(())
+        }
+        // A run announced longer ago than any policy's lifetime grants nothing: refused, so a
+        // replay of one whose end was compacted away is not stored either.
+        Document::RunAnnouncement(a)
+            if a.started_at
+                .saturating_add(fedmesh_documents::runs::MAX_LIFETIME_SECS)
+                <= unix_now =>
+        {
+            Err(HubError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the run of task {} started at {}, longer ago than any link lifetime",
+                    a.task.task_id, a.started_at
+                ),
+            ))
         }
         _ => Ok(()),
     }

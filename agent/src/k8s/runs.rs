@@ -94,13 +94,36 @@ pub fn run_of(pod: &Pod, job: Option<&Job>) -> Option<LocalRun> {
         }
     }
     ports.truncate(MAX_RUN_PORTS);
+    let image = spec
+        .containers
+        .first()
+        .and_then(|c| image_digest(status, &c.name));
     Some(LocalRun {
         task_id,
         parent_id,
         source,
         ports,
         host: None,
+        image,
     })
+}
+
+/// The manifest digest of the image container `name` runs, from its status's `imageID`
+/// (`<repository>@sha256:<hex>`, as the runtime resolved what it pulled). A bare `sha256:...`
+/// is the image's config digest on some runtimes, not the digest a policy names, so only the
+/// `@sha256:` form counts.
+fn image_digest(status: &k8s_openapi::api::core::v1::PodStatus, name: &str) -> Option<String> {
+    let id = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == name)?
+        .image_id
+        .as_str();
+    let (_, digest) = id.rsplit_once('@')?;
+    fedmesh_documents::runs::validate_digest(digest)
+        .is_ok()
+        .then(|| digest.to_owned())
 }
 
 /// The pod's controlling owner when it is a Job: (name, uid).
@@ -229,9 +252,16 @@ mod tests {
                                      "ports": [{"containerPort": 8888, "name": "mpc"},
                                                {"containerPort": 9000},
                                                {"containerPort": 53, "protocol": "UDP"}]}]},
-            "status": {"phase": phase, "podIP": ip},
+            "status": {"phase": phase, "podIP": ip,
+                       "containerStatuses": [{"name": "algorithm", "image": "algo",
+                           "imageID": format!("docker.io/library/algo@{IMAGE}"),
+                           "ready": true, "restartCount": 0}]},
         })
     }
+
+    /// The digest the pod fixture's container runs.
+    pub(crate) const IMAGE: &str =
+        "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
 
     fn of(pod: &Value, job: &Value) -> Option<LocalRun> {
         let pod: Pod = serde_json::from_value(pod.clone()).unwrap();
@@ -250,8 +280,15 @@ mod tests {
                 source: "10.42.0.9".parse().unwrap(),
                 ports: vec!["8888:mpc".parse().unwrap(), "9000".parse().unwrap()],
                 host: None,
+                image: Some(IMAGE.into()),
             }
         );
+        // No digest the policy could name: a bare config digest, or no status yet.
+        let mut bare = pod("p", "j", "10.42.0.9", "Running");
+        bare["status"]["containerStatuses"][0]["imageID"] = json!(IMAGE);
+        assert_eq!(of(&bare, &job("j", "10", "5")).unwrap().image, None);
+        bare["status"]["containerStatuses"] = json!([]);
+        assert_eq!(of(&bare, &job("j", "10", "5")).unwrap().image, None);
         // A top-level task: the parent annotation is empty.
         let top = of(&pod("p", "j", "10.42.0.9", "Running"), &job("j", "5", "")).unwrap();
         assert_eq!((top.task_id, top.parent_id), (5, None));
@@ -448,6 +485,7 @@ mod tests {
                     source: "172.17.0.5".parse().unwrap(),
                     ports: vec![],
                     host: None,
+                    image: None,
                 })
                 .unwrap();
             let cancel = CancellationToken::new();

@@ -25,6 +25,7 @@
 //! listens on.
 
 pub mod admin;
+pub mod announce;
 mod follow;
 pub mod identity;
 pub mod plan;
@@ -445,6 +446,13 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     };
 
     let shared_state = Arc::new(state);
+    tasks.spawn(announce::run(
+        shared_state.clone(),
+        runs.clone(),
+        identity_rx.clone(),
+        ledger_rx.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(follow::follow(
         shared_state.clone(),
         hub,

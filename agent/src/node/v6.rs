@@ -116,6 +116,12 @@ pub struct LocalRun {
     /// Where it listens, when not at `source` (default: `source`).
     #[serde(default)]
     pub host: Option<String>,
+    /// The run's algorithm image digest (`sha256:<64 hex>`), which link policies name: from
+    /// the pod's container status in Kubernetes, from the operator's announcement otherwise.
+    /// A run without one is served by the address API but not announced to peers (no
+    /// task-lifetime link can name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Why an announcement was refused.
@@ -717,6 +723,8 @@ struct Announce {
     ports: Vec<String>,
     #[serde(default)]
     host: Option<String>,
+    #[serde(default)]
+    image: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -745,12 +753,18 @@ async fn announce(State(registry): State<Registry>, body: axum::body::Bytes) -> 
     {
         return msg(StatusCode::BAD_REQUEST, format!("host {h:?} is not a host"));
     }
+    if let Some(image) = &a.image
+        && let Err(e) = fedmesh_documents::runs::validate_digest(image)
+    {
+        return msg(StatusCode::BAD_REQUEST, e.to_string());
+    }
     let run = LocalRun {
         task_id: a.task_id,
         parent_id: a.parent_id,
         source: a.source,
         ports,
         host: a.host,
+        image: a.image,
     };
     match registry.announce(run) {
         Ok(()) => msg(StatusCode::CREATED, "run announced"),
@@ -776,7 +790,8 @@ async fn list(State(registry): State<Registry>) -> Json<Vec<LocalRun>> {
 }
 
 /// The announce routes (for the node's operator only: bind them to loopback):
-/// `POST /runs` `{task_id, parent_id?, source, ports: ["8888:mpc"], host?}`,
+/// `POST /runs` `{task_id, parent_id?, source, ports: ["8888:mpc"], host?, image?}` (`image`:
+/// `sha256:<64 hex>`, the algorithm image digest; without it the run is not announced to peers),
 /// `POST /runs/end` `{source}` or `{task_id}`, `GET /runs`.
 pub fn announce_router(registry: Registry) -> Router {
     Router::new()
@@ -959,6 +974,7 @@ mod tests {
             source: src,
             ports: vec!["8888:mpc".parse().unwrap()],
             host: None,
+            image: None,
         })
         .unwrap();
         let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
@@ -1007,6 +1023,7 @@ mod tests {
             source: src,
             ports: vec![],
             host: None,
+            image: None,
         });
         assert!(matches!(clash, Err(RegistryError::SourceTaken { .. })));
         assert!(reg.end(src).is_some());
@@ -1025,6 +1042,7 @@ mod tests {
             source: ip.parse().unwrap(),
             ports: vec![],
             host: None,
+            image: None,
         };
         reg.announce(run(7, "10.42.0.7")).unwrap();
         reg.announce(run(8, "10.42.0.8")).unwrap();

@@ -116,6 +116,7 @@ async fn layout(dir: &std::path::Path) -> Layout {
                 source,
                 ports: vec![port.parse().unwrap()],
                 host: None,
+                image: None,
             })
             .unwrap();
         sources.insert((org, task_id), source);
