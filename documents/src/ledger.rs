@@ -568,10 +568,12 @@ impl Ledger {
         }
     }
 
-    /// Whether some known link has `node` at one end.
+    /// Whether some known link has `node` at one end, or `node` announced a run (a link
+    /// policy may link it to this node while the run lasts).
     fn is_peer(&self, node: &NodeRef) -> bool {
         self.requests.values().any(|r| r.terms.concerns(node))
             || self.approvals.values().any(|a| a.terms.concerns(node))
+            || (!self.policies.is_empty() && self.runs.values().any(|(a, _)| a.node == *node))
     }
 
     /// Verifies the advertisements kept aside whose node a link now concerns.

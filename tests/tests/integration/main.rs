@@ -19,5 +19,6 @@ mod rendezvous_nat;
 mod rotation;
 mod shutdown;
 mod tampering;
+mod task_links;
 mod tls;
 mod vantage6;
