@@ -759,6 +759,22 @@ mod task_links {
         assert!(peers(&l, "org-a/n1", &f).is_empty());
     }
 
+    /// A node's ledger keeps aside the advertisements of nodes it has no link with; a run
+    /// announcement under a policy makes the announcing node's advertisement matter.
+    #[test]
+    fn a_node_ledger_verifies_the_advertisement_of_a_node_with_a_run() {
+        let f = fixture();
+        let now = jws::unix(f.now);
+        let mut l = Ledger::for_node(&f.pin(), &n("org-a/n1"));
+        l.ingest_jws(&f.collab_jws(), f.now).unwrap();
+        let ad = f.envelope(f.advertisement("org-b/n1", "127.0.0.1:4433"));
+        assert_eq!(l.ingest(&ad, f.now).unwrap(), Ingested::Skipped);
+        accept(&mut l, &f, policy(&f, now, now + 7200));
+        accept(&mut l, &f, announce(&f, "org-b/n1", 7, IMG, now));
+        assert!(l.advertisement(&n("org-b/n1")).is_some());
+        assert!(l.take_late_rejections().is_empty());
+    }
+
     #[test]
     fn only_the_node_itself_announces_and_revocation_applies() {
         let f = fixture();

@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMG: &str = "sha256:5e1f0c3a9b7d2e4f6a8c0b1d3e5f7a9c2b4d6e8f0a1c3e5b7d9f1a3c5e7b9d0f";
+const SHORT: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
 const OTHER: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000bad";
 /// Generous bounds for a loaded machine; the times taken are printed.
 const WAIT: Duration = Duration::from_secs(10);
@@ -32,13 +33,18 @@ fn n(s: &str) -> NodeRef {
     s.parse().unwrap()
 }
 
-/// Task links of `task` in force at a node.
+/// Task links of `task` the policy `mpc` grants in force at a node.
 fn task_links(s: &Snapshot, task: u64) -> Vec<(String, String)> {
+    granted(s, task, "mpc")
+}
+
+/// Task links of `task` the policy `policy` grants in force at a node.
+fn granted(s: &Snapshot, task: u64, policy: &str) -> Vec<(String, String)> {
     let mut v: Vec<_> = s
         .links
         .iter()
         .filter(|l| l.terms.task.as_ref().is_some_and(|t| t.task_id == task))
-        .filter(|l| l.approved_by == "link policy mpc")
+        .filter(|l| l.approved_by == format!("link policy {policy}"))
         .map(|l| (l.terms.from.to_string(), l.terms.to.to_string()))
         .collect();
     v.sort();
@@ -166,6 +172,45 @@ async fn task_links_follow_announced_runs_through_a_real_hub() {
     assert!(task_links(&snap, 2).is_empty(), "{:?}", snap.links);
     let snap = mesh.node(&n(b)).snapshot.borrow().clone();
     assert!(task_links(&snap, 2).is_empty(), "{:?}", snap.links);
+
+    // A policy with a short lifetime: its link ends when the lifetime passes, with no new
+    // document (the node plans for the earliest end).
+    mesh.owner
+        .link_policy(LinkPolicy {
+            collab: String::new(),
+            name: "short".into(),
+            images: vec![SHORT.into()],
+            ports: vec!["11366:mpc".parse().unwrap()],
+            orgs: vec!["org-a".into(), "org-b".into()],
+            max_lifetime_secs: 3,
+            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
+            issued_at: 0,
+        })
+        .await
+        .unwrap();
+    for node in [a, b] {
+        announce(&mesh, node, 5, "127.0.0.15", SHORT).await;
+    }
+    let snap = mesh
+        .node(&n(a))
+        .wait_for(WAIT, |s| !granted(s, 5, "short").is_empty())
+        .await
+        .unwrap();
+    let not_after = snap
+        .links
+        .iter()
+        .find(|l| l.approved_by == "link policy short")
+        .unwrap()
+        .terms
+        .not_after;
+    mesh.node(&n(a))
+        .wait_for(WAIT, |s| granted(s, 5, "short").is_empty())
+        .await
+        .unwrap();
+    let late = std::time::SystemTime::now()
+        .duration_since(fedmesh_certs::time::from_unix(not_after))
+        .unwrap_or_default();
+    println!("lifetime passed -> task link ended {late:?} after its end time");
 
     // A run org-c signs in org-b's name is refused by the hub.
     let state = mesh.state(&n(c)).unwrap();
