@@ -318,8 +318,11 @@ impl Owner {
         mut policy: fedmesh_documents::runs::LinkPolicy,
     ) -> Result<fedmesh_documents::runs::LinkPolicy> {
         policy.collab = self.collab.id.clone();
-        policy.issued_at = unix(SystemTime::now());
         policy.validate()?;
+        // Signed after the policy it replaces, even within the same second.
+        let ledger = self.ledger().await?;
+        let held = ledger.link_policies().find(|p| p.name == policy.name);
+        policy.issued_at = unix(SystemTime::now()).max(held.map_or(0, |p| p.issued_at + 1));
         self.submit(self.sign(&Document::LinkPolicy(policy.clone()))?)
             .await?;
         Ok(policy)

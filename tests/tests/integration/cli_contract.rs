@@ -318,3 +318,124 @@ fn logs_honour_rust_log_and_come_as_json() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("hub started"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_policy_signs_replaces_and_withdraws() {
+    fedmesh_tests::subscribe();
+    let hub = TestHub::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    Owner::create(
+        &tmp.path().join("owner"),
+        hub.address(),
+        NewCollab {
+            id: "c".into(),
+            owner_name: "owner".into(),
+            online_ca: false,
+            policy: CollabPolicy::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tmp.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let image = format!("sha256:{}", "ab".repeat(32));
+        let sign = |extra: &[&str]| {
+            let mut args = vec![
+                "collab",
+                "link-policy",
+                "--dir",
+                "owner",
+                "--name",
+                "mpc",
+                "--image",
+                &image,
+                "--port",
+                "11365:mpc",
+                "--org",
+                "a",
+                "--org",
+                "b",
+                "--org",
+                "c",
+            ];
+            args.extend(extra);
+            args.iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<String>>()
+        };
+        let args = sign(&["--lifetime", "2h", "--output", "json"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let json: Value = serde_json::from_str(&ok(&dir, &args)).unwrap();
+        assert_eq!(json["name"], "mpc");
+        assert_eq!(json["max_lifetime_secs"], 7200);
+        assert_eq!(
+            json["ports"],
+            serde_json::json!([{"port": 11365, "label": "mpc"}])
+        );
+        let args = sign(&["--not-after", "2099-01-01T00:00:00Z"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = ok(&dir, &args);
+        assert!(
+            text.contains("link policy mpc: 1 image(s), ports 11365:mpc, organisations a,b,c")
+                && text.contains("2099-01-01"),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&ok(
+            &dir,
+            &[
+                "collab",
+                "link-policy",
+                "--dir",
+                "owner",
+                "--name",
+                "mpc",
+                "--withdraw",
+                "--output",
+                "json",
+            ],
+        ))
+        .unwrap();
+        assert!(
+            json["not_after"].as_u64() < json["issued_at"].as_u64(),
+            "{json}"
+        );
+        let line = fails(
+            &dir,
+            &[
+                "collab",
+                "link-policy",
+                "--dir",
+                "owner",
+                "--name",
+                "x",
+                "--image",
+                "latest",
+                "--port",
+                "1",
+                "--org",
+                "a",
+                "--org",
+                "b",
+            ],
+        );
+        assert!(
+            line.contains("\"latest\" is not sha256:<64 lowercase hex digits>"),
+            "{line}"
+        );
+        let line = fails(
+            &dir,
+            &[
+                "collab",
+                "link-policy",
+                "--dir",
+                "owner",
+                "--name",
+                "none",
+                "--withdraw",
+            ],
+        );
+        assert!(line.contains("no link policy named \"none\""), "{line}");
+    })
+    .await
+    .unwrap();
+}

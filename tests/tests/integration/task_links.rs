@@ -320,3 +320,224 @@ async fn task_links_follow_announced_runs_through_a_real_hub() {
     );
     mesh.shutdown().await.unwrap();
 }
+
+/// A mocked Kubernetes API server for one node's task namespace (kube-rs's `tower-test`
+/// client: there is no API server here): lists the pods and Jobs given, holds watches open,
+/// and answers them with the event batches sent later.
+mod kube_mock {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use axum::http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+
+    pub(super) const PODS: &str = "/api/v1/namespaces/vantage6-tasks/pods?";
+    pub(super) const JOBS: &str = "/apis/batch/v1/namespaces/vantage6-tasks/jobs?";
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    type Send = tower_test::mock::SendResponse<Response<Body>>;
+
+    /// A vantage6 5 algorithm Job of `task` (its annotations, as vantage6-node 5 sets them).
+    pub(super) fn job(name: &str, task: u64) -> Value {
+        json!({
+            "metadata": {
+                "name": name, "namespace": "vantage6-tasks", "uid": format!("uid-{name}"),
+                "resourceVersion": "1",
+                "annotations": {"run_id": "3", "task_id": task.to_string(),
+                                "task_parent_id": "", "action": "compute"},
+            },
+        })
+    }
+
+    /// Its pod in `phase`, listening on `ports`, running image `digest` (as the runtime
+    /// reports what it pulled).
+    pub(super) fn pod(
+        job: &str,
+        ip: &str,
+        phase: &str,
+        ports: &[(u16, &str)],
+        digest: &str,
+    ) -> Value {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(p, name)| json!({"containerPort": p, "name": name}))
+            .collect();
+        json!({
+            "metadata": {
+                "name": format!("{job}-pod"), "namespace": "vantage6-tasks",
+                "resourceVersion": "1",
+                "labels": {"app": job, "role": "compute"},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job,
+                                     "uid": format!("uid-{job}"), "controller": true}],
+            },
+            "spec": {"containers": [{"name": "algorithm", "image": "registry.example/mpc",
+                                     "ports": ports}]},
+            "status": {"phase": phase, "podIP": ip,
+                       "containerStatuses": [{"name": "algorithm", "image": "registry.example/mpc",
+                           "imageID": format!("registry.example/mpc@{digest}"),
+                           "ready": true, "restartCount": 0}]},
+        })
+    }
+
+    fn lines(events: &[Value]) -> Body {
+        let mut out = Vec::new();
+        for e in events {
+            out.extend(serde_json::to_vec(e).unwrap());
+            out.push(b'\n');
+        }
+        Body::from(out)
+    }
+
+    /// Plays the API server until the client or the batches go away.
+    pub(super) async fn serve(
+        mut handle: Handle,
+        pods: Vec<Value>,
+        jobs: Vec<Value>,
+        mut batches: mpsc::UnboundedReceiver<(&'static str, Vec<Value>)>,
+    ) {
+        let mut waiting: BTreeMap<&str, Send> = BTreeMap::new();
+        let mut queued: BTreeMap<&str, VecDeque<Vec<Value>>> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                req = handle.next_request() => {
+                    let Some((req, send)) = req else { return };
+                    let uri = req.uri().to_string();
+                    assert_eq!(req.method(), Method::GET, "read-only: {uri}");
+                    let (kind, list, items) = if uri.starts_with(PODS) {
+                        (PODS, "PodList", &pods)
+                    } else if uri.starts_with(JOBS) {
+                        (JOBS, "JobList", &jobs)
+                    } else {
+                        panic!("unexpected request {uri}");
+                    };
+                    if !uri.contains("watch=true") {
+                        let body = json!({"kind": list, "apiVersion": "v1",
+                                          "metadata": {"resourceVersion": "1"},
+                                          "items": items});
+                        send.send_response(Response::new(Body::from(
+                            serde_json::to_vec(&body).unwrap(),
+                        )));
+                    } else if let Some(b) = queued.get_mut(kind).and_then(VecDeque::pop_front) {
+                        send.send_response(Response::new(lines(&b)));
+                    } else {
+                        waiting.insert(kind, send);
+                    }
+                }
+                batch = batches.recv() => {
+                    let Some((kind, events)) = batch else { return };
+                    match waiting.remove(kind) {
+                        Some(send) => send.send_response(Response::new(lines(&events))),
+                        None => queued.entry(kind).or_default().push_back(events),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// vantage6 5: the runs come from each node's watch of algorithm pods and Jobs (through a
+/// mocked Kubernetes API), with the image digest the runtime reports; a pod that finishes
+/// ends its node's run, and its links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_links_follow_vantage6_5_pods() {
+    use kube_mock::{PODS, job, pod, serve};
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &[])
+        .await
+        .unwrap();
+    let [a, b, c] = ["org-a/n1", "org-b/n1", "org-c/n1"];
+    mesh.owner
+        .link_policy(LinkPolicy {
+            collab: String::new(),
+            name: "mpc".into(),
+            images: vec![IMG.into()],
+            ports: vec!["11366:mpc".parse().unwrap(), "11367:mpc".parse().unwrap()],
+            orgs: vec!["org-a".into(), "org-b".into(), "org-c".into()],
+            max_lifetime_secs: 7200,
+            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
+            issued_at: 0,
+        })
+        .await
+        .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut batches = Vec::new();
+    let started = Instant::now();
+    for (i, (node, port)) in [(a, 8080u16), (b, 11366), (c, 11367)]
+        .into_iter()
+        .enumerate()
+    {
+        let label = if port == 8080 { "flower" } else { "mpc" };
+        let (service, handle) = tower_test::mock::pair::<
+            axum::http::Request<kube::client::Body>,
+            axum::http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "vantage6-tasks");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let ip = format!("10.42.0.{}", i + 1);
+        tokio::spawn(serve(
+            handle,
+            vec![pod("algo", &ip, "Running", &[(port, label)], IMG)],
+            vec![job("algo", demo::TASK_ID)],
+            rx,
+        ));
+        let (registry, cancel) = (mesh.node(&n(node)).runs.clone(), cancel.clone());
+        tokio::spawn(async move {
+            fedmesh_agent::k8s::runs::watch(client, "vantage6-tasks", registry, cancel).await;
+        });
+        batches.push((tx, ip, port, label));
+    }
+    let expected = [
+        (a, vec![(a, b), (a, c)]),
+        (b, vec![(a, b), (b, c), (c, b)]),
+        (c, vec![(a, c), (b, c), (c, b)]),
+    ];
+    for (node, links) in &expected {
+        let want: Vec<(String, String)> = links
+            .iter()
+            .map(|(f, t)| ((*f).to_owned(), (*t).to_owned()))
+            .collect();
+        mesh.node(&n(node))
+            .wait_for(WAIT, |s| task_links(s, demo::TASK_ID) == want)
+            .await
+            .unwrap();
+    }
+    let via = mesh.peer_addr(&n(a), &n(c), 11367, WAIT).await.unwrap();
+    println!(
+        "pods running -> task links in force at all three nodes: {:?}",
+        started.elapsed()
+    );
+
+    // org-c's pod finishes.
+    let ended = Instant::now();
+    let (tx, ip, port, label) = &batches[2];
+    let mut done = pod("algo", ip, "Succeeded", &[(*port, label)], IMG);
+    done["metadata"]["resourceVersion"] = json!("2");
+    tx.send((PODS, vec![json!({"type": "MODIFIED", "object": done})]))
+        .unwrap();
+    for (node, left) in [
+        (a, vec![(a.to_owned(), b.to_owned())]),
+        (b, vec![(a.to_owned(), b.to_owned())]),
+        (c, vec![]),
+    ] {
+        mesh.node(&n(node))
+            .wait_for(WAIT, |s| task_links(s, demo::TASK_ID) == left)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(via).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the listener for org-c stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "pod finished -> its links ended, listener closed: {:?}",
+        ended.elapsed()
+    );
+    cancel.cancel();
+    mesh.shutdown().await.unwrap();
+}
