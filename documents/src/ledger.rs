@@ -1295,3 +1295,52 @@ pub fn effective_links(
     rejections.extend(more);
     (links, rejections)
 }
+
+#[cfg(test)]
+mod run_bounds {
+    use super::*;
+    use crate::{TaskRef, fixtures::Fixture};
+
+    const IMG: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn run(node: &str, task_id: u64) -> RunAnnouncement {
+        RunAnnouncement {
+            collab: "c".into(),
+            node: node.parse().unwrap(),
+            task: TaskRef {
+                task_id,
+                parent_id: None,
+            },
+            image: IMG.into(),
+            ports: Vec::new(),
+            started_at: 10,
+        }
+    }
+
+    /// A node may hold at most `MAX_RUNS_PER_NODE` runs not ended; ending one makes room.
+    /// (Recorded without signatures: the bound is what is tested here.)
+    #[test]
+    fn runs_per_node_are_bounded() {
+        let f = Fixture::new("c", &["a/n1", "b/n1"]);
+        let mut l = Ledger::new(&f.pin());
+        l.ingest_jws(&f.collab_jws(), f.now).unwrap();
+        for task in 0..MAX_RUNS_PER_NODE as u64 {
+            l.record_run(run("a/n1", task), String::new()).unwrap();
+        }
+        let (code, reason) = l.record_run(run("a/n1", 9999), String::new()).unwrap_err();
+        assert_eq!(code, RejectCode::Invalid);
+        assert!(
+            reason.contains("runs announced and not ended; at most 1024"),
+            "{reason}"
+        );
+        // Another node is not held back, and an end makes room.
+        l.record_run(run("b/n1", 9999), String::new()).unwrap();
+        l.record_run_end(RunEnd {
+            collab: "c".into(),
+            node: "a/n1".parse().unwrap(),
+            task_id: 0,
+            ended_at: 10,
+        });
+        l.record_run(run("a/n1", 9999), String::new()).unwrap();
+    }
+}

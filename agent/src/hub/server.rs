@@ -939,6 +939,20 @@ fn accept(
     }
     let mut next = state.ledger.clone();
     if next.ingest(&env, now)? == Ingested::Unchanged {
+        // A run announcement the ledger does not hold was ended (or announced again later):
+        // refused rather than answered as if stored.
+        if env.kind == DocKind::RunAnnouncement
+            && let Ok((_, doc)) = jws::peek(&env.jws)
+            && !next.holds(&doc)
+        {
+            return Err(HubError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "the run {} has ended, or was announced again since",
+                    env.subject
+                ),
+            ));
+        }
         let seq = state
             .subjects
             .get(&(env.kind, env.subject.clone()))

@@ -1360,3 +1360,111 @@ async fn online_cas_are_for_allowed_owners_capped_and_reserved_for_a_while() {
     );
     assert_ne!(fresh.ca_pem, first.ca_pem);
 }
+
+/// Node-signed run documents at the hub: only the node a run is at may announce or end it; an
+/// end replaces its announcement in the store; the announcement replayed (re-signed with its
+/// old start) after its end is refused, also after a restart; a run older than any lifetime
+/// is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_documents_are_the_announcing_nodes_and_an_end_replaces_its_run() {
+    use fedmesh_documents::{
+        TaskRef,
+        runs::{LinkPolicy, RunAnnouncement, RunEnd},
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let process = hub(&data, &["--init"]);
+    let (owner, nodes) = collab(
+        process.address(),
+        tmp.path(),
+        &["org-a/n1", "org-b/n1", "org-c/n1"],
+    )
+    .await;
+    let key = owner_key(tmp.path());
+    let image = format!("sha256:{}", "cd".repeat(32));
+    let now = jws::unix(SystemTime::now());
+    owner
+        .link_policy(LinkPolicy {
+            collab: String::new(),
+            name: "mpc".into(),
+            images: vec![image.clone()],
+            ports: vec!["11366:mpc".parse().unwrap()],
+            orgs: vec!["org-a".into(), "org-b".into(), "org-c".into()],
+            max_lifetime_secs: 3600,
+            not_after: now + 3600,
+            issued_at: 0,
+        })
+        .await
+        .unwrap();
+    let announcement = |node: &str, started_at: u64| {
+        Document::RunAnnouncement(RunAnnouncement {
+            collab: "collab-x".into(),
+            node: n(node),
+            task: TaskRef {
+                task_id: 7,
+                parent_id: None,
+            },
+            image: image.clone(),
+            ports: vec!["11366:mpc".parse().unwrap()],
+            started_at,
+        })
+    };
+    let submit = |i: usize, doc: Document| {
+        let signed = jws::sign(&doc, &Signer::Node(&nodes[i].signer().unwrap())).unwrap();
+        let client = nodes[i].hub_client().unwrap();
+        async move { client.submit("collab-x", signed).await }
+    };
+    submit(0, announcement("org-a/n1", now)).await.unwrap();
+    submit(1, announcement("org-b/n1", now)).await.unwrap();
+    // org-c announcing (or ending) org-b's run.
+    let (status, message) = refusal(submit(2, announcement("org-b/n1", now)).await);
+    assert_eq!(status, 403, "{message}");
+    assert!(
+        message.contains("signed by org-c/n1 but speaks for org-b/n1"),
+        "{message}"
+    );
+    let end_b = |ended_at| {
+        Document::RunEnd(RunEnd {
+            collab: "collab-x".into(),
+            node: n("org-b/n1"),
+            task_id: 7,
+            ended_at,
+        })
+    };
+    let (status, _) = refusal(submit(2, end_b(now)).await);
+    assert_eq!(status, 403);
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    let before = kinds(&reader).await;
+    assert_eq!(before.get("run announcement"), Some(&2), "{before:?}");
+
+    // org-b's run ends: the end replaces the announcement in the store.
+    submit(1, end_b(now)).await.unwrap();
+    let after = kinds(&reader).await;
+    assert_eq!(
+        (after.get("run announcement"), after.get("run end")),
+        (Some(&1), Some(&1)),
+        "{after:?}"
+    );
+    // The ended run announced again with its old start: refused, nothing stored.
+    let (status, message) = refusal(submit(1, announcement("org-b/n1", now)).await);
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("ended"), "{message}");
+    // A run said to have started longer ago than any lifetime allows: refused.
+    let (status, message) = refusal(submit(1, announcement("org-b/n1", now - 8 * 86_400)).await);
+    assert!(
+        status == 403 || status == 409 || status == 422,
+        "{status} {message}"
+    );
+    assert_eq!(kinds(&reader).await, after);
+
+    // After a restart (the hub rebuilds its ledger from the store) the replay is still refused.
+    let listen = process.url.trim_start_matches("https://").to_owned();
+    process.stop();
+    let process = HubProcess::start_on(&listen, &data, &[], None)
+        .unwrap_or_else(|log| panic!("hub did not restart:\n{log}"));
+    let (status, _) = refusal(submit(1, announcement("org-b/n1", now)).await);
+    assert_eq!(status, 409);
+    let reader = owner_reader(&process.url, &process.pin, &key);
+    assert_eq!(kinds(&reader).await, after);
+    process.stop();
+}
