@@ -91,6 +91,7 @@ fn harness() -> &'static Harness {
                 source: CALLER.ip(),
                 ports: vec!["21366:mpc".parse().expect("port")],
                 host: None,
+                image: None,
             })
             .expect("run");
         // The forwarding client needs a provider even though no upstream is set here.

@@ -510,7 +510,7 @@ mod tests {
             // The digest the runtime pulled, which the node announces and policies name.
             assert_eq!(
                 registry.by_source(a).unwrap().image.as_deref(),
-                Some(super::IMAGE)
+                Some(IMAGE)
             );
             // A pod of the watch needs no token; the operator's run still does.
             let now = std::time::SystemTime::now();
