@@ -957,7 +957,8 @@ impl Ledger {
         let horizon = cp.issued_at.saturating_sub(MAX_LIFETIME_SECS);
         self.runs.retain(|_, (a, _)| a.started_at > horizon);
         self.ends.retain(|_, e| e.ended_at > horizon);
-        self.policies.retain(|_, p| p.not_after > cp.issued_at);
+        // Policies stay, withdrawn ones too: dropping a withdrawal would let a replay of the
+        // policy it withdrew count again.
         self.checkpoint = Some(cp);
         Ok(Ingested::Changed)
     }

@@ -232,7 +232,8 @@ pub fn live_runs<'a>(
 
 /// The task links `policy` grants at `now` between the live runs: one per ordered pair of runs
 /// of the same task at two different nodes of listed organisations with listed images, on the
-/// ports the receiving run exposes that the policy allows. Each ends at the earliest of either
+/// ports the receiving run exposes that the policy allows (all the policy's ports when the run
+/// lists none). Each ends at the earliest of either
 /// run's start plus the policy's lifetime and the policy's own end; links already ended are
 /// left out.
 pub fn task_links(
@@ -265,7 +266,13 @@ pub fn task_links(
             if from.node == to.node || from.task.task_id != to.task.task_id {
                 continue;
             }
-            let ports: Vec<PortSpec> = to.ports.iter().filter(|p| allowed(p)).cloned().collect();
+            // A run that lists no ports (vantage6 5 declares none on its pods) is taken to
+            // listen on the policy's: the owner named them for runs of these images.
+            let ports: Vec<PortSpec> = if to.ports.is_empty() {
+                policy.ports.clone()
+            } else {
+                to.ports.iter().filter(|p| allowed(p)).cloned().collect()
+            };
             if ports.is_empty() {
                 continue;
             }
@@ -375,6 +382,15 @@ mod tests {
             assert_eq!(l.terms.task.as_ref().unwrap().task_id, 7);
             assert_eq!(l.approved_by, "link policy mpc");
         }
+        // A receiving run that lists no ports gets the policy's.
+        let mut bare = run("b/n1", 7, IMG, 20);
+        bare.ports.clear();
+        let runs = [run("a/n1", 7, IMG, 10), bare];
+        let to_b: Vec<_> = task_links(&policy(), &live_runs(&runs, &[]), at(30))
+            .into_iter()
+            .filter(|l| l.terms.to == n("b/n1"))
+            .collect();
+        assert_eq!(to_b[0].terms.ports, policy().ports);
         // The lifetime passes: no links.
         assert!(task_links(&policy(), &live, at(110)).is_empty());
         // The policy ends first.

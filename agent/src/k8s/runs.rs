@@ -508,10 +508,7 @@ mod tests {
                 vec!["8888:mpc".parse().unwrap(), "9000".parse().unwrap()]
             );
             // The digest the runtime pulled, which the node announces and policies name.
-            assert_eq!(
-                registry.by_source(a).unwrap().image.as_deref(),
-                Some(IMAGE)
-            );
+            assert_eq!(registry.by_source(a).unwrap().image.as_deref(), Some(IMAGE));
             // A pod of the watch needs no token; the operator's run still does.
             let now = std::time::SystemTime::now();
             assert_eq!(verify(&registry, a, None, None, now).unwrap().task_id, 10);

@@ -437,8 +437,9 @@ mod kube_mock {
 }
 
 /// vantage6 5: the runs come from each node's watch of algorithm pods and Jobs (through a
-/// mocked Kubernetes API), with the image digest the runtime reports; a pod that finishes
-/// ends its node's run, and its links.
+/// mocked Kubernetes API), with the image digest the runtime reports and, as vantage6 5 makes
+/// them, no container ports (the policy's ports apply); a pod that finishes ends its node's
+/// run, and its links.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_links_follow_vantage6_5_pods() {
     use kube_mock::{PODS, job, pod, serve};
@@ -464,11 +465,8 @@ async fn task_links_follow_vantage6_5_pods() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut batches = Vec::new();
     let started = Instant::now();
-    for (i, (node, port)) in [(a, 8080u16), (b, 11366), (c, 11367)]
-        .into_iter()
-        .enumerate()
-    {
-        let label = if port == 8080 { "flower" } else { "mpc" };
+    // vantage6 5 declares no container ports on its algorithm pods: the policy's ports apply.
+    for (i, node) in [a, b, c].into_iter().enumerate() {
         let (service, handle) = tower_test::mock::pair::<
             axum::http::Request<kube::client::Body>,
             axum::http::Response<kube::client::Body>,
@@ -478,7 +476,7 @@ async fn task_links_follow_vantage6_5_pods() {
         let ip = format!("10.42.0.{}", i + 1);
         tokio::spawn(serve(
             handle,
-            vec![pod("algo", &ip, "Running", &[(port, label)], IMG)],
+            vec![pod("algo", &ip, "Running", &[], IMG)],
             vec![job("algo", demo::TASK_ID)],
             rx,
         ));
@@ -486,12 +484,12 @@ async fn task_links_follow_vantage6_5_pods() {
         tokio::spawn(async move {
             fedmesh_agent::k8s::runs::watch(client, "vantage6-tasks", registry, cancel).await;
         });
-        batches.push((tx, ip, port, label));
+        batches.push((tx, ip));
     }
     let expected = [
-        (a, vec![(a, b), (a, c)]),
-        (b, vec![(a, b), (b, c), (c, b)]),
-        (c, vec![(a, c), (b, c), (c, b)]),
+        (a, vec![(a, b), (a, c), (b, a), (c, a)]),
+        (b, vec![(a, b), (b, a), (b, c), (c, b)]),
+        (c, vec![(a, c), (b, c), (c, a), (c, b)]),
     ];
     for (node, links) in &expected {
         let want: Vec<(String, String)> = links
@@ -511,16 +509,13 @@ async fn task_links_follow_vantage6_5_pods() {
 
     // org-c's pod finishes.
     let ended = Instant::now();
-    let (tx, ip, port, label) = &batches[2];
-    let mut done = pod("algo", ip, "Succeeded", &[(*port, label)], IMG);
+    let (tx, ip) = &batches[2];
+    let mut done = pod("algo", ip, "Succeeded", &[], IMG);
     done["metadata"]["resourceVersion"] = json!("2");
     tx.send((PODS, vec![json!({"type": "MODIFIED", "object": done})]))
         .unwrap();
-    for (node, left) in [
-        (a, vec![(a.to_owned(), b.to_owned())]),
-        (b, vec![(a.to_owned(), b.to_owned())]),
-        (c, vec![]),
-    ] {
+    let ab = vec![(a.to_owned(), b.to_owned()), (b.to_owned(), a.to_owned())];
+    for (node, left) in [(a, ab.clone()), (b, ab.clone()), (c, vec![])] {
         mesh.node(&n(node))
             .wait_for(WAIT, |s| task_links(s, demo::TASK_ID) == left)
             .await
