@@ -18,6 +18,7 @@ use clap::{
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
 };
 use fedmesh_certs::files;
+use fedmesh_documents::PortSpec;
 use fedmesh_mesh_config::{RenderOptions, addresses::Pool};
 
 use super::{
@@ -142,6 +143,72 @@ pub enum NodeCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Format,
     },
+    /// Announce a run of a task to the running agent (or end it with `--end`), through its run
+    /// announce listener (`--v6-announce-listen`): what a vantage6 4 node's operator wires into
+    /// task start and stop.
+    Announce(AnnounceArgs),
+}
+
+/// `fedmesh node announce`
+#[derive(Debug, Args)]
+pub struct AnnounceArgs {
+    /// The agent's run announce listener (`host:port`).
+    #[arg(long)]
+    at: SocketAddr,
+    /// The task.
+    #[arg(long)]
+    task: u64,
+    /// The task's parent, for subtasks.
+    #[arg(long)]
+    parent: Option<u64>,
+    /// The address the run's container connects from.
+    #[arg(long, required_unless_present = "end")]
+    source: Option<std::net::IpAddr>,
+    /// A port the run listens on, `port[:label]` (repeatable).
+    #[arg(long = "port")]
+    ports: Vec<PortSpec>,
+    /// The run's image digest, `sha256:<64 hex>` (without it the run is not announced to peers).
+    #[arg(long)]
+    image: Option<String>,
+    /// End the run at `--source` (or, without it, every run of the task).
+    #[arg(long)]
+    end: bool,
+}
+
+/// Posts a run announcement or end to the agent's announce listener.
+async fn announce(args: AnnounceArgs) -> Result<()> {
+    let (path, body) = if args.end {
+        let body = match args.source {
+            Some(source) => serde_json::json!({"source": source}),
+            None => serde_json::json!({"task_id": args.task}),
+        };
+        ("runs/end", body)
+    } else {
+        let ports: Vec<String> = args.ports.iter().map(ToString::to_string).collect();
+        let body = serde_json::json!({"task_id": args.task, "parent_id": args.parent,
+            "source": args.source, "ports": ports, "image": args.image});
+        ("runs", body)
+    };
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?
+        .post(format!("http://{}/{path}", args.at))
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("reaching the agent's announce listener at {}", args.at))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["msg"].as_str().map(str::to_owned))
+        .unwrap_or(text);
+    if !status.is_success() {
+        bail!("the agent refused ({status}): {msg}");
+    }
+    println!("{msg}");
+    Ok(())
 }
 
 /// Running the agent.
@@ -271,6 +338,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
         Some(NodeCommand::Enroll(args)) => owner::run_enroll(args).await,
         Some(NodeCommand::Peers { state, output }) => print_peers(&state, output),
+        Some(NodeCommand::Announce(args)) => announce(args).await,
         None => run_agent(*args.run).await,
     }
 }

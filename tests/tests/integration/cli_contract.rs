@@ -439,3 +439,78 @@ async fn link_policy_signs_replaces_and_withdraws() {
     .await
     .unwrap();
 }
+
+/// `fedmesh node announce` against a real run announce listener: announces (with the image
+/// digest), ends, and reports a refusal in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_announce_reaches_the_run_registry() {
+    use fedmesh_agent::node::v6;
+    let registry = v6::Registry::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap().to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(v6::serve_announce(listener, registry.clone(), async move {
+        stopped.cancelled().await;
+    }));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let image = format!("sha256:{}", "ef".repeat(32));
+    let (reg, img) = (registry.clone(), image.clone());
+    tokio::task::spawn_blocking(move || {
+        let text = ok(
+            &dir,
+            &[
+                "node",
+                "announce",
+                "--at",
+                &at,
+                "--task",
+                "10",
+                "--parent",
+                "5",
+                "--source",
+                "172.17.0.5",
+                "--port",
+                "11366:mpc",
+                "--image",
+                &img,
+            ],
+        );
+        assert_eq!(text.trim(), "run announced");
+        let runs = reg.all();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(
+            (runs[0].task_id, runs[0].parent_id, runs[0].image.as_deref()),
+            (10, Some(5), Some(img.as_str()))
+        );
+        let line = fails(
+            &dir,
+            &[
+                "node",
+                "announce",
+                "--at",
+                &at,
+                "--task",
+                "11",
+                "--source",
+                "172.17.0.6",
+                "--image",
+                "latest",
+            ],
+        );
+        assert!(
+            line.contains("refused (400") && line.contains("\"latest\""),
+            "{line}"
+        );
+        let text = ok(
+            &dir,
+            &["node", "announce", "--at", &at, "--task", "10", "--end"],
+        );
+        assert_eq!(text.trim(), "1 run(s) ended");
+        assert!(reg.all().is_empty());
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+}
