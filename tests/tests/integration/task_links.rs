@@ -321,6 +321,57 @@ async fn task_links_follow_announced_runs_through_a_real_hub() {
     mesh.shutdown().await.unwrap();
 }
 
+/// An agent restarted without the runs it announced before (its registry starts empty) ends
+/// them at start: their links end at the peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_ends_the_runs_it_no_longer_has() {
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut mesh = demo::start(tmp.path(), &fedmesh_tests::mesh_options(), &[])
+        .await
+        .unwrap();
+    let [a, b] = ["org-a/n1", "org-b/n1"];
+    mesh.owner
+        .link_policy(LinkPolicy {
+            collab: String::new(),
+            name: "mpc".into(),
+            images: vec![IMG.into()],
+            ports: vec!["11366:mpc".parse().unwrap()],
+            orgs: vec!["org-a".into(), "org-b".into()],
+            max_lifetime_secs: 7200,
+            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
+            issued_at: 0,
+        })
+        .await
+        .unwrap();
+    for node in [a, b] {
+        announce(&mesh, node, 9, "127.0.0.19", IMG).await;
+    }
+    let want = vec![(a.to_owned(), b.to_owned())];
+    mesh.node(&n(a))
+        .wait_for(WAIT, |s| task_links(s, 9) == want)
+        .await
+        .unwrap();
+    let handle = mesh.nodes.remove(&n(b)).unwrap();
+    handle.shutdown().await.unwrap();
+    // Stopped, its run is still announced: the link stands at org-a.
+    assert_eq!(task_links(&mesh.node(&n(a)).snapshot.borrow(), 9), want);
+    let restarted = Instant::now();
+    let handle = fedmesh_agent::node::start(mesh.options[&n(b)].clone())
+        .await
+        .unwrap();
+    mesh.nodes.insert(n(b), handle);
+    mesh.node(&n(a))
+        .wait_for(WAIT, |s| task_links(s, 9).is_empty())
+        .await
+        .unwrap();
+    println!(
+        "agent restarted without its run -> its links ended: {:?}",
+        restarted.elapsed()
+    );
+    mesh.shutdown().await.unwrap();
+}
+
 /// A mocked Kubernetes API server for one node's task namespace (kube-rs's `tower-test`
 /// client: there is no API server here): lists the pods and Jobs given, holds watches open,
 /// and answers them with the event batches sent later.
