@@ -53,6 +53,7 @@ fn rendered(collab: &Collab) -> Vec<Value> {
         services: BTreeMap::new(),
         vips: BTreeMap::new(),
         credentials: Some(credentials()),
+        carried: BTreeMap::new(),
     };
     fedmesh_mesh_config::render(&view, &RenderOptions::default(), collab.fx.now)
         .unwrap()

@@ -1,9 +1,14 @@
 //! The Istio backend: mesh-config's objects carry the links (ServiceEntry, DestinationRule,
 //! Gateway, VirtualService, AuthorizationPolicy, PeerAuthentication, Sidecar, NetworkPolicy),
 //! plus this node's credentials Secret for the fedmesh gateways, in the agent's namespace only.
-//! Peers are reached at a stable VIP per peer; the relay admits nothing.
+//! Peers are reached at a stable VIP per peer. Links with a node that takes no inbound
+//! connections at a gateway are carried by the agent's relay (see [`render`]); the relay
+//! admits nothing else.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use fedmesh_documents::NodeRef;
 use fedmesh_mesh_config::{GatewayAddr, NodeView, Peer, RenderOptions};
@@ -101,6 +106,12 @@ pub(super) fn check(render: &RenderOptions, namespace: &str) -> Result<()> {
 
 /// mesh-config's render of the links in force, with peers' gateways from their signed
 /// advertisements and this node's credentials.
+///
+/// A pair of nodes links through the gateways only when both advertise one; a link with a
+/// node that accepts no inbound connections at a gateway (it advertises only the rendezvous, or
+/// only a relay address), or from this node when it advertises none, is carried by the fedmesh
+/// agents instead: the peer's ServiceEntry leads to this agent's pod ports, and the agent's
+/// relay carries the traffic (through the rendezvous, or directly to the peer's relay).
 pub(super) fn render(
     settings: &Settings,
     inputs: &Inputs<'_>,
@@ -108,38 +119,82 @@ pub(super) fn render(
     desired: &mut Desired,
 ) -> Result<()> {
     let ledger = inputs.ledger;
-    let peers = ledger
+    let members: BTreeSet<NodeRef> = ledger
         .collaboration()
         .into_iter()
         .flat_map(|c| &c.members)
         .map(fedmesh_documents::Member::node_ref)
-        .filter(|m| m != inputs.node)
-        .filter_map(|m| {
-            let gateway: GatewayAddr = ledger.advertisement(&m)?.istio_gateway()?.parse().ok()?;
-            Some((m, Peer { gateway }))
-        })
         .collect();
+    // Until this node's own advertisement is verified, it is taken to accept at its gateway.
+    let local_accepts = ledger
+        .advertisement(inputs.node)
+        .is_none_or(|a| a.istio_gateway().is_some());
+    let mut peers = BTreeMap::new();
+    let mut carried_peers = BTreeSet::new();
+    for m in members.iter().filter(|m| *m != inputs.node) {
+        let Some(ad) = ledger.advertisement(m) else {
+            continue;
+        };
+        match ad.istio_gateway() {
+            Some(gateway) if local_accepts => {
+                if let Ok(gateway) = gateway.parse::<GatewayAddr>() {
+                    peers.insert(m.clone(), Peer { gateway });
+                }
+            }
+            _ => {
+                carried_peers.insert(m.clone());
+            }
+        }
+    }
+    let mut dialled = Vec::new();
+    let mut carried: BTreeMap<NodeRef, BTreeMap<u16, u16>> = BTreeMap::new();
+    for link in &desired.links {
+        let (other, outbound) = match link.terms.from == *inputs.node {
+            true => (&link.terms.to, true),
+            false => (&link.terms.from, false),
+        };
+        if !carried_peers.contains(other) {
+            continue;
+        }
+        carried.entry(other.clone()).or_default();
+        if outbound {
+            dialled.extend(link.terms.ports.iter().map(|p| (other.clone(), p.port)));
+        }
+    }
+    let pod_ports = super::relay::allocate(settings.pod_ports, &memory.pod_ports, dialled)?;
+    for (peer, ports) in &pod_ports {
+        for (port, pod_port) in ports {
+            desired.listeners.insert(
+                SocketAddr::from(([0, 0, 0, 0], *pod_port)),
+                (peer.clone(), *port),
+            );
+        }
+    }
+    carried.extend(pod_ports.clone());
     let view = NodeView {
         collab: desired.collab.clone(),
         local: inputs.node.clone(),
-        members: ledger
-            .collaboration()
-            .into_iter()
-            .flat_map(|c| &c.members)
-            .map(fedmesh_documents::Member::node_ref)
-            .collect(),
+        members,
         peers,
         links: desired.links.clone(),
         services: BTreeMap::new(),
         vips: memory.vips.clone(),
         credentials: inputs.credentials.cloned(),
+        carried,
     };
-    let rendered = fedmesh_mesh_config::render(&view, &settings.render, inputs.now)?;
+    let mut options = settings.render.clone();
+    if !settings.pod_labels.is_empty() {
+        // The labels the agent pod really has.
+        options.agent_labels = settings.pod_labels.clone();
+    }
+    let rendered = fedmesh_mesh_config::render(&view, &options, inputs.now)?;
     for object in &rendered.objects {
         settings.scope_of(object)?;
     }
+    desired.carried = view.carried.into_keys().collect();
     desired.objects = rendered.objects;
     desired.memory.vips = rendered.vips;
+    desired.memory.pod_ports = pod_ports;
     Ok(())
 }
 
