@@ -207,3 +207,142 @@ pub(super) fn addresses(desired: &Desired) -> BTreeMap<NodeRef, IpAddr> {
         .map(|(peer, ip)| (peer.clone(), IpAddr::V4(*ip)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fedmesh_documents::{Advertisement, Document, Endpoint, Ledger, fixtures::Fixture, jws};
+
+    use super::*;
+    use crate::k8s::{
+        Mode, desired,
+        fixtures::{credentials, settings},
+    };
+
+    fn n(s: &str) -> NodeRef {
+        s.parse().unwrap()
+    }
+
+    /// a/n1 (this node) dials b/n1 and d/n1; d/n1 dials a/n1. Each node advertises `endpoints`.
+    fn ledger(endpoints: &[(&str, Vec<Endpoint>)]) -> (Fixture, Ledger) {
+        let fx = Fixture::new("c", &["a/n1", "b/n1", "d/n1"]);
+        let mut ledger = Ledger::new(&fx.pin());
+        ledger.ingest_jws(&fx.collab_jws(), fx.now).unwrap();
+        let mut ingest = |jws: String| {
+            let env = fx.envelope(jws);
+            ledger.ingest(&env, fx.now).unwrap();
+        };
+        for (node, endpoints) in endpoints {
+            let doc = Document::Advertisement(Advertisement {
+                collab: "c".into(),
+                node: n(node),
+                endpoints: endpoints.clone(),
+                instance: None,
+                exposes: Vec::new(),
+                issued_at: jws::unix(fx.now),
+            });
+            ingest(fx.node_sign(node, &doc));
+        }
+        let hour = Duration::from_secs(3600);
+        for (from, to, port) in [
+            ("a/n1", "b/n1", "11366:mpc"),
+            ("a/n1", "d/n1", "11367:mpc"),
+            ("d/n1", "a/n1", "9092"),
+        ] {
+            ingest(fx.approval(&fx.terms(from, to, &[port], hour)));
+        }
+        (fx, ledger)
+    }
+
+    fn gateway(address: &str) -> Vec<Endpoint> {
+        vec![
+            Endpoint::IstioGateway {
+                address: address.into(),
+            },
+            Endpoint::Rendezvous,
+        ]
+    }
+
+    fn compute(fx: &Fixture, ledger: &Ledger) -> Desired {
+        desired::compute(
+            &settings(Mode::Istio),
+            &Inputs {
+                ledger,
+                node: &n("a/n1"),
+                vetoed: &BTreeSet::new(),
+                credentials: Some(&credentials()),
+                now: fx.now,
+            },
+            &Memory::default(),
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    fn service_entry<'a>(d: &'a Desired, peer: &str) -> &'a serde_json::Value {
+        d.objects
+            .iter()
+            .find(|o| {
+                o["kind"] == "ServiceEntry" && o["metadata"]["labels"]["fedmesh.io/peer"] == peer
+            })
+            .unwrap_or_else(|| panic!("no ServiceEntry for {peer}"))
+    }
+
+    #[test]
+    fn an_outbound_only_peer_is_carried_by_the_agent_and_a_gateway_peer_is_not() {
+        let (fx, ledger) = ledger(&[
+            ("a/n1", gateway("gw.a.example:443")),
+            ("b/n1", gateway("gw.b.example:443")),
+            ("d/n1", vec![Endpoint::Rendezvous]),
+        ]);
+        let d = compute(&fx, &ledger);
+        assert_eq!(d.carried, BTreeSet::from([n("d/n1")]));
+        let pod = d.memory.pod_ports[&n("d/n1")][&11367];
+        assert_eq!(
+            d.listeners,
+            BTreeMap::from([(SocketAddr::from(([0, 0, 0, 0], pod)), (n("d/n1"), 11367))]),
+            "the agent listens for d/n1 alone"
+        );
+        let se = service_entry(&d, "d.n1");
+        assert_eq!(se["spec"]["location"], "MESH_INTERNAL");
+        assert_eq!(se["spec"]["ports"][0]["targetPort"], pod);
+        assert_eq!(
+            se["spec"]["workloadSelector"]["labels"],
+            serde_json::json!({"app.kubernetes.io/name": "fedmesh-agent"}),
+            "the agent pod's own labels"
+        );
+        let b = service_entry(&d, "b.n1");
+        assert_eq!(b["spec"]["endpoints"][0]["address"], "gw.b.example");
+        assert!(d.memory.vips.contains_key(&n("d/n1")));
+        assert!(addresses(&d).contains_key(&n("d/n1")));
+    }
+
+    #[test]
+    fn when_this_node_takes_no_inbound_connections_the_agent_carries_every_peer() {
+        let (fx, ledger) = ledger(&[
+            ("a/n1", vec![Endpoint::Rendezvous]),
+            ("b/n1", gateway("gw.b.example:443")),
+            ("d/n1", vec![Endpoint::Rendezvous]),
+        ]);
+        let d = compute(&fx, &ledger);
+        assert_eq!(d.carried, BTreeSet::from([n("b/n1"), n("d/n1")]));
+        assert_eq!(d.listeners.len(), 2);
+        assert!(
+            !d.objects.iter().any(|o| o["kind"] == "Gateway"),
+            "no gateway object for any peer"
+        );
+    }
+
+    #[test]
+    fn with_only_gateway_peers_the_agent_carries_nothing() {
+        let (fx, ledger) = ledger(&[
+            ("a/n1", gateway("gw.a.example:443")),
+            ("b/n1", gateway("gw.b.example:443")),
+            ("d/n1", gateway("192.0.2.4:443")),
+        ]);
+        let d = compute(&fx, &ledger);
+        assert!(d.carried.is_empty() && d.listeners.is_empty());
+        assert!(d.memory.pod_ports.is_empty());
+    }
+}
