@@ -279,8 +279,6 @@ impl NodeHandle {
 
 /// Binds the agent's sockets, publishes its advertisement and starts its tasks.
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
-    let state = NodeState::load(&opts.state)?;
-    let node = state.config.node.clone();
     let controller = match &opts.kubernetes {
         Some(options) => Some(
             k8s::Controller::connect(options)
@@ -289,6 +287,17 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         ),
         None => None,
     };
+    start_with(opts, controller).await
+}
+
+/// [`start`] with a controller already connected (to the cluster of [`NodeOptions::kubernetes`],
+/// whose options it was resolved with).
+pub async fn start_with(
+    opts: NodeOptions,
+    controller: Option<k8s::Controller>,
+) -> Result<NodeHandle> {
+    let state = NodeState::load(&opts.state)?;
+    let node = state.config.node.clone();
     let relay_carries = controller
         .as_ref()
         .is_none_or(|c| c.settings().mode.relay_carries());
