@@ -19,6 +19,12 @@
 //! it is what lets the receiving gateway route each connection to the right port, and lets its
 //! AuthorizationPolicy tie each principal to exactly the (port, destination) its link approves.
 //!
+//! A peer in [`NodeView::carried`] (it, or this node, takes no inbound connections at a
+//! gateway) is reached through the local fedmesh agent instead, which carries the traffic over
+//! its relay: its ServiceEntry's endpoints are the agent pod's ports (Istio mTLS from the
+//! sidecar), and inbound the agent dials the algorithm's Service through its own sidecar, under
+//! an AuthorizationPolicy that admits only the agent's principal on the approved ports.
+//!
 //! Objects come per peer and direction, labelled `fedmesh.io/peer: <org>.<node>` and
 //! `fedmesh.io/direction: outbound|inbound`, so removing a peer's last link in one direction
 //! prunes exactly those objects. Collaboration-wide objects (default deny, mTLS, the Sidecar,
