@@ -2,7 +2,7 @@
 //! Gateway, VirtualService, AuthorizationPolicy, PeerAuthentication, Sidecar, NetworkPolicy),
 //! plus this node's credentials Secret for the fedmesh gateways, in the agent's namespace only.
 //! Peers are reached at a stable VIP per peer. Links with a node that takes no inbound
-//! connections at a gateway are carried by the agent's relay (see [`render`]); the relay
+//! connections at a gateway are carried by the agent's relay (see its render); the relay
 //! admits nothing else.
 
 use std::{
