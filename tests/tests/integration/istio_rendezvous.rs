@@ -351,9 +351,9 @@ async fn an_outbound_only_peer_in_istio_mode_is_reached_through_the_agent_and_th
         .wait_for(10 * SECOND, |s| s.peers.contains_key(&b()))
         .await
         .unwrap();
-    assert!(*agent_a.relay_running.borrow());
     let pod_addr = SocketAddr::from(([0, 0, 0, 0], pod_port));
     agent_a.wait_listening(pod_addr, 10 * SECOND).await.unwrap();
+    assert!(*agent_a.relay_running.borrow());
 
     // An algorithm pod of org-a (its sidecar, at the pod port) reaches org-b's party.
     both_ways(
