@@ -270,6 +270,17 @@ async fn both_ways(addr: SocketAddr, target: &TcpListener, total: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbound_only_peer_in_istio_mode_is_reached_through_the_agent_and_the_rendezvous() {
+    istio_node_and_outbound_only_peer(Some("gw.org-a.example:443")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_only_istio_node_carries_its_links_through_the_agent_and_the_rendezvous() {
+    istio_node_and_outbound_only_peer(None).await;
+}
+
+/// org-a in Istio mode (with an ingress gateway at `gateway`, or outbound only) and org-b in
+/// relay mode, outbound only: a link each way, carried by the agents through the rendezvous.
+async fn istio_node_and_outbound_only_peer(gateway: Option<&str>) {
     fedmesh_tests::subscribe();
     let tmp = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
@@ -295,7 +306,7 @@ async fn an_outbound_only_peer_in_istio_mode_is_reached_through_the_agent_and_th
     let (agent_a, store, pod_port) = istio_agent(
         &mut mesh,
         &a(),
-        Some("gw.org-a.example:443"),
+        gateway,
         vec![Expose {
             port: 9092,
             label: Some("flower".into()),
@@ -311,9 +322,11 @@ async fn an_outbound_only_peer_in_istio_mode_is_reached_through_the_agent_and_th
         }])
         .await
         .unwrap();
-    server
-        .update(config_of(&mesh.owner.ledger().await.unwrap()).unwrap())
-        .unwrap();
+    let ledger = mesh.owner.ledger().await.unwrap();
+    let ad = ledger.advertisement(&a()).unwrap();
+    assert!(ad.via_rendezvous() && ad.quic().is_none(), "{ad:?}");
+    assert_eq!(ad.istio_gateway(), gateway, "{ad:?}");
+    server.update(config_of(&ledger).unwrap()).unwrap();
     mesh.link(
         &a(),
         &b(),
