@@ -47,6 +47,7 @@ fn view(peers: usize) -> NodeView {
         services: BTreeMap::new(),
         vips: BTreeMap::new(),
         credentials: None,
+        carried: BTreeMap::new(),
     };
     for i in 1..=peers {
         let gateway = format!("gw.org-{i}.example:443").parse().expect("gateway");

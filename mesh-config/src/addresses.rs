@@ -31,6 +31,7 @@ use std::{
     str::FromStr,
 };
 
+use fedmesh_documents::NodeRef;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -212,6 +213,119 @@ where
             })?;
         taken.insert(slot);
         out.insert(key, pool.address(slot));
+    }
+    Ok(out)
+}
+
+/// Pod ports `first-last` (inclusive) the fedmesh agent listens on, one per (peer, port) it
+/// carries (relay mode's per-peer Services, Istio mode's ServiceEntries of peers the agent
+/// carries lead there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    first: u16,
+    last: u16,
+}
+
+impl PortRange {
+    /// The default: `20000-29999`.
+    pub const DEFAULT: Self = Self {
+        first: 20_000,
+        last: 29_999,
+    };
+
+    fn len(self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// Parses `20000-29999`. Ports below 1024 are refused: the agent runs as non-root.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (first, last) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not <first>-<last>, e.g. 20000-29999"))?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{p:?} is not a port"))
+        };
+        let (first, last) = (port(first)?, port(last)?);
+        if first < 1024 || first > last {
+            return Err(format!(
+                "{s:?}: need 1024 <= first <= last (the agent runs as non-root)"
+            ));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> Self {
+        r.to_string()
+    }
+}
+
+/// Gives every wanted (peer, port) a pod port of `range`, keeping `previous` allocations while
+/// still in the range: deterministic (the `<org>/<node>:<port>` hash picks the first choice)
+/// and stable (a newcomer never moves an allocation).
+pub fn allocate_ports(
+    range: PortRange,
+    previous: &BTreeMap<NodeRef, BTreeMap<u16, u16>>,
+    wanted: impl IntoIterator<Item = (NodeRef, u16)>,
+) -> Result<BTreeMap<NodeRef, BTreeMap<u16, u16>>> {
+    let wanted: BTreeSet<(NodeRef, u16)> = wanted.into_iter().collect();
+    let size = range.len();
+    let full = |wanted: usize| Error::PoolFull {
+        pool: format!("pod ports {range}"),
+        wanted,
+        capacity: u64::from(size),
+    };
+    if wanted.len() > size as usize {
+        return Err(full(wanted.len()));
+    }
+    let in_range = |p: u16| (range.first..=range.last).contains(&p);
+    let mut taken = BTreeSet::new();
+    let mut out: BTreeMap<NodeRef, BTreeMap<u16, u16>> = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for (peer, port) in wanted {
+        match previous.get(&peer).and_then(|p| p.get(&port)) {
+            Some(pod) if in_range(*pod) && taken.insert(*pod) => {
+                out.entry(peer).or_default().insert(port, *pod);
+            }
+            _ => fresh.push((peer, port)),
+        }
+    }
+    for (peer, port) in fresh {
+        let start = (fnv1a(format!("{peer}:{port}").as_bytes()) % u64::from(size)) as u32;
+        let pod = (0..size)
+            .map(|step| range.first + ((start + step) % size) as u16)
+            .find(|p| !taken.contains(p))
+            .ok_or_else(|| full(taken.len() + 1))?;
+        taken.insert(pod);
+        out.entry(peer).or_default().insert(port, pod);
     }
     Ok(out)
 }

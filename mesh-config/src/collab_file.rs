@@ -7,7 +7,8 @@
 //! members:
 //!   - org: org-b                   # DNS label
 //!     node: n1                     # DNS label
-//!     gateway: gw.org-b.example:443    # public host:port of its fedmesh ingress gateway
+//!     gateway: gw.org-b.example:443    # its fedmesh ingress gateway; leave out when the node
+//!                                  # accepts no inbound connections (its agent carries links)
 //!     organization_id: 2           # optional, vantage6's id
 //!     exposes:                     # ports its algorithms listen on
 //!       - {port: 11366, label: mpc}                  # Service fedmesh-mpc (default)
@@ -38,6 +39,7 @@ use serde::Deserialize;
 
 use crate::{
     Error, Result,
+    addresses::{PortRange, allocate_ports},
     view::{GatewayAddr, NodeView, Peer, RenderOptions},
 };
 
@@ -61,8 +63,9 @@ pub struct CollabFile {
 /// A member node as the file describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
-    /// Its fedmesh ingress gateway.
-    pub gateway: GatewayAddr,
+    /// Its fedmesh ingress gateway; none for a node that accepts no inbound connections (its
+    /// links are carried by the fedmesh agents, through a rendezvous).
+    pub gateway: Option<GatewayAddr>,
     /// vantage6's organisation id, when given.
     pub organization_id: Option<u64>,
     /// Ports its algorithms listen on, with the Service that serves each.
@@ -106,7 +109,7 @@ struct RawFile {
 struct RawMember {
     org: String,
     node: String,
-    gateway: String,
+    gateway: Option<String>,
     organization_id: Option<u64>,
     #[serde(default)]
     exposes: Vec<RawExposure>,
@@ -163,10 +166,11 @@ impl CollabFile {
             validate_label("organisation", &m.org).map_err(|e| field(at("org"), &m.org, e))?;
             validate_label("node", &m.node).map_err(|e| field(at("node"), &m.node, e))?;
             let node = NodeRef::new(&m.org, &m.node)?;
-            let gateway: GatewayAddr = m
+            let gateway: Option<GatewayAddr> = m
                 .gateway
-                .parse()
-                .map_err(|e| field(at("gateway"), &m.gateway, e))?;
+                .as_ref()
+                .map(|g| g.parse().map_err(|e| field(at("gateway"), g, e)))
+                .transpose()?;
             let mut exposes = BTreeMap::new();
             for (j, e) in m.exposes.into_iter().enumerate() {
                 let at = |f: &str| format!("members[{i}].exposes[{j}].{f}");
@@ -309,17 +313,37 @@ impl CollabFile {
                 approved_at: 0,
             })
             .collect();
+        // A pair whose ends both have a gateway links through the gateways; any other pair
+        // through the fedmesh agents (and a rendezvous), each agent on pod ports of its own.
         let peers = self
             .members
             .iter()
             .filter(|(node, _)| *node != local)
-            .map(|(node, m)| {
-                let peer = Peer {
-                    gateway: m.gateway.clone(),
-                };
-                (node.clone(), peer)
+            .filter_map(|(node, m)| {
+                let gateway = me.gateway.as_ref().and(m.gateway.clone())?;
+                Some((node.clone(), Peer { gateway }))
             })
+            .collect::<BTreeMap<_, _>>();
+        let carried_peers: BTreeSet<&NodeRef> = self
+            .members
+            .keys()
+            .filter(|node| *node != local && !peers.contains_key(*node))
             .collect();
+        let links: Vec<EffectiveLink> = links;
+        let dialled = links
+            .iter()
+            .filter(|l| l.terms.from == *local && carried_peers.contains(&l.terms.to))
+            .flat_map(|l| l.terms.ports.iter().map(|p| (l.terms.to.clone(), p.port)));
+        let mut carried = allocate_ports(PortRange::DEFAULT, &BTreeMap::new(), dialled)?;
+        for link in &links {
+            let other = match link.terms.from == *local {
+                true => &link.terms.to,
+                false => &link.terms.from,
+            };
+            if carried_peers.contains(other) {
+                carried.entry(other.clone()).or_default();
+            }
+        }
         let services = me
             .exposes
             .iter()
@@ -334,6 +358,7 @@ impl CollabFile {
             services,
             vips: self.vips.clone(),
             credentials: None,
+            carried,
         })
     }
 }

@@ -13,7 +13,8 @@
 //! - [`view`]: the input: a node's view of its collaboration ([`NodeView`]) and where things
 //!   live in its cluster ([`RenderOptions`]).
 //! - [`render`](mod@render): the pure function [`render()`] and its output ([`Rendered`]).
-//! - [`addresses`]: the stable VIP allocator ([`addresses::assign`]), shared with the relay.
+//! - [`addresses`]: the stable VIP allocator ([`addresses::assign`]), shared with the relay,
+//!   and the agent's pod-port allocator ([`addresses::allocate_ports`]).
 //! - [`collab_file`]: the human-writable collaboration file ([`CollabFile`]) for GitOps and
 //!   tests, parsed and validated into views.
 //!

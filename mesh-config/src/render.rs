@@ -19,6 +19,12 @@
 //! it is what lets the receiving gateway route each connection to the right port, and lets its
 //! AuthorizationPolicy tie each principal to exactly the (port, destination) its link approves.
 //!
+//! A peer in [`NodeView::carried`] (it, or this node, takes no inbound connections at a
+//! gateway) is reached through the local fedmesh agent instead, which carries the traffic over
+//! its relay: its ServiceEntry's endpoints are the agent pod's ports (Istio mTLS from the
+//! sidecar), and inbound the agent dials the algorithm's Service through its own sidecar, under
+//! an AuthorizationPolicy that admits only the agent's principal on the approved ports.
+//!
 //! Objects come per peer and direction, labelled `fedmesh.io/peer: <org>.<node>` and
 //! `fedmesh.io/direction: outbound|inbound`, so removing a peer's last link in one direction
 //! prunes exactly those objects. Collaboration-wide objects (default deny, mTLS, the Sidecar,
@@ -179,7 +185,7 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
     }
     let mut skipped = BTreeMap::new();
     outbound.retain(|peer, _| {
-        let known = view.peers.contains_key(*peer);
+        let known = view.peers.contains_key(*peer) || view.carried.contains_key(*peer);
         if !known {
             skipped.insert(
                 (*peer).clone(),
@@ -211,6 +217,16 @@ pub fn render(view: &NodeView, options: &RenderOptions, now: SystemTime) -> Resu
     let services = default_services(&inbound, &view.services);
     let peers: BTreeSet<&NodeRef> = outbound.keys().chain(inbound.keys()).copied().collect();
     for peer in peers {
+        if let Some(pod_ports) = view.carried.get(peer) {
+            if let (Some(links), Some(vip)) = (outbound.get(peer), vips.get(peer)) {
+                let hosts = names.of(&peer.org, &peer.node);
+                objects.extend(r.carried_outbound(peer, *vip, hosts, links, pod_ports)?);
+            }
+            if let Some(links) = inbound.get(peer) {
+                objects.extend(r.carried_inbound(peer, links)?);
+            }
+            continue;
+        }
         if let (Some(links), Some(info), Some(vip)) =
             (outbound.get(peer), view.peers.get(peer), vips.get(peer))
         {
@@ -762,6 +778,183 @@ impl Renderer<'_> {
     }
 }
 
+impl Renderer<'_> {
+    /// The objects that let algorithm pods dial `peer` through the local fedmesh agent, which
+    /// carries the traffic over its relay (the peer, or this node, takes no inbound connection
+    /// at a gateway). The sidecar's `REGISTRY_ONLY` still applies: the peer's names and VIP are
+    /// a ServiceEntry whose endpoints are the agent pod's ports for this peer, reached with
+    /// Istio mTLS; only algorithm pods may use those ports.
+    fn carried_outbound(
+        &self,
+        peer: &NodeRef,
+        vip: Ipv4Addr,
+        hosts: Vec<String>,
+        links: &[&EffectiveLink],
+        pod_ports: &BTreeMap<u16, u16>,
+    ) -> Result<Vec<Value>> {
+        let o = self.options;
+        let (mesh, algo) = (o.mesh_namespace.as_str(), o.algorithm_namespace.as_str());
+        let collab = self.collab();
+        let host = SpiffeId::new(collab, &peer.org, &peer.node)?.dns_name();
+        let ports = Ports::of(links);
+        let out = peer_name(collab, "out", peer, None);
+        let meta = Meta::new(collab, Some(peer), "outbound", links)?;
+        let mut se_ports = Vec::new();
+        let mut agent_ports = Vec::new();
+        let mut np_ports = Vec::new();
+        for (port, (port_name, _)) in &ports.by_port {
+            let pod = pod_ports.get(port).ok_or_else(|| {
+                Error::View(format!(
+                    "the agent carries {peer} but has no pod port for its port {port}"
+                ))
+            })?;
+            se_ports.push(json!({
+                "number": port, "name": port_name, "protocol": "TCP", "targetPort": pod,
+            }));
+            agent_ports.push(Value::String(pod.to_string()));
+            np_ports.push(json!({"protocol": "TCP", "port": pod}));
+        }
+        let mut se = json!({
+            "hosts": hosts,
+            "addresses": [vip.to_string()],
+            "location": "MESH_INTERNAL",
+            "resolution": "STATIC",
+            "workloadSelector": {"labels": o.agent_labels},
+            "exportTo": [".", algo],
+        });
+        se["ports"] = Value::Array(se_ports);
+        let dr = json!({
+            "host": host,
+            "exportTo": [".", algo],
+            "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
+        });
+        let mut deny = json!({
+            "selector": {"matchLabels": o.agent_labels},
+            "action": "DENY",
+            "rules": [{
+                "from": [{"source": {"notNamespaces": [algo]}}],
+                "to": [{"operation": {}}],
+            }],
+        });
+        deny["rules"][0]["to"][0]["operation"]["ports"] = Value::Array(agent_ports);
+        let mut np = json!({"policyTypes": ["Egress"], "egress": [{}]});
+        np["podSelector"] = algorithm_pods(o);
+        np["egress"][0]["to"] = Value::Array(vec![pods_labelled(mesh, &o.agent_labels)]);
+        np["egress"][0]["ports"] = Value::Array(np_ports);
+        let se_meta = meta
+            .clone()
+            .label("networking.istio.io/enable-autoallocate-ip", "false");
+        Ok(vec![
+            object(
+                NETWORKING_V1,
+                "ServiceEntry",
+                se_meta.of(
+                    mesh,
+                    &out,
+                    &format!(
+                        "{host}: VIP and approved ports of {peer}, carried by the fedmesh agent \
+                         (its relay), not the gateways"
+                    ),
+                ),
+                se,
+            ),
+            object(
+                NETWORKING_V1,
+                "DestinationRule",
+                meta.of(
+                    mesh,
+                    &out,
+                    &format!("sidecars: mesh mTLS to the fedmesh agent for {peer}"),
+                ),
+                dr,
+            ),
+            object(
+                SECURITY_V1,
+                "AuthorizationPolicy",
+                meta.of(
+                    mesh,
+                    &out,
+                    &format!(
+                        "fedmesh agent: only algorithm pods may use the ports that carry {peer}"
+                    ),
+                ),
+                deny,
+            ),
+            object(
+                "networking.k8s.io/v1",
+                "NetworkPolicy",
+                meta.of(
+                    algo,
+                    &out,
+                    &format!("let algorithm pods reach the fedmesh agent's ports for {peer}"),
+                ),
+                np,
+            ),
+        ])
+    }
+
+    /// The objects that let the local fedmesh agent, which receives `peer`'s links over its
+    /// relay (admitting each stream by the owner-signed link), reach the approved ports of
+    /// algorithm pods, through its own sidecar: the algorithm namespace's default deny still
+    /// applies, and allows the agent's principal on exactly those ports.
+    fn carried_inbound(&self, peer: &NodeRef, links: &[&EffectiveLink]) -> Result<Vec<Value>> {
+        let o = self.options;
+        let (mesh, algo) = (o.mesh_namespace.as_str(), o.algorithm_namespace.as_str());
+        let collab = self.collab();
+        let ports = Ports::of(links);
+        let name = peer_name(collab, "in", peer, None);
+        let meta = Meta::new(collab, Some(peer), "inbound", links)?;
+        let algo_ports: Vec<Value> = ports
+            .by_port
+            .keys()
+            .map(|p| Value::String(p.to_string()))
+            .collect();
+        let np_ports: Vec<Value> = ports
+            .by_port
+            .keys()
+            .map(|p| json!({"protocol": "TCP", "port": p}))
+            .collect();
+        let mut policy = json!({
+            "action": "ALLOW",
+            "rules": [{
+                "from": [{"source": {"principals": [o.agent_principal()]}}],
+                "to": [{"operation": {}}],
+            }],
+        });
+        policy["rules"][0]["to"][0]["operation"]["ports"] = Value::Array(algo_ports);
+        let mut np = json!({"policyTypes": ["Ingress"], "ingress": [{}]});
+        np["podSelector"] = algorithm_pods(o);
+        np["ingress"][0]["from"] = Value::Array(vec![pods_labelled(mesh, &o.agent_labels)]);
+        np["ingress"][0]["ports"] = Value::Array(np_ports);
+        Ok(vec![
+            object(
+                SECURITY_V1,
+                "AuthorizationPolicy",
+                meta.of(
+                    algo,
+                    &name,
+                    &format!(
+                        "allow the fedmesh agent (which carries {peer}) to reach its approved ports"
+                    ),
+                ),
+                policy,
+            ),
+            object(
+                "networking.k8s.io/v1",
+                "NetworkPolicy",
+                meta.of(
+                    algo,
+                    &name,
+                    &format!(
+                        "let the fedmesh agent reach the ports approved for {peer}, which it carries"
+                    ),
+                ),
+                np,
+            ),
+        ])
+    }
+}
+
 /// A full object. `metadata` and `spec` are moved in: `json!` would deep-copy them.
 fn object(api_version: &str, kind: &str, metadata: Value, spec: Value) -> Value {
     let mut m = Map::new();
@@ -836,6 +1029,14 @@ impl Meta {
 /// selecting every pod would open vantage6's per-role default deny for all roles).
 fn algorithm_pods(o: &RenderOptions) -> Value {
     json!({"matchExpressions": [{"key": "role", "operator": "In", "values": o.algorithm_roles}]})
+}
+
+/// A NetworkPolicy peer: pods carrying every label of `labels` in namespace `ns`.
+fn pods_labelled(ns: &str, labels: &BTreeMap<String, String>) -> Value {
+    json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+        "podSelector": {"matchLabels": labels},
+    })
 }
 
 /// A NetworkPolicy peer: pods labelled `key=value` in namespace `ns`.
@@ -928,6 +1129,7 @@ mod tests {
             services: BTreeMap::new(),
             vips: BTreeMap::new(),
             credentials: None,
+            carried: BTreeMap::new(),
         }
     }
 
@@ -1106,6 +1308,83 @@ mod tests {
         assert_eq!(
             secret["data"],
             json!({"tls.crt": "Q0VSVA==", "tls.key": "S0VZ", "ca.crt": "Q0E="})
+        );
+    }
+
+    #[test]
+    fn a_peer_the_agent_carries_is_reached_through_the_agent_pod_under_mesh_policy() {
+        let out = link("a/n1", "z/n1", &["11366:mpc"], 100);
+        let inb = link("z/n1", "a/n1", &["9092:flower"], 100);
+        let mut v = view(vec![out, inb]);
+        // z/n1 has no gateway: not in `peers`, only carried.
+        v.carried
+            .insert(n("z/n1"), BTreeMap::from([(11366, 20_001)]));
+        v.vips.insert(n("z/n1"), Ipv4Addr::new(240, 241, 0, 26));
+        let r = render(&v, &RenderOptions::default(), at(0)).unwrap();
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let out = peer_name("c", "out", &n("z/n1"), None);
+        let agent = json!({
+            "app.kubernetes.io/name": "fedmesh-agent",
+            "app.kubernetes.io/instance": "agent",
+        });
+        assert_eq!(
+            find(&r, "ServiceEntry", &out)["spec"],
+            json!({
+                "hosts": ["n1.z.c.fedmesh"],
+                "addresses": ["240.241.0.26"],
+                "ports": [{"number": 11366, "name": "tcp-mpc", "protocol": "TCP", "targetPort": 20001}],
+                "location": "MESH_INTERNAL",
+                "resolution": "STATIC",
+                "workloadSelector": {"labels": agent},
+                "exportTo": [".", "vantage6-tasks"],
+            })
+        );
+        assert_eq!(
+            find(&r, "DestinationRule", &out)["spec"]["trafficPolicy"],
+            json!({"tls": {"mode": "ISTIO_MUTUAL"}})
+        );
+        let policies: Vec<&Value> = r
+            .objects
+            .iter()
+            .filter(|o| {
+                o["kind"] == "AuthorizationPolicy" && o["metadata"]["labels"][PEER] == "z.n1"
+            })
+            .collect();
+        assert_eq!(policies.len(), 2, "one per direction");
+        assert_eq!(
+            policies[0]["spec"],
+            json!({
+                "selector": {"matchLabels": agent},
+                "action": "DENY",
+                "rules": [{
+                    "from": [{"source": {"notNamespaces": ["vantage6-tasks"]}}],
+                    "to": [{"operation": {"ports": ["20001"]}}],
+                }],
+            }),
+            "only algorithm pods may use the agent's ports for z/n1"
+        );
+        assert_eq!(
+            policies[1]["spec"]["rules"],
+            json!([{
+                "from": [{"source": {"principals": ["cluster.local/ns/fedmesh/sa/agent-fedmesh-agent"]}}],
+                "to": [{"operation": {"ports": ["9092"]}}],
+            }]),
+            "the agent, and only on the approved port, may reach algorithm pods"
+        );
+        assert_eq!(policies[1]["metadata"]["namespace"], "vantage6-tasks");
+        // Nothing of the gateways for z/n1: no Gateway, no VirtualService.
+        assert!(!r.objects.iter().any(|o| {
+            matches!(o["kind"].as_str(), Some("Gateway" | "VirtualService"))
+                && o["metadata"]["labels"][PEER] == "z.n1"
+        }));
+
+        // A dialled port without a pod port is a clear error.
+        v.carried.insert(n("z/n1"), BTreeMap::new());
+        let err = render(&v, &RenderOptions::default(), at(0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("has no pod port for its port 11366"),
+            "{err}"
         );
     }
 

@@ -44,6 +44,12 @@ pub struct NodeView {
     /// This node's gateway credentials. When given, a `kubernetes.io/tls` Secret is rendered
     /// into the mesh namespace; when not, something else must create it under the same name.
     pub credentials: Option<Credentials>,
+    /// Peers whose links this node's fedmesh agent carries instead of the gateways (over its
+    /// relay: through a rendezvous, or directly to the peer's relay), because this node or the
+    /// peer accepts no inbound connections at a gateway. Each maps the ports this node dials
+    /// the peer on to the pod port the agent listens on for it (empty when the links only come
+    /// in). A peer here needs no entry in `peers`, and is rendered only this way.
+    pub carried: BTreeMap<NodeRef, BTreeMap<u16, u16>>,
 }
 
 /// Another node of the collaboration, as far as this node needs to know it.
@@ -177,6 +183,12 @@ pub struct RenderOptions {
     /// algorithm pod `role: <action>`): the NetworkPolicies fedmesh renders select only these,
     /// never every pod, so the other roles keep vantage6's default deny.
     pub algorithm_roles: Vec<String>,
+    /// The labels that select the fedmesh agent pod (in the mesh namespace): the endpoints of
+    /// the ServiceEntries of peers the agent carries.
+    pub agent_labels: BTreeMap<String, String>,
+    /// The agent's ServiceAccount (in the mesh namespace): the in-mesh principal algorithm pods
+    /// accept the links the agent carries from.
+    pub agent_service_account: String,
 }
 
 impl Default for RenderOptions {
@@ -194,6 +206,12 @@ impl Default for RenderOptions {
             istio_namespace: "istio-system".into(),
             sidecar_egress_namespaces: Vec::new(),
             algorithm_roles: vec!["central_compute".into(), "federated_compute".into()],
+            // The fedmesh-agent chart installed as release `agent`.
+            agent_labels: BTreeMap::from([
+                ("app.kubernetes.io/name".into(), "fedmesh-agent".into()),
+                ("app.kubernetes.io/instance".into(), "agent".into()),
+            ]),
+            agent_service_account: "agent-fedmesh-agent".into(),
         }
     }
 }
@@ -213,6 +231,23 @@ impl RenderOptions {
         label("ingress_gateway", &self.ingress_gateway)?;
         label("egress_gateway", &self.egress_gateway)?;
         label("istio_namespace", &self.istio_namespace)?;
+        label("agent_service_account", &self.agent_service_account)?;
+        if self.agent_labels.is_empty() {
+            return Err(Error::Option {
+                option: "agent_labels",
+                reason: "name the labels of the fedmesh agent pod (an empty selector would \
+                         select every pod of the mesh namespace)"
+                    .into(),
+            });
+        }
+        for (key, value) in &self.agent_labels {
+            if key.is_empty() || key.len() > 253 || value.len() > 63 || value.contains('*') {
+                return Err(Error::Option {
+                    option: "agent_labels",
+                    reason: format!("{key}={value} is not a Kubernetes label"),
+                });
+            }
+        }
         for ns in &self.sidecar_egress_namespaces {
             label("sidecar_egress_namespaces", ns)?;
         }
@@ -294,6 +329,14 @@ impl RenderOptions {
     /// `<name>.<namespace>.svc.<cluster domain>`.
     pub(crate) fn service_fqdn(&self, name: &str, namespace: &str) -> String {
         format!("{name}.{namespace}.svc.{}", self.cluster_domain)
+    }
+
+    /// The agent's identity inside the local mesh, as an Istio principal.
+    pub(crate) fn agent_principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.mesh_trust_domain, self.mesh_namespace, self.agent_service_account
+        )
     }
 
     /// The ingress gateway's identity inside the local mesh, as an Istio principal.

@@ -86,6 +86,7 @@ fn synthetic_view(local: &NodeRef, links: &[EffectiveLink]) -> NodeView {
         services: BTreeMap::new(),
         vips: BTreeMap::new(),
         credentials: None,
+        carried: BTreeMap::new(),
     }
 }
 

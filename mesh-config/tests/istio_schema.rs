@@ -6,7 +6,7 @@ mod common;
 
 use std::{collections::BTreeSet, sync::OnceLock};
 
-use common::{NODES, example, now, rendered, view};
+use common::{NODES, RENDEZVOUS_NODES, example, n, now, rendered, rendezvous_example, view};
 use fedmesh_istio_schema::{Error, Schemas};
 use fedmesh_mesh_config::{Credentials, RenderOptions, render};
 use serde_json::{Value, json};
@@ -31,6 +31,12 @@ fn all_objects() -> Vec<Value> {
             ..example().options
         };
         objects.extend(render(&v, &options, now()).unwrap().objects);
+    }
+    // A member without a gateway: links the agents carry, from both ends.
+    let example = rendezvous_example();
+    for node in RENDEZVOUS_NODES {
+        let v = example.view(&n(node), now()).unwrap();
+        objects.extend(render(&v, &example.options, now()).unwrap().objects);
     }
     objects
 }

@@ -62,7 +62,8 @@ pub struct KubeArgs {
     /// ingress_gateway, ...); default: the built-in ones.
     #[arg(long, env = "FEDMESH_RENDER_OPTIONS")]
     render_options: Option<PathBuf>,
-    /// The agent pod's labels, selected by the per-peer Services (relay mode): k=v[,k=v].
+    /// The agent pod's labels, selected by the per-peer Services (relay mode) and by the
+    /// ServiceEntries of peers the agent carries (Istio mode): k=v[,k=v].
     #[arg(
         long,
         env = "FEDMESH_POD_SELECTOR",
@@ -70,7 +71,8 @@ pub struct KubeArgs {
         value_parser = parse_labels
     )]
     pod_selector: BTreeMap<String, String>,
-    /// Pod ports for the relay's per-(peer, port) listeners (relay mode).
+    /// Pod ports for the relay's per-(peer, port) listeners (relay mode; Istio mode: for peers
+    /// the agent carries).
     #[arg(long, env = "FEDMESH_POD_PORTS", default_value = "20000-29999")]
     pod_ports: PortRange,
     /// How often the cluster is compared with the links when nothing changed (ledger changes
@@ -230,11 +232,13 @@ pub struct RunArgs {
     /// UDP address of the QUIC relay.
     #[arg(long, default_value = "0.0.0.0:4433")]
     relay_listen: SocketAddr,
-    /// The relay address peers dial (host:port); default: the bound address.
+    /// Where peers reach this node (host:port): the relay's address (default: the bound one),
+    /// or in Istio mode the fedmesh ingress gateway's.
     #[arg(long, conflicts_with = "outbound_only")]
     advertise: Option<String>,
     /// This site accepts no inbound connections: advertise no direct endpoint; peers reach
-    /// this node through the rendezvous servers the collaboration lists.
+    /// this node through the rendezvous servers the collaboration lists (in Istio mode too:
+    /// the agent's relay then carries every link).
     #[arg(long)]
     outbound_only: bool,
     /// Pool of local addresses for peers (one per peer).

@@ -58,8 +58,12 @@ pub struct Placement {
     pub vetoed: BTreeSet<String>,
     /// Where algorithm pods reach each peer: its Service's ClusterIP (relay) or VIP (Istio).
     pub addresses: BTreeMap<NodeRef, IpAddr>,
-    /// Relay mode: the pod ports to listen on, and the (peer, port) each leads to.
+    /// The pod ports to listen on, and the (peer, port) each leads to (relay mode; Istio mode
+    /// for the peers the agent carries).
     pub listeners: BTreeMap<SocketAddr, (NodeRef, u16)>,
+    /// Istio mode: the peers whose links the agent's relay carries, because they or this node
+    /// take no inbound connections at a gateway.
+    pub carried: BTreeSet<NodeRef>,
 }
 
 impl Placement {
@@ -71,6 +75,7 @@ impl Placement {
             vetoed: BTreeSet::new(),
             addresses: BTreeMap::new(),
             listeners: BTreeMap::new(),
+            carried: BTreeSet::new(),
         }
     }
 }
@@ -352,6 +357,7 @@ impl Controller {
                 vetoed: vetoed.into_keys().collect(),
                 addresses,
                 listeners: desired.listeners.clone(),
+                carried: desired.carried.clone(),
             },
             next_expiry: Ledger::next_expiry(&desired.links),
             memory: desired.memory,

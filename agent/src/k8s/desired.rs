@@ -23,7 +23,8 @@ pub struct Memory {
     /// ServiceEntry VIPs (Istio mode).
     #[serde(default)]
     pub vips: BTreeMap<NodeRef, Ipv4Addr>,
-    /// Pod ports: peer → (its port → the pod port the relay listens on) (relay mode).
+    /// Pod ports: peer → (its port → the pod port the relay listens on) (relay mode; Istio mode
+    /// for the peers the agent carries).
     #[serde(default)]
     pub pod_ports: BTreeMap<NodeRef, BTreeMap<u16, u16>>,
 }
@@ -65,8 +66,11 @@ pub struct Desired {
     pub links: Vec<EffectiveLink>,
     /// Relay mode: which peer each Service is for, by Service name.
     pub services: BTreeMap<String, NodeRef>,
-    /// Relay mode: the pod's listeners and the (peer, port) each leads to.
+    /// The pod's listeners and the (peer, port) each leads to (relay mode; Istio mode for the
+    /// peers the agent carries).
     pub listeners: BTreeMap<SocketAddr, (NodeRef, u16)>,
+    /// Istio mode: the peers whose links the agent's relay carries (not the gateways).
+    pub carried: BTreeSet<NodeRef>,
     /// What to remember for the next pass.
     pub memory: Memory,
 }
@@ -90,6 +94,7 @@ pub fn compute(
         links,
         services: BTreeMap::new(),
         listeners: BTreeMap::new(),
+        carried: BTreeSet::new(),
         memory: Memory::default(),
     };
     settings

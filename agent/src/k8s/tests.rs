@@ -53,6 +53,7 @@ fn rendered(collab: &Collab) -> Vec<Value> {
         services: BTreeMap::new(),
         vips: BTreeMap::new(),
         credentials: Some(credentials()),
+        carried: BTreeMap::new(),
     };
     fedmesh_mesh_config::render(&view, &RenderOptions::default(), collab.fx.now)
         .unwrap()
@@ -304,6 +305,7 @@ async fn istio_applies_exactly_the_render_then_nothing_when_unchanged() {
                 "240.241.197.112".parse().unwrap()
             )]),
             listeners: BTreeMap::new(),
+            carried: Default::default(),
         }
     );
 
@@ -508,6 +510,7 @@ async fn relay_mode_puts_one_service_per_peer_in_front_of_the_pod() {
                 (listener(29052), ("c/n1".parse().unwrap(), 8080)),
                 (listener(20744), ("c/n1".parse().unwrap(), 11367)),
             ]),
+            carried: Default::default(),
         }
     );
 

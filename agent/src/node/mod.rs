@@ -67,7 +67,7 @@ use crate::{
     k8s::{self, Placement},
     metrics::Metrics,
     relay::{
-        Budgets, Relay, RelayOptions, TlsMaterial,
+        self, Budgets, Relay, RelayOptions, TlsMaterial,
         relayed::{Carrier, Paths},
     },
 };
@@ -214,6 +214,9 @@ pub struct NodeHandle {
     pub metrics: Arc<Metrics>,
     /// The addresses the relay listens on for peers.
     pub listening: watch::Receiver<Arc<BTreeSet<SocketAddr>>>,
+    /// Whether the relay (and its rendezvous carrier) runs: from the start in relay mode; in
+    /// Istio mode once a peer needs it (or at once when this node is outbound only).
+    pub relay_running: watch::Receiver<bool>,
     /// The node's current certificate and key.
     pub identity: IdentityWatch,
     cancel: CancellationToken,
@@ -277,8 +280,6 @@ impl NodeHandle {
 
 /// Binds the agent's sockets, publishes its advertisement and starts its tasks.
 pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
-    let state = NodeState::load(&opts.state)?;
-    let node = state.config.node.clone();
     let controller = match &opts.kubernetes {
         Some(options) => Some(
             k8s::Controller::connect(options)
@@ -287,6 +288,17 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         ),
         None => None,
     };
+    start_with(opts, controller).await
+}
+
+/// [`start`] with a controller already connected (to the cluster of [`NodeOptions::kubernetes`],
+/// whose options it was resolved with).
+pub async fn start_with(
+    opts: NodeOptions,
+    controller: Option<k8s::Controller>,
+) -> Result<NodeHandle> {
+    let state = NodeState::load(&opts.state)?;
+    let node = state.config.node.clone();
     let relay_carries = controller
         .as_ref()
         .is_none_or(|c| c.settings().mode.relay_carries());
@@ -327,6 +339,7 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let advertise = match (&opts.advertise, relay_addr) {
         (Some(a), _) => a.clone(),
         (None, Some(addr)) if opts.outbound_only => addr.to_string(),
+        (None, None) if opts.outbound_only => String::new(),
         (None, None) => bail!("in Istio mode give --advertise <host:port> of the ingress gateway"),
         (None, Some(addr)) if addr.ip().is_unspecified() => {
             bail!("the relay listens on {addr}; give --advertise <host:port> for peers to dial")
@@ -337,20 +350,26 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     let mut tasks = JoinSet::new();
 
     let hub = identity.hub_client(&state)?;
-    let endpoint = match relay_carries {
-        true if opts.outbound_only => Endpoint::Rendezvous,
-        true => Endpoint::Quic {
+    let endpoints = match relay_carries {
+        true if opts.outbound_only => vec![Endpoint::Rendezvous],
+        true => vec![Endpoint::Quic {
             address: advertise.clone(),
-        },
-        false => Endpoint::IstioGateway {
-            address: advertise.clone(),
-        },
+        }],
+        // Istio mode: the gateway for peers with a gateway of their own, and the agent through
+        // the rendezvous for the others (and for all when no inbound connection is taken).
+        false if opts.outbound_only => vec![Endpoint::Rendezvous],
+        false => vec![
+            Endpoint::IstioGateway {
+                address: advertise.clone(),
+            },
+            Endpoint::Rendezvous,
+        ],
     };
     publish_advertisement(
         &state,
         &identity,
         &hub,
-        endpoint,
+        endpoints,
         &opts.exposes,
         &instance.id,
     )
@@ -484,11 +503,27 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             c,
         ));
     }
+    // Istio mode: the relay starts once a peer needs it (one the gateways cannot reach), or at
+    // once when this node takes no inbound connections.
+    let (relay_wanted, relay_running) = watch::channel(relay.is_some());
+    let (lazy_relay, lazy_budgets) = match &relay {
+        Some(_) => (None, None),
+        None => {
+            let budgets = Arc::new(Budgets::load(
+                &shared_state.dir.join("budgets.json"),
+                metrics.clone(),
+            )?);
+            let (tx, rx) = watch::channel(None);
+            (Some((tx, rx)), Some(budgets))
+        }
+    };
+    let (listening_tx, lazy_listening) = watch::channel(Arc::new(BTreeSet::new()));
     let placement = match (controller, &opts.kubernetes) {
         (Some(controller), Some(options)) => {
-            let controller = match &relay {
-                Some(relay) => controller.with_budgets(relay.budgets()),
-                None => controller,
+            let controller = match (&relay, &lazy_budgets) {
+                (Some(relay), _) => controller.with_budgets(relay.budgets()),
+                (None, Some(budgets)) => controller.with_budgets(budgets.clone()),
+                (None, None) => controller,
             };
             let (tx, rx) = watch::channel(Arc::new(Placement::new(controller.settings().mode)));
             tasks.spawn(controller.run(
@@ -505,8 +540,28 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
     };
     let listening = match &relay {
         Some(relay) => relay.listening(),
-        None => watch::channel(Arc::new(BTreeSet::new())).1,
+        None => lazy_listening,
     };
+    if let (Some((_, configs)), Some(budgets)) = (&lazy_relay, lazy_budgets) {
+        tasks.spawn(
+            LazyRelay {
+                node: node.clone(),
+                listen: opts.relay_listen,
+                bundle: bundle.clone(),
+                options: opts.relay,
+                metrics: metrics.clone(),
+                budgets,
+                listening: listening_tx,
+                running: relay_wanted,
+            }
+            .run(
+                configs.clone(),
+                ledger_rx.clone(),
+                identity_rx.clone(),
+                cancel.clone(),
+            ),
+        );
+    }
     {
         let reconciler = Reconciler {
             node: node.clone(),
@@ -514,6 +569,8 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
             pool: opts.loopback_pool,
             exposes: opts.exposes.clone(),
             relay: relay.clone(),
+            lazy_relay: lazy_relay.map(|(tx, _)| tx),
+            outbound_only: opts.outbound_only,
             names: names_tx,
             snapshot: snapshot_tx,
             metrics: metrics.clone(),
@@ -561,10 +618,101 @@ pub async fn start(opts: NodeOptions) -> Result<NodeHandle> {
         snapshot: snapshot_rx,
         metrics,
         listening,
+        relay_running,
         identity: identity_rx,
         cancel,
         tasks,
     })
+}
+
+/// Istio mode's relay, built and run only once the reconciler hands it a configuration (a peer
+/// the gateways cannot reach, or this node is outbound only); then the same relay, rendezvous
+/// carrier and identity following as in relay mode.
+struct LazyRelay {
+    node: NodeRef,
+    listen: SocketAddr,
+    bundle: TrustBundle,
+    options: RelayOptions,
+    metrics: Arc<Metrics>,
+    budgets: Arc<Budgets>,
+    listening: watch::Sender<Arc<BTreeSet<SocketAddr>>>,
+    running: watch::Sender<bool>,
+}
+
+impl LazyRelay {
+    async fn run(
+        self,
+        mut configs: watch::Receiver<Option<Arc<relay::RelayConfig>>>,
+        ledger: watch::Receiver<Arc<Ledger>>,
+        identity: IdentityWatch,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            wanted = configs.wait_for(Option::is_some) => if wanted.is_err() { return Ok(()) },
+        }
+        let current = identity.borrow().clone();
+        let paths = Paths::bind(
+            self.listen,
+            Arc::new(NodeIdentity::from_pem(&current.cert_pem, &current.key_pem)?),
+        )?;
+        let carrier = paths.carrier();
+        let relay = Arc::new(Relay::new(
+            Arc::new(paths),
+            self.node.clone(),
+            &TlsMaterial {
+                identity: &current.tls,
+                bundle: &self.bundle,
+            },
+            self.options,
+            self.metrics,
+            self.budgets,
+        )?);
+        info!(node = %self.node, addr = ?relay.local_addr().ok(), "a peer needs the relay: started in Istio mode");
+        self.running.send_replace(true);
+        let forward = {
+            let (mut from, to) = (relay.listening(), self.listening);
+            let cancel = cancel.clone();
+            async move {
+                loop {
+                    to.send_replace(from.borrow_and_update().clone());
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        changed = from.changed() => if changed.is_err() { return },
+                    }
+                }
+            }
+        };
+        let update = {
+            let (relay, cancel) = (relay.clone(), cancel.clone());
+            async move {
+                loop {
+                    if let Some(config) = configs.borrow_and_update().clone() {
+                        relay.update((*config).clone());
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        changed = configs.changed() => if changed.is_err() { return },
+                    }
+                }
+            }
+        };
+        let c = cancel.clone();
+        let results = tokio::join!(
+            relay.run(c.cancelled()),
+            carrier
+                .clone()
+                .run(cancel.clone())
+                .map(Ok::<(), anyhow::Error>),
+            follow_rendezvous(carrier, ledger, identity.clone(), cancel.clone()),
+            follow_identity(Some(relay.clone()), self.bundle, identity, cancel.clone()),
+            forward,
+            update,
+        );
+        results.0?;
+        results.2?;
+        results.3
+    }
 }
 
 /// Publishes where peers reach this node (the relay, or in Istio mode the ingress gateway), and
@@ -573,14 +721,14 @@ async fn publish_advertisement(
     state: &NodeState,
     identity: &Identity,
     hub: &HubClient,
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     exposes: &[Expose],
     instance: &str,
 ) -> Result<()> {
     let doc = Document::Advertisement(Advertisement {
         collab: state.config.collab.clone(),
         node: state.config.node.clone(),
-        endpoints: vec![endpoint],
+        endpoints,
         instance: Some(instance.to_owned()),
         exposes: exposes
             .iter()
@@ -627,6 +775,9 @@ struct Reconciler {
     pool: Pool,
     exposes: Vec<Expose>,
     relay: Option<Arc<Relay>>,
+    /// Istio mode: where the relay's configuration goes once a peer needs the relay.
+    lazy_relay: Option<watch::Sender<Option<Arc<relay::RelayConfig>>>>,
+    outbound_only: bool,
     names: watch::Sender<Arc<NameMap>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
@@ -722,6 +873,20 @@ impl Reconciler {
         }
         if let Some(r) = &self.relay {
             r.update(relay);
+        } else if let Some(lazy) = &self.lazy_relay {
+            let needed = self.outbound_only || placement.is_some_and(|p| !p.carried.is_empty());
+            lazy.send_if_modified(|current| {
+                // Once started, the relay keeps its configuration current (admitting nothing
+                // when no peer needs it any more).
+                if current.is_none() && !needed {
+                    return false;
+                }
+                if current.as_deref() == Some(&relay) {
+                    return false;
+                }
+                *current = Some(Arc::new(relay));
+                true
+            });
         }
         self.names.send_if_modified(|current| {
             if **current == names {

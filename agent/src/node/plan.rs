@@ -126,6 +126,10 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
             .collect(),
     };
     let relay_carries = inputs.placement.is_none_or(|p| p.mode.relay_carries());
+    // In Istio mode the relay carries only the peers the controller found no gateway path for.
+    let carries = |peer: &NodeRef| {
+        relay_carries || inputs.placement.is_some_and(|p| p.carried.contains(peer))
+    };
 
     let names = PeerNames::new(
         TrustDomain::new(&collab.id)?,
@@ -137,7 +141,7 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
     let mut relay_peers = BTreeMap::new();
     let mut peers = BTreeMap::new();
     for (peer, ip) in &assigned {
-        let reach = if relay_carries {
+        let reach = if carries(peer) {
             relay_path(inputs, peer, collab)
         } else {
             Ok(None)
@@ -173,11 +177,23 @@ pub fn plan(inputs: &Inputs<'_>) -> fedmesh_mesh_config::Result<Option<NodePlan>
             .collect(),
     };
     let relay = RelayConfig {
-        // Istio carries the links; the relay admits nothing.
+        // Istio carries the links, but for the peers the relay carries; the relay admits
+        // nothing else.
         policy: if relay_carries {
             policy
         } else {
-            Policy::default()
+            let carried: Vec<_> = links
+                .iter()
+                .filter(|l| {
+                    carries(if l.terms.from == *inputs.node {
+                        &l.terms.to
+                    } else {
+                        &l.terms.from
+                    })
+                })
+                .cloned()
+                .collect();
+            Policy::new(inputs.node, &carried)
         },
         standing: relay::standing(inputs.ledger),
         peers: relay_peers,
@@ -641,6 +657,37 @@ mod tests {
             3,
             "the links are still in force"
         );
+
+        // A peer Istio cannot reach through the gateways is carried by the relay, and only it.
+        placement.carried.insert(n("c/n1"));
+        let carried = w.plan(Some(&placement), &[]);
+        assert_eq!(
+            carried.relay.peers,
+            BTreeMap::from([(n("c/n1"), quic("192.0.2.3:4433"))])
+        );
+        assert!(
+            carried
+                .relay
+                .policy
+                .admits_outbound(&n("c/n1"), 8080)
+                .is_some()
+        );
+        assert!(
+            carried
+                .relay
+                .policy
+                .admits_inbound(&n("c/n1"), 9092)
+                .is_some()
+        );
+        assert!(
+            carried
+                .relay
+                .policy
+                .admits_outbound(&n("b/n1"), 11366)
+                .is_none(),
+            "b/n1 goes through the gateways"
+        );
+        assert_eq!(carried.relay.listeners, placement.listeners);
     }
 
     #[test]

@@ -138,6 +138,7 @@ fn agent_value_sets() -> Vec<Vec<&'static str>> {
             "dns.enabled=true",
             "exposes={11366:mpc=fedmesh-mpc.vantage6-tasks.svc:11366}",
         ],
+        vec!["mode=istio", "outboundOnly=true"],
         vec![
             ADVERTISE,
             "vantage6.enabled=true",

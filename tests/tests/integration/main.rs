@@ -12,6 +12,7 @@ mod control;
 mod examples;
 mod hub;
 mod hub_hardening;
+mod istio_rendezvous;
 mod relay;
 mod relay_security;
 mod rendezvous;

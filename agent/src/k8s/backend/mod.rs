@@ -55,8 +55,9 @@ impl Mode {
         }
     }
 
-    /// Whether fedmesh's relay carries the links (otherwise it admits nothing) and the node
-    /// advertises a relay address (otherwise its gateway).
+    /// Whether fedmesh's relay carries every link and the node advertises a relay address
+    /// (otherwise its gateway, and the relay carries only the links of peers the gateways
+    /// cannot reach: [`Placement::carried`](super::Placement::carried)).
     pub fn relay_carries(self) -> bool {
         match self {
             Self::Istio => false,

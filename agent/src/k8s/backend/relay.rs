@@ -6,9 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::{IpAddr, SocketAddr},
-    str::FromStr,
 };
 
 use fedmesh_documents::{EffectiveLink, NodeRef};
@@ -19,7 +17,7 @@ use fedmesh_mesh_config::{
 use serde_json::{Value, json};
 
 use super::super::{
-    Error, FIELD_MANAGER, Result, Settings,
+    FIELD_MANAGER, Result, Settings,
     desired::{Desired, Memory},
     fnv1a, peerlink,
     resources::{Kind, Place, kind},
@@ -28,53 +26,7 @@ use super::super::{
 /// What the relay backend writes.
 pub const KINDS: &[Kind] = &[kind("v1", "Service", "services", Place::Agent)];
 
-/// Pod ports `first-last` (inclusive) for the relay's per-(peer, port) listeners.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    first: u16,
-    last: u16,
-}
-
-impl PortRange {
-    /// The default: `20000-29999`.
-    pub const DEFAULT: Self = Self {
-        first: 20_000,
-        last: 29_999,
-    };
-
-    fn len(self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    /// Parses `20000-29999`. Ports below 1024 are refused: the agent runs as non-root.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (first, last) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not <first>-<last>, e.g. 20000-29999"))?;
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("{p:?} is not a port"))
-        };
-        let (first, last) = (port(first)?, port(last)?);
-        if first < 1024 || first > last {
-            return Err(format!(
-                "{s:?}: need 1024 <= first <= last (the agent runs as non-root)"
-            ));
-        }
-        Ok(Self { first, last })
-    }
-}
+pub use fedmesh_mesh_config::addresses::PortRange;
 
 /// One Service per peer this node dials, each port leading to a pod port the relay listens on.
 pub(super) fn render(
@@ -137,42 +89,16 @@ pub(super) fn addresses(
         .collect()
 }
 
-/// Gives every wanted (peer, port) a pod port of `range`, keeping `previous` allocations.
+/// Gives every wanted (peer, port) a pod port of `range`, keeping `previous` allocations
+/// ([`fedmesh_mesh_config::addresses::allocate_ports`]).
 pub fn allocate(
     range: PortRange,
     previous: &BTreeMap<NodeRef, BTreeMap<u16, u16>>,
     wanted: impl IntoIterator<Item = (NodeRef, u16)>,
 ) -> Result<BTreeMap<NodeRef, BTreeMap<u16, u16>>> {
-    let wanted: BTreeSet<(NodeRef, u16)> = wanted.into_iter().collect();
-    let size = range.len();
-    if wanted.len() > size as usize {
-        return Err(Error::Options(format!(
-            "{} (peer, port) listeners do not fit the pod port range {range}; widen --pod-ports",
-            wanted.len()
-        )));
-    }
-    let in_range = |p: u16| (range.first..=range.last).contains(&p);
-    let mut taken = BTreeSet::new();
-    let mut out: BTreeMap<NodeRef, BTreeMap<u16, u16>> = BTreeMap::new();
-    let mut fresh = Vec::new();
-    for (peer, port) in wanted {
-        match previous.get(&peer).and_then(|p| p.get(&port)) {
-            Some(pod) if in_range(*pod) && taken.insert(*pod) => {
-                out.entry(peer).or_default().insert(port, *pod);
-            }
-            _ => fresh.push((peer, port)),
-        }
-    }
-    for (peer, port) in fresh {
-        let start = (fnv1a(format!("{peer}:{port}").as_bytes()) % u64::from(size)) as u32;
-        let pod = (0..size)
-            .map(|step| range.first + ((start + step) % size) as u16)
-            .find(|p| !taken.contains(p))
-            .ok_or_else(|| Error::Options(format!("the pod port range {range} is full")))?;
-        taken.insert(pod);
-        out.entry(peer).or_default().insert(port, pod);
-    }
-    Ok(out)
+    Ok(fedmesh_mesh_config::addresses::allocate_ports(
+        range, previous, wanted,
+    )?)
 }
 
 /// `fm-<collab>-<org>-<node>-<hash>`, at most 63 characters; the hash tells `org-a/n1` from
