@@ -31,6 +31,10 @@ use crate::{
     output::{Format, table},
     relay::{
         Caps, DEFAULT_LOOPBACK_POOL, RelayOptions,
+        relayed::{
+            proxy::ProxySettings,
+            tcp::{CarrierMode, CarrierOptions},
+        },
         tuning::{Congestion, PathEstimate},
     },
 };
@@ -170,6 +174,15 @@ pub struct RunArgs {
     /// this node through the rendezvous servers the collaboration lists.
     #[arg(long)]
     outbound_only: bool,
+    /// How this node reaches the collaboration's rendezvous servers: `auto` (QUIC over UDP,
+    /// TLS over TCP when UDP does not answer), `udp` or `tcp` (TLS over TCP only, an HTTP/1.1
+    /// upgrade on the listed host:port; through the proxy when one applies).
+    #[arg(long, value_enum, default_value_t = CarrierMode::Auto)]
+    rendezvous_carrier: CarrierMode,
+    /// HTTP CONNECT proxy for the TLS/TCP carrier (http://[user:password@]host:port); default:
+    /// HTTPS_PROXY or https_proxy. NO_PROXY / no_proxy lists hosts reached without it.
+    #[arg(long)]
+    proxy: Option<String>,
     /// Pool of local addresses for peers (one per peer).
     #[arg(long, default_value = DEFAULT_LOOPBACK_POOL)]
     loopback_pool: Pool,
@@ -319,6 +332,8 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         relay_listen,
         advertise,
         outbound_only,
+        rendezvous_carrier,
+        proxy,
         loopback_pool,
         exposes,
         dns_listen,
@@ -383,6 +398,10 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             ..caps.options(max_udp_payload)
         },
         outbound_only,
+        carrier: CarrierOptions {
+            mode: rendezvous_carrier,
+            proxy: ProxySettings::from_sources(proxy.as_deref(), |name| std::env::var(name).ok())?,
+        },
         kubernetes,
     })
     .await?;
