@@ -268,12 +268,13 @@ impl Carrier {
                     Err(e) => return e.to_string(),
                 }
             },
-            tcp::Dialled::Tcp {
-                link,
-                stream,
-                leftover,
-            } => {
-                link.run(*stream, leftover, |datagram| self.deliver(datagram))
+            tcp::Dialled::Tcp(tcp) => {
+                let tcp::TcpCarrier {
+                    link,
+                    stream,
+                    leftover,
+                } = *tcp;
+                link.run(stream, leftover, |datagram| self.deliver(datagram))
                     .await
             }
         }

@@ -620,15 +620,21 @@ impl<'a> Forwarder<'a> {
             collab: collab.to_owned(),
             direction,
         };
+        // One statement each: a family's guard lives to the end of its statement, and the
+        // next `get_or_create` of the same family may need its write lock.
+        let in_datagrams = shared.metrics.datagrams.get_or_create(&flow("in")).clone();
+        let in_bytes = shared.metrics.bytes.get_or_create(&flow("in")).clone();
+        let out_datagrams = shared.metrics.datagrams.get_or_create(&flow("out")).clone();
+        let out_bytes = shared.metrics.bytes.get_or_create(&flow("out")).clone();
         Self {
             shared,
             sender,
             collab,
             bucket: Bucket::new(shared.options.rate, shared.options.burst),
-            in_datagrams: shared.metrics.datagrams.get_or_create(&flow("in")).clone(),
-            in_bytes: shared.metrics.bytes.get_or_create(&flow("in")).clone(),
-            out_datagrams: shared.metrics.datagrams.get_or_create(&flow("out")).clone(),
-            out_bytes: shared.metrics.bytes.get_or_create(&flow("out")).clone(),
+            in_datagrams,
+            in_bytes,
+            out_datagrams,
+            out_bytes,
         }
     }
 

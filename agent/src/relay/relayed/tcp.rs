@@ -59,25 +59,33 @@ pub struct CarrierOptions {
 /// A carrier connection just opened, before it carries.
 pub(super) enum Dialled {
     Quic(quinn::Connection),
-    Tcp {
-        link: Arc<StreamLink>,
-        stream: Box<TlsStream<TcpStream>>,
-        leftover: BytesMut,
-    },
+    Tcp(Box<TcpCarrier>),
+}
+
+/// An upgraded TLS/TCP carrier connection: run [`StreamLink::run`] with its stream and leftover
+/// bytes to carry frames; send with [`StreamLink::send`].
+#[derive(Debug)]
+pub struct TcpCarrier {
+    /// The frame queue and state.
+    pub link: Arc<StreamLink>,
+    /// The TLS stream, past the upgrade.
+    pub stream: TlsStream<TcpStream>,
+    /// Bytes read past the upgrade answer (the first frames).
+    pub leftover: BytesMut,
 }
 
 impl Dialled {
     pub(super) fn link(&self) -> Link {
         match self {
             Self::Quic(conn) => Link::Quic(conn.clone()),
-            Self::Tcp { link, .. } => Link::Stream(link.clone()),
+            Self::Tcp(tcp) => Link::Stream(tcp.link.clone()),
         }
     }
 
     pub(super) fn kind(&self) -> &'static str {
         match self {
             Self::Quic(_) => "udp",
-            Self::Tcp { .. } => "tcp",
+            Self::Tcp(_) => "tcp",
         }
     }
 }
@@ -93,8 +101,10 @@ impl Carrier {
                 .context("QUIC/UDP")
         };
         let tcp = async {
-            tokio::time::timeout(TCP_CONNECT_TIMEOUT, self.dial_tcp(server, &options.proxy))
+            let identity = super::lock(&self.identity).clone();
+            tokio::time::timeout(TCP_CONNECT_TIMEOUT, open(server, &identity, &options.proxy))
                 .await
+                .map(|opened| opened.map(|tcp| Dialled::Tcp(Box::new(tcp))))
                 .context("no answer")
                 .flatten()
                 .context("TLS/TCP")
@@ -128,71 +138,76 @@ impl Carrier {
                     },
                 }?;
                 self.prefer_tcp
-                    .store(matches!(dialled, Dialled::Tcp { .. }), Ordering::Relaxed);
+                    .store(matches!(dialled, Dialled::Tcp(_)), Ordering::Relaxed);
                 Ok(dialled)
             }
         }
     }
+}
 
-    /// TCP (through the proxy that applies, if any), TLS pinned to the server, the upgrade.
-    async fn dial_tcp(&self, server: &RendezvousServer, proxy: &ProxySettings) -> Result<Dialled> {
-        let address = &server.address;
-        let tcp = match proxy.for_host(super::proxy::host_of(address)) {
-            None => TcpStream::connect(address.as_str())
+/// Opens the TLS/TCP carrier to `server`: TCP (through the proxy that applies, if any), TLS
+/// pinned to the server presenting `identity`, the upgrade. Not bounded in time: the caller
+/// bounds it.
+pub async fn open(
+    server: &RendezvousServer,
+    identity: &NodeIdentity,
+    proxy: &ProxySettings,
+) -> Result<TcpCarrier> {
+    let address = &server.address;
+    let tcp = match proxy.for_host(super::proxy::host_of(address)) {
+        None => TcpStream::connect(address.as_str())
+            .await
+            .with_context(|| format!("connecting to {address}"))?,
+        Some(proxy) => {
+            let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
                 .await
-                .with_context(|| format!("connecting to {address}"))?,
-            Some(proxy) => {
-                let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
-                    .await
-                    .with_context(|| format!("connecting to the proxy {proxy}"))?;
-                tcp.write_all(upgrade::connect_request(address, proxy.basic.as_deref()).as_bytes())
-                    .await
-                    .with_context(|| format!("writing to the proxy {proxy}"))?;
-                let (head, rest) = upgrade::read_head(&mut tcp, upgrade::MAX_HEAD)
-                    .await
-                    .with_context(|| format!("the proxy {proxy} answering CONNECT {address}"))?;
-                let answer = upgrade::parse_response(&head)
-                    .with_context(|| format!("the proxy {proxy} answering CONNECT {address}"))?;
-                if answer.code != 200 {
-                    bail!(
-                        "the proxy {proxy} refused CONNECT {address}: {} {}",
-                        answer.code,
-                        answer.reason
-                    );
-                }
-                if !rest.is_empty() {
-                    bail!("the proxy {proxy} sent bytes after its CONNECT answer");
-                }
-                tcp
+                .with_context(|| format!("connecting to the proxy {proxy}"))?;
+            tcp.write_all(upgrade::connect_request(address, proxy.basic.as_deref()).as_bytes())
+                .await
+                .with_context(|| format!("writing to the proxy {proxy}"))?;
+            let (head, rest) = upgrade::read_head(&mut tcp, upgrade::MAX_HEAD)
+                .await
+                .with_context(|| format!("the proxy {proxy} answering CONNECT {address}"))?;
+            let answer = upgrade::parse_response(&head)
+                .with_context(|| format!("the proxy {proxy} answering CONNECT {address}"))?;
+            if answer.code != 200 {
+                bail!(
+                    "the proxy {proxy} refused CONNECT {address}: {} {}",
+                    answer.code,
+                    answer.reason
+                );
             }
-        };
-        let _ = tcp.set_nodelay(true);
-        let identity: Arc<NodeIdentity> = super::lock(&self.identity).clone();
-        let tls = crate::hub::tls::pinned_client_config(&server.pin_sha256, &identity, TCP_ALPN)?;
-        let mut stream = TlsConnector::from(Arc::new(tls))
-            .connect(ServerName::try_from("rendezvous.fedmesh")?, tcp)
-            .await
-            .with_context(|| format!("TLS with the rendezvous {address}"))?;
-        stream
-            .write_all(upgrade::upgrade_request(address).as_bytes())
-            .await?;
-        stream.flush().await?;
-        let (head, leftover) = upgrade::read_head(&mut stream, upgrade::MAX_HEAD)
-            .await
-            .with_context(|| format!("the rendezvous {address} answering the upgrade"))?;
-        let answer = upgrade::parse_response(&head)
-            .with_context(|| format!("the rendezvous {address} answering the upgrade"))?;
-        if answer.code != 101 || !answer.upgrades {
-            bail!(
-                "the rendezvous {address} refused the carrier: {} {}",
-                answer.code,
-                answer.reason
-            );
+            if !rest.is_empty() {
+                bail!("the proxy {proxy} sent bytes after its CONNECT answer");
+            }
+            tcp
         }
-        Ok(Dialled::Tcp {
-            link: Arc::new(StreamLink::new(SEND_QUEUE)),
-            stream: Box::new(stream),
-            leftover,
-        })
+    };
+    let _ = tcp.set_nodelay(true);
+    let tls = crate::hub::tls::pinned_client_config(&server.pin_sha256, identity, TCP_ALPN)?;
+    let mut stream = TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("rendezvous.fedmesh")?, tcp)
+        .await
+        .with_context(|| format!("TLS with the rendezvous {address}"))?;
+    stream
+        .write_all(upgrade::upgrade_request(address).as_bytes())
+        .await?;
+    stream.flush().await?;
+    let (head, leftover) = upgrade::read_head(&mut stream, upgrade::MAX_HEAD)
+        .await
+        .with_context(|| format!("the rendezvous {address} answering the upgrade"))?;
+    let answer = upgrade::parse_response(&head)
+        .with_context(|| format!("the rendezvous {address} answering the upgrade"))?;
+    if answer.code != 101 || !answer.upgrades {
+        bail!(
+            "the rendezvous {address} refused the carrier: {} {}",
+            answer.code,
+            answer.reason
+        );
     }
+    Ok(TcpCarrier {
+        link: Arc::new(StreamLink::new(SEND_QUEUE)),
+        stream,
+        leftover,
+    })
 }
