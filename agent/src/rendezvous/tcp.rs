@@ -257,7 +257,7 @@ impl Link {
     }
 
     /// Whether both are the same connection.
-    pub fn same(&self, other: &Link) -> bool {
+    pub fn same(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Quic(a), Self::Quic(b)) => a.stable_id() == b.stable_id(),
             (Self::Stream(a), Self::Stream(b)) => Arc::ptr_eq(a, b),

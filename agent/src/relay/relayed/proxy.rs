@@ -159,14 +159,13 @@ impl ProxySettings {
                 let e = e.trim().to_ascii_lowercase();
                 let e = e.trim_start_matches("*.").trim_start_matches('.');
                 // `host:port` and `[v6]:port`: the host only.
-                let e = match e.strip_prefix('[') {
+                match e.strip_prefix('[') {
                     Some(v6) => v6.split(']').next().unwrap_or_default().to_owned(),
                     None if e.matches(':').count() == 1 => {
                         e.split(':').next().unwrap_or_default().to_owned()
                     }
                     None => e.to_owned(),
-                };
-                e
+                }
             })
             .filter(|e| !e.is_empty())
             .collect();
