@@ -181,6 +181,7 @@ pub struct RunArgs {
     rendezvous_carrier: CarrierMode,
     /// HTTP CONNECT proxy for the TLS/TCP carrier (http://[user:password@]host:port); default:
     /// HTTPS_PROXY or https_proxy. NO_PROXY / no_proxy lists hosts reached without it.
+    /// Credentials here are visible to local users: put them in HTTPS_PROXY instead.
     #[arg(long)]
     proxy: Option<String>,
     /// Pool of local addresses for peers (one per peer).
