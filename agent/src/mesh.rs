@@ -69,6 +69,8 @@ pub struct MeshOptions {
     pub hub_limits: Limits,
     /// Nodes that accept no inbound connections (reached through a rendezvous).
     pub outbound_only: std::collections::BTreeSet<NodeRef>,
+    /// How nodes reach rendezvous servers (default: `auto`, no proxy).
+    pub carrier: BTreeMap<NodeRef, crate::relay::relayed::tcp::CarrierOptions>,
 }
 
 impl Default for MeshOptions {
@@ -86,6 +88,7 @@ impl Default for MeshOptions {
             loopback_octet: 77,
             hub_limits: Limits::default(),
             outbound_only: std::collections::BTreeSet::new(),
+            carrier: BTreeMap::new(),
         }
     }
 }
@@ -166,6 +169,7 @@ impl LocalMesh {
                 relay: opts.relay,
                 kubernetes: None,
                 outbound_only: opts.outbound_only.contains(&spec.node),
+                carrier: opts.carrier.get(&spec.node).cloned().unwrap_or_default(),
             };
             let handle = node::start(options.clone()).await?;
             mesh.nodes.insert(spec.node.clone(), handle);

@@ -399,7 +399,7 @@ pub struct Collaboration {
 /// trust it only by the pin the owner signed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RendezvousServer {
-    /// Its QUIC (UDP) `host:port`.
+    /// Its `host:port`: QUIC on UDP, and the TLS/TCP carrier on the same TCP port.
     pub address: String,
     /// Lower-case hex SHA-256 of its server certificate (DER).
     pub pin_sha256: String,

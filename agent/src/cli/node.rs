@@ -32,6 +32,10 @@ use crate::{
     output::{Format, table},
     relay::{
         Caps, DEFAULT_LOOPBACK_POOL, RelayOptions,
+        relayed::{
+            proxy::ProxySettings,
+            tcp::{CarrierMode, CarrierOptions},
+        },
         tuning::{Congestion, PathEstimate},
     },
 };
@@ -241,6 +245,16 @@ pub struct RunArgs {
     /// the agent's relay then carries every link).
     #[arg(long)]
     outbound_only: bool,
+    /// How this node reaches the collaboration's rendezvous servers: `auto` (QUIC over UDP,
+    /// TLS over TCP when UDP does not answer), `udp` or `tcp` (TLS over TCP only, an HTTP/1.1
+    /// upgrade on the listed host:port; through the proxy when one applies).
+    #[arg(long, value_enum, default_value_t = CarrierMode::Auto)]
+    rendezvous_carrier: CarrierMode,
+    /// HTTP CONNECT proxy for the TLS/TCP carrier (http://[user:password@]host:port); default:
+    /// HTTPS_PROXY or https_proxy. NO_PROXY / no_proxy lists hosts reached without it.
+    /// Credentials here are visible to local users: put them in HTTPS_PROXY instead.
+    #[arg(long)]
+    proxy: Option<String>,
     /// Pool of local addresses for peers (one per peer).
     #[arg(long, default_value = DEFAULT_LOOPBACK_POOL)]
     loopback_pool: Pool,
@@ -391,6 +405,8 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         relay_listen,
         advertise,
         outbound_only,
+        rendezvous_carrier,
+        proxy,
         loopback_pool,
         exposes,
         dns_listen,
@@ -455,6 +471,10 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             ..caps.options(max_udp_payload)
         },
         outbound_only,
+        carrier: CarrierOptions {
+            mode: rendezvous_carrier,
+            proxy: ProxySettings::from_sources(proxy.as_deref(), |name| std::env::var(name).ok())?,
+        },
         kubernetes,
     })
     .await?;

@@ -5,6 +5,9 @@
 //! lists (`fedmesh collab rendezvous`); later starts reuse them. What the rendezvous admits comes
 //! from the collaboration's signed documents in `--documents` (one JWS per line), verified
 //! against the owner key `--owner-pin` and re-read when the file changes.
+//!
+//! Nodes reach it over QUIC/UDP, or over TLS/TCP (an HTTP/1.1 upgrade, also through HTTP
+//! CONNECT proxies) on the same port number unless `--tcp-listen` or `--no-tcp` says otherwise.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -27,6 +30,14 @@ pub struct RendezvousArgs {
     /// UDP address nodes connect to (QUIC).
     #[arg(long, default_value = "0.0.0.0:443")]
     listen: SocketAddr,
+    /// TCP address of the TLS/TCP carrier (an HTTP/1.1 upgrade; passes HTTP CONNECT proxies
+    /// and TCP load balancers) for sites that may not send UDP; default: the address and port
+    /// UDP is bound to (nodes dial the listed host:port on either).
+    #[arg(long, conflicts_with = "no_tcp")]
+    tcp_listen: Option<SocketAddr>,
+    /// Serve no TLS/TCP carrier (QUIC/UDP only).
+    #[arg(long)]
+    no_tcp: bool,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, default_value = "127.0.0.1:9443")]
     http: SocketAddr,
@@ -76,6 +87,17 @@ pub async fn run(args: RendezvousArgs) -> Result<()> {
     };
     let metrics = Arc::new(RendezvousMetrics::default());
     let server = Arc::new(Rendezvous::new(socket, cert, options, metrics.clone())?);
+    let udp_addr = server.local_addr()?;
+    let tcp = match (args.no_tcp, args.tcp_listen) {
+        (true, _) => None,
+        (false, listen) => {
+            let listen = listen.unwrap_or(udp_addr);
+            Some(TcpListener::bind(listen).await.with_context(|| {
+                format!("binding the rendezvous TLS/TCP carrier on tcp/{listen} (--tcp-listen, --no-tcp)")
+            })?)
+        }
+    };
+    let tcp_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the rendezvous HTTP server on {}", args.http))?;
@@ -93,12 +115,19 @@ pub async fn run(args: RendezvousArgs) -> Result<()> {
         owner_pin,
         stop.clone(),
     ));
+    let tcp_task = tcp.map(|listener| {
+        let (server, stop) = (server.clone(), stop.clone());
+        tokio::spawn(async move { server.run_tcp(listener, stop.cancelled()).await })
+    });
     println!(
-        "rendezvous running: udp/{} (certificate pin {pin}), http://{http_addr}",
-        server.local_addr()?
+        "rendezvous running: udp/{udp_addr}{} (certificate pin {pin}), http://{http_addr}",
+        tcp_addr.map(|a| format!(" tcp/{a}")).unwrap_or_default()
     );
     server.run(super::hub::shutdown_signal()).await?;
     stop.cancel();
+    if let Some(task) = tcp_task {
+        let _ = task.await;
+    }
     let _ = http_task.await;
     let _ = watch_task.await;
     Ok(())

@@ -133,6 +133,8 @@ pub struct NodeOptions {
     /// Accept no inbound connections: advertise no direct endpoint, and ask peers to reach this
     /// node through the collaboration's rendezvous servers.
     pub outbound_only: bool,
+    /// How the relay reaches rendezvous servers (carrier, proxy).
+    pub carrier: crate::relay::relayed::tcp::CarrierOptions,
 }
 
 /// Where and how the vantage6 address API is served.
@@ -321,6 +323,7 @@ pub async fn start_with(
                     &identity.key_pem,
                 )?),
             )?;
+            paths.carrier().set_options(opts.carrier.clone());
             carrier = Some(paths.carrier());
             Some(Arc::new(Relay::new(
                 Arc::new(paths),

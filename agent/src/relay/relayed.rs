@@ -18,6 +18,13 @@
 //! to the next one when it is lost (a lost server is noticed within 2 s of silence, a server
 //! that does not answer is given 1.5 s). Datagrams that find no carrier connection are dropped, as
 //! UDP would; the end-to-end session retransmits.
+//!
+//! The carrier connection is QUIC over UDP, or TLS over TCP (an HTTP/1.1 upgrade, through an
+//! HTTP CONNECT proxy when one applies) for sites that may open only TCP connections out: see
+//! [`tcp`] and [`proxy`].
+
+pub mod proxy;
+pub mod tcp;
 
 use std::{
     collections::HashMap,
@@ -94,7 +101,10 @@ fn synthetic(addr: SocketAddr) -> Option<SocketAddr> {
 
 /// The connection to a rendezvous server, and the peers' names.
 pub struct Carrier {
-    conn: Mutex<Option<Connection>>,
+    conn: Mutex<Option<rendezvous::tcp::Link>>,
+    options: Mutex<tcp::CarrierOptions>,
+    /// In `auto`, whether TLS/TCP won the last time (it then starts first).
+    prefer_tcp: AtomicBool,
     names: Mutex<Names>,
     to_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
     servers: watch::Sender<Vec<RendezvousServer>>,
@@ -121,6 +131,12 @@ impl Carrier {
             *current = servers.clone();
             changed
         });
+    }
+
+    /// Which carrier (QUIC/UDP, TLS/TCP or the first that answers) and proxy to use from the
+    /// next connection on.
+    pub fn set_options(&self, options: tcp::CarrierOptions) {
+        *lock(&self.options) = options;
     }
 
     /// The identity to present to rendezvous servers from the next connection on.
@@ -151,12 +167,12 @@ impl Carrier {
         let Some(node) = lock(&self.names).by_addr.get(&destination).cloned() else {
             return;
         };
-        let Some(conn) = lock(&self.conn).clone() else {
+        let Some(link) = lock(&self.conn).clone() else {
             return;
         };
         for datagram in contents.chunks(segment.unwrap_or(contents.len()).max(1)) {
             // Dropped when it does not fit or the queue is full: UDP semantics.
-            let _ = conn.send_datagram(frame::encode(&node, datagram));
+            let _ = link.send(frame::encode(&node, datagram));
         }
     }
 
@@ -182,20 +198,21 @@ impl Carrier {
                 if stop.is_cancelled() {
                     return;
                 }
-                match self.connect(server).await {
-                    Ok(conn) => {
-                        info!(rendezvous = %server.address, "connected to the rendezvous");
-                        *lock(&self.conn) = Some(conn.clone());
+                match self.dial(server).await {
+                    Ok(dialled) => {
+                        let (link, carrier) = (dialled.link(), dialled.kind());
+                        info!(rendezvous = %server.address, carrier, "connected to the rendezvous");
+                        *lock(&self.conn) = Some(link.clone());
                         self.connected.send_replace(Some(server.address.clone()));
                         tokio::select! {
                             _ = stop.cancelled() => {
-                                conn.close(rendezvous::close::SHUTDOWN, b"shutdown");
+                                link.close(rendezvous::close::SHUTDOWN, b"shutdown");
                             }
-                            reason = self.receive(&conn) => {
-                                warn!(rendezvous = %server.address, %reason, "rendezvous connection lost");
+                            reason = self.receive(dialled) => {
+                                warn!(rendezvous = %server.address, carrier, %reason, "rendezvous connection lost");
                             }
                             _ = servers.changed() => {
-                                conn.close(rendezvous::close::SHUTDOWN, b"server list changed");
+                                link.close(rendezvous::close::SHUTDOWN, b"server list changed");
                             }
                         }
                         *lock(&self.conn) = None;
@@ -243,22 +260,36 @@ impl Carrier {
     }
 
     /// Passes datagrams from the rendezvous to the relay's endpoint until the connection ends.
-    async fn receive(&self, conn: &Connection) -> String {
-        loop {
-            let datagram = match conn.read_datagram().await {
-                Ok(d) => d,
-                Err(e) => return e.to_string(),
-            };
-            let Ok((sender, payload)) = frame::decode(&datagram, usize::from(u16::MAX)) else {
-                debug!("malformed datagram from the rendezvous dropped");
-                continue;
-            };
-            let Some(addr) = self.address_of(&sender) else {
-                continue;
-            };
-            // A full queue drops, as a full socket buffer would.
-            let _ = self.to_endpoint.try_send((addr, payload));
+    async fn receive(&self, dialled: tcp::Dialled) -> String {
+        match dialled {
+            tcp::Dialled::Quic(conn) => loop {
+                match conn.read_datagram().await {
+                    Ok(datagram) => self.deliver(datagram),
+                    Err(e) => return e.to_string(),
+                }
+            },
+            tcp::Dialled::Tcp(tcp) => {
+                let tcp::TcpCarrier {
+                    link,
+                    stream,
+                    leftover,
+                } = *tcp;
+                link.run(stream, leftover, |datagram| self.deliver(datagram))
+                    .await
+            }
         }
+    }
+
+    fn deliver(&self, datagram: Bytes) {
+        let Ok((sender, payload)) = frame::decode(&datagram, usize::from(u16::MAX)) else {
+            debug!("malformed datagram from the rendezvous dropped");
+            return;
+        };
+        let Some(addr) = self.address_of(&sender) else {
+            return;
+        };
+        // A full queue drops, as a full socket buffer would.
+        let _ = self.to_endpoint.try_send((addr, payload));
     }
 }
 
@@ -369,6 +400,8 @@ impl Paths {
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let carrier = Arc::new(Carrier {
             conn: Mutex::new(None),
+            options: Mutex::new(tcp::CarrierOptions::default()),
+            prefer_tcp: AtomicBool::new(false),
             names: Mutex::new(Names::default()),
             to_endpoint: tx,
             servers: watch::channel(Vec::new()).0,

@@ -25,9 +25,15 @@
 //! bytes, a per-node token bucket of [`RendezvousOptions::rate`] bytes per second, and a
 //! per-receiver send queue of [`RendezvousOptions::queue_bytes`] (quinn drops the oldest
 //! datagram when it is full). No stream may be opened, nothing is written to disk.
+//!
+//! The same frames also travel over TLS/TCP (an HTTP/1.1 upgrade, through HTTP CONNECT proxies),
+//! for sites that may open only TCP connections out: see [`tcp`]. Admission, bounds and
+//! forwarding are the same whatever the carrier, and a node on one reaches a node on the other.
 
 pub mod frame;
 pub mod http;
+pub mod tcp;
+pub mod upgrade;
 
 use std::{
     collections::HashMap,
@@ -39,6 +45,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use fedmesh_certs::{CertInfo, PeerGate, Standing, TrustBundle, files, fingerprint, tls};
 use fedmesh_documents::NodeRef;
 use prometheus_client::{
@@ -216,6 +223,8 @@ pub struct RendezvousMetrics {
     pub refused: Family<DropLabels, Counter>,
     /// Nodes connected.
     pub nodes: Family<CollabLabels, Gauge>,
+    /// Nodes connected over the TLS/TCP carrier (of [`RendezvousMetrics::nodes`]).
+    pub tcp_nodes: Family<CollabLabels, Gauge>,
 }
 
 impl Default for RendezvousMetrics {
@@ -226,6 +235,7 @@ impl Default for RendezvousMetrics {
         let dropped = Family::<DropLabels, Counter>::default();
         let refused = Family::<DropLabels, Counter>::default();
         let nodes = Family::<CollabLabels, Gauge>::default();
+        let tcp_nodes = Family::<CollabLabels, Gauge>::default();
         registry.register(
             "fedmesh_rendezvous_datagrams",
             "Datagrams forwarded, by collaboration and direction",
@@ -247,6 +257,11 @@ impl Default for RendezvousMetrics {
             refused.clone(),
         );
         registry.register("fedmesh_rendezvous_nodes", "Nodes connected", nodes.clone());
+        registry.register(
+            "fedmesh_rendezvous_tcp_nodes",
+            "Nodes connected over the TLS/TCP carrier",
+            tcp_nodes.clone(),
+        );
         Self {
             registry,
             datagrams,
@@ -254,6 +269,7 @@ impl Default for RendezvousMetrics {
             dropped,
             refused,
             nodes,
+            tcp_nodes,
         }
     }
 }
@@ -269,7 +285,7 @@ impl RendezvousMetrics {
 
 /// One connected node.
 struct Client {
-    conn: Connection,
+    conn: tcp::Link,
     serial: String,
     info: CertInfo,
 }
@@ -375,25 +391,22 @@ impl Rendezvous {
                 }
             }
         });
-        shared
-            .metrics
-            .nodes
-            .get_or_create(&CollabLabels {
-                collab: collab.clone(),
-            })
-            .set(clients.len() as i64);
+        count_nodes(shared, &clients, &collab);
         drop(clients);
         shared.collab.send_replace(Some(config));
         Ok(())
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves QUIC until `shutdown` completes, then closes every node's connection (also the
+    /// TCP carrier's; see [`Rendezvous::run_tcp`]).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
         shutdown.await;
         accept.abort();
         self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
-        lock(&self.shared.clients).clear();
+        for (_, client) in lock(&self.shared.clients).drain() {
+            client.conn.close(close::SHUTDOWN, b"shutdown");
+        }
         Ok(())
     }
 }
@@ -465,57 +478,88 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     };
     let node = NodeRef::from(&info.spiffe_id);
-    {
-        let mut clients = lock(&shared.clients);
-        if !clients.contains_key(&node) && clients.len() >= shared.options.max_nodes {
-            drop(clients);
-            refused("full");
-            conn.close(close::FULL, b"full");
-            return;
-        }
-        // The standing may have changed between the handshake and now.
-        if let Some(standing) = shared.gate.standing()
-            && let Err(e) = standing.check(&info.spiffe_id, &info.serial)
-        {
-            drop(clients);
-            refused("standing");
-            debug!(node = %node, error = %e, "refused after handshake");
-            conn.close(close::REFUSED, b"refused");
-            return;
-        }
-        if let Some(old) = clients.insert(
-            node.clone(),
-            Client {
-                conn: conn.clone(),
-                serial: info.serial.clone(),
-                info: info.clone(),
-            },
-        ) {
-            old.conn.close(close::REPLACED, b"replaced");
-        }
-        shared
-            .metrics
-            .nodes
-            .get_or_create(&CollabLabels {
-                collab: collab.clone(),
-            })
-            .set(clients.len() as i64);
+    let link = tcp::Link::Quic(conn.clone());
+    if let Err((reason, code)) = admit(&shared, &node, &link, &info, &collab) {
+        refused(reason);
+        let text: &[u8] = if code == close::FULL {
+            b"full"
+        } else {
+            b"refused"
+        };
+        conn.close(code, text);
+        return;
     }
     info!(node = %node, serial = %info.serial, %remote, "node connected to the rendezvous");
-    forward_from(&shared, &conn, &node, &collab).await;
-    let mut clients = lock(&shared.clients);
-    if clients
-        .get(&node)
-        .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
-    {
-        clients.remove(&node);
+    let mut forwarder = Forwarder::new(&shared, &node, &collab);
+    while let Ok(datagram) = conn.read_datagram().await {
+        forwarder.forward(datagram);
     }
+    leave(&shared, &node, &link, &collab);
+    debug!(node = %node, reason = ?conn.close_reason(), "node left the rendezvous");
+}
+
+/// Admits a node that completed a handshake (either carrier): within the node bound, its
+/// standing still good; a previous connection of the same node is replaced. On refusal: the
+/// metrics reason and the QUIC close code.
+fn admit(
+    shared: &Shared,
+    node: &NodeRef,
+    link: &tcp::Link,
+    info: &CertInfo,
+    collab: &str,
+) -> Result<(), (&'static str, VarInt)> {
+    let mut clients = lock(&shared.clients);
+    if !clients.contains_key(node) && clients.len() >= shared.options.max_nodes {
+        return Err(("full", close::FULL));
+    }
+    // The standing may have changed between the handshake and now.
+    if let Some(standing) = shared.gate.standing()
+        && let Err(e) = standing.check(&info.spiffe_id, &info.serial)
+    {
+        debug!(node = %node, error = %e, "refused after handshake");
+        return Err(("standing", close::REFUSED));
+    }
+    if let Some(old) = clients.insert(
+        node.clone(),
+        Client {
+            conn: link.clone(),
+            serial: info.serial.clone(),
+            info: info.clone(),
+        },
+    ) {
+        old.conn.close(close::REPLACED, b"replaced");
+    }
+    count_nodes(shared, &clients, collab);
+    Ok(())
+}
+
+fn count_nodes(shared: &Shared, clients: &HashMap<NodeRef, Client>, collab: &str) {
+    let labels = CollabLabels {
+        collab: collab.to_owned(),
+    };
     shared
         .metrics
         .nodes
-        .get_or_create(&CollabLabels { collab })
+        .get_or_create(&labels)
         .set(clients.len() as i64);
-    debug!(node = %node, reason = ?conn.close_reason(), "node left the rendezvous");
+    let tcp = clients
+        .values()
+        .filter(|c| matches!(c.conn, tcp::Link::Stream(_)))
+        .count();
+    shared
+        .metrics
+        .tcp_nodes
+        .get_or_create(&labels)
+        .set(tcp as i64);
+}
+
+/// Forgets `node`'s connection `link` (unless a newer one replaced it).
+fn leave(shared: &Shared, node: &NodeRef, link: &tcp::Link, collab: &str) {
+    let mut clients = lock(&shared.clients);
+    if clients.get(node).is_some_and(|c| c.conn.same(link)) {
+        clients.remove(node);
+    }
+    count_nodes(shared, &clients, collab);
 }
 
 fn peer_info(conn: &Connection) -> Option<CertInfo> {
@@ -558,68 +602,88 @@ impl Bucket {
     }
 }
 
-/// Reads `sender`'s datagrams and passes each on to the node it names.
-async fn forward_from(shared: &Shared, conn: &Connection, sender: &NodeRef, collab: &str) {
-    let mut bucket = Bucket::new(shared.options.rate, shared.options.burst);
-    let flow = |direction| FlowLabels {
-        collab: collab.to_owned(),
-        direction,
-    };
-    let (in_datagrams, in_bytes) = (
-        shared.metrics.datagrams.get_or_create(&flow("in")).clone(),
-        shared.metrics.bytes.get_or_create(&flow("in")).clone(),
-    );
-    let (out_datagrams, out_bytes) = (
-        shared.metrics.datagrams.get_or_create(&flow("out")).clone(),
-        shared.metrics.bytes.get_or_create(&flow("out")).clone(),
-    );
-    let drop_reason = |reason: &'static str| {
-        shared
+/// Passes one sender's frames on to the nodes they name, whichever carrier either is on.
+struct Forwarder<'a> {
+    shared: &'a Shared,
+    sender: &'a NodeRef,
+    collab: &'a str,
+    bucket: Bucket,
+    in_datagrams: Counter,
+    in_bytes: Counter,
+    out_datagrams: Counter,
+    out_bytes: Counter,
+}
+
+impl<'a> Forwarder<'a> {
+    fn new(shared: &'a Shared, sender: &'a NodeRef, collab: &'a str) -> Self {
+        let flow = |direction| FlowLabels {
+            collab: collab.to_owned(),
+            direction,
+        };
+        // One statement each: a family's guard lives to the end of its statement, and the
+        // next `get_or_create` of the same family may need its write lock.
+        let in_datagrams = shared.metrics.datagrams.get_or_create(&flow("in")).clone();
+        let in_bytes = shared.metrics.bytes.get_or_create(&flow("in")).clone();
+        let out_datagrams = shared.metrics.datagrams.get_or_create(&flow("out")).clone();
+        let out_bytes = shared.metrics.bytes.get_or_create(&flow("out")).clone();
+        Self {
+            shared,
+            sender,
+            collab,
+            bucket: Bucket::new(shared.options.rate, shared.options.burst),
+            in_datagrams,
+            in_bytes,
+            out_datagrams,
+            out_bytes,
+        }
+    }
+
+    fn dropped(&self, reason: &'static str) {
+        self.shared
             .metrics
             .dropped
             .get_or_create(&DropLabels {
-                collab: collab.to_owned(),
+                collab: self.collab.to_owned(),
                 reason,
             })
             .inc();
-        if let Some(held_back) = shared
-            .throttle
-            .admit(reason, &sender.to_string(), Instant::now())
+        if let Some(held_back) =
+            self.shared
+                .throttle
+                .admit(reason, &self.sender.to_string(), Instant::now())
         {
-            debug!(node = %sender, reason, held_back, "datagram dropped");
+            debug!(node = %self.sender, reason, held_back, "datagram dropped");
         }
-    };
-    while let Ok(datagram) = conn.read_datagram().await {
-        in_datagrams.inc();
-        in_bytes.inc_by(datagram.len() as u64);
-        if !bucket.take(datagram.len(), Instant::now()) {
-            drop_reason("rate");
-            continue;
+    }
+
+    /// Checks the sender's rate and the frame, then passes the payload on, named by the sender.
+    fn forward(&mut self, datagram: Bytes) {
+        self.in_datagrams.inc();
+        self.in_bytes.inc_by(datagram.len() as u64);
+        if !self.bucket.take(datagram.len(), Instant::now()) {
+            return self.dropped("rate");
         }
-        let (receiver, payload) = match frame::decode(&datagram, shared.options.max_frame) {
+        let (receiver, payload) = match frame::decode(&datagram, self.shared.options.max_frame) {
             Ok(decoded) => decoded,
-            Err(e) => {
-                drop_reason(e.as_str());
-                continue;
-            }
+            Err(e) => return self.dropped(e.as_str()),
         };
-        if receiver == *sender {
-            drop_reason("to_self");
-            continue;
+        if receiver == *self.sender {
+            return self.dropped("to_self");
         }
-        let Some(to) = lock(&shared.clients).get(&receiver).map(|c| c.conn.clone()) else {
-            drop_reason("unknown_peer");
-            continue;
+        let Some(to) = lock(&self.shared.clients)
+            .get(&receiver)
+            .map(|c| c.conn.clone())
+        else {
+            return self.dropped("unknown_peer");
         };
-        let out = frame::encode(sender, &payload);
+        let out = frame::encode(self.sender, &payload);
         let len = out.len();
-        match to.send_datagram(out) {
+        match to.send(out) {
             Ok(()) => {
-                out_datagrams.inc();
-                out_bytes.inc_by(len as u64);
+                self.out_datagrams.inc();
+                self.out_bytes.inc_by(len as u64);
             }
-            Err(quinn::SendDatagramError::TooLarge) => drop_reason("too_large_for_receiver"),
-            Err(_) => drop_reason("receiver_gone"),
+            Err(reason) => self.dropped(reason),
         }
     }
 }

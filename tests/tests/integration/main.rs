@@ -17,6 +17,7 @@ mod relay;
 mod relay_security;
 mod rendezvous;
 mod rendezvous_nat;
+mod rendezvous_tcp;
 mod rotation;
 mod shutdown;
 mod tampering;

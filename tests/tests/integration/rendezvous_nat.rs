@@ -1,17 +1,22 @@
 //! Sites that accept no inbound connections, for real: each site in its own network namespace
 //! behind a NAT router (iptables MASQUERADE) that drops every new inbound connection, the hub
 //! and the rendezvous in another namespace. Three `--outbound-only` nodes (real processes) link
-//! through the rendezvous over QUIC/UDP; 100 MB cross byte-exact (sha256) both ways; a 3-party
-//! MPyC job (the example, unmodified) completes; revoking a link closes its open connection
-//! within 5 s while the other links carry on. The test first proves the NAT drops a direct
-//! dial (TCP and UDP) from one site to another and from the public side.
+//! through the rendezvous in three cases of what the router lets out: (a) anything (QUIC/UDP
+//! carrier), (b) only TCP to port 443 of the rendezvous and the hub's port (the nodes fall
+//! back to the TLS/TCP carrier by themselves), (c) nothing but an HTTP CONNECT proxy (tinyproxy
+//! on the router, from `HTTPS_PROXY`). In each: 100 MB cross byte-exact (sha256) both ways; a
+//! 3-party MPyC job (the example, unmodified) completes; revoking a link closes its open
+//! connection within 5 s while the other links carry on. The hub, rendezvous, enrollment and
+//! the sites' servers are set up once; the nodes restart for each case. The test first proves
+//! the NAT drops a direct dial (TCP and UDP) from one site to another and from the public side.
 //!
 //! Everything runs as real processes (`ip netns exec`): hub, rendezvous, owner commands,
 //! enrollment, nodes, and the Python peers (`nat_peer.py` beside this file) that send and hash.
 //! Addresses and ports are fixed inside the namespaces (each run has its own), never in the
 //! host's.
 //!
-//! Root only, with `ip` and `iptables`; otherwise it says why and passes without running.
+//! Root only, with `ip`, `iptables` and `tinyproxy`; otherwise it says why and passes without
+//! running.
 //! Every name is unique to this process and everything is removed on drop, also on failure.
 
 use std::{
@@ -39,16 +44,20 @@ fn unsupported() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not root (network namespaces and iptables need root)".into());
     }
-    for tool in ["ip", "iptables"] {
+    for tool in ["ip", "iptables", "tinyproxy"] {
         let found = Command::new(tool)
-            .arg(if tool == "ip" { "-V" } else { "--version" })
+            .arg(match tool {
+                "ip" => "-V",
+                "tinyproxy" => "-v",
+                _ => "--version",
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !found {
             return Some(format!(
-                "`{tool}` is missing (apt-get install iproute2 iptables)"
+                "`{tool}` is missing (apt-get install iproute2 iptables tinyproxy)"
             ));
         }
     }
@@ -521,39 +530,17 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         dir,
         &["collab", "documents", "--out", docs.to_str().unwrap()],
     );
-    // Links: a → b (the 100 MB), b → c and c → a (a ring: every site dials and is dialled) on
-    // 7101; the MPyC parties' ports: party 0 (a) dials 1 (b, 11366) and 2 (c, 11367), 1 dials 2.
-    let mut links = Vec::new();
+    // Links: b → c and c → a with a → b (a ring: every site dials and is dialled) on 7101;
+    // the MPyC parties' ports: party 0 (a) dials 1 (b, 11366) and 2 (c, 11367), 1 dials 2.
+    // a → b (the 100 MB and MPyC's 11366) is made afresh in each case and revoked at its end.
     for (from, to, ports) in [
-        ("a", "b", &["7101", "11366"][..]),
         ("b", "c", &["7101", "11367"][..]),
         ("c", "a", &["7101"][..]),
         ("a", "c", &["11367"][..]),
     ] {
-        let mut args = vec![
-            "link".to_owned(),
-            "request".into(),
-            "--from".into(),
-            format!("org-{from}/n1"),
-            "--to".into(),
-            format!("org-{to}/n1"),
-        ];
-        for port in ports {
-            args.extend(["--port".to_owned(), (*port).to_owned()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let id = owner(&net, dir, &args).trim().to_owned();
-        let approved = {
-            let mut c = net.exec("pub", &bin);
-            c.args(["link", "approve", &id, "--owner-dir"])
-                .arg(dir.join("owner"));
-            output(c)
-        };
-        assert!(!approved.is_empty());
-        links.push(id);
+        link(&net, dir, from, to, ports);
     }
     let mut servers = Vec::new();
-    let mut nodes = Vec::new();
     for site in SITES {
         let (server, mut lines) = spawn_lines({
             let mut c = net.exec(site, "python3");
@@ -562,10 +549,173 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         });
         assert_eq!(next_line(&mut lines, "server"), "serving");
         servers.push((server, lines));
-        let node = net
-            .exec(site, &bin)
-            .args(["--log", "warn", "node", "--outbound-only", "--state"])
-            .arg(dir.join(format!("org-{site}")))
+    }
+    // The same sites, hub, rendezvous and enrolled nodes in each case; only the way out changes.
+    let mut forwarded = 0;
+    for case in [Egress::Udp, Egress::Tcp443, Egress::Proxy] {
+        let started = Instant::now();
+        forwarded = run_case(&net, dir, case, &mut servers, forwarded);
+        eprintln!("case {case:?} in {:?}", started.elapsed());
+    }
+    drop(servers);
+    drop(_rendezvous);
+    drop(_hub);
+    drop(net);
+}
+
+/// What the sites' router lets out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Egress {
+    /// (a) Everything a site opens (UDP too): the nodes carry over QUIC/UDP.
+    Udp,
+    /// (b) Only TCP to the rendezvous's 443 (and the hub's port): no UDP at all; the nodes
+    /// (carrier `auto`) fall back to TLS/TCP by themselves.
+    Tcp443,
+    /// (c) Nothing but an HTTP CONNECT proxy (tinyproxy on the router); the nodes use it from
+    /// `HTTPS_PROXY`, for the hub and the TLS/TCP carrier.
+    Proxy,
+}
+
+const PROXY_PORT: u16 = 8888;
+
+/// Sets the router's egress rules for `case` (the FORWARD chain after its first rule, which
+/// lets replies of open connections through). Starts tinyproxy for [`Egress::Proxy`].
+fn set_egress(net: &Net, dir: &Path, case: Egress) -> Option<Proc> {
+    // Keep rule 1 (ESTABLISHED,RELATED); drop the rest.
+    while output({
+        let mut c = net.exec("rtr", "iptables");
+        c.args(["-S", "FORWARD"]);
+        c
+    })
+    .lines()
+    .filter(|l| l.starts_with("-A FORWARD"))
+    .count()
+        > 1
+    {
+        net.sh("rtr", &["iptables", "-D", "FORWARD", "2"]);
+    }
+    let hub_port = "8443";
+    match case {
+        Egress::Udp => {
+            net.sh(
+                "rtr",
+                &["iptables", "-A", "FORWARD", "-o", "pub0", "-j", "ACCEPT"],
+            );
+            None
+        }
+        Egress::Tcp443 => {
+            for port in ["443", hub_port] {
+                net.sh(
+                    "rtr",
+                    &[
+                        "iptables", "-A", "FORWARD", "-o", "pub0", "-p", "tcp", "-d", PUBLIC,
+                        "--dport", port, "-j", "ACCEPT",
+                    ],
+                );
+            }
+            None
+        }
+        Egress::Proxy => {
+            // Nothing is forwarded: the proxy on the router dials out itself.
+            let conf = dir.join("tinyproxy.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "Port {PROXY_PORT}\nListen 0.0.0.0\nTimeout 600\nMaxClients 64\n\
+                     Allow 10.1.0.0/16\nConnectPort 443\nConnectPort {hub_port}\n\
+                     LogLevel Warning\n"
+                ),
+            )
+            .unwrap();
+            let mut c = net.exec("rtr", "tinyproxy");
+            c.arg("-d")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let proxy = Proc(c.spawn().expect("start tinyproxy"));
+            // Up when a site reaches it.
+            let deadline = Instant::now() + 5 * SECOND;
+            while !dial(net, "a", "10.1.1.1", PROXY_PORT) {
+                assert!(Instant::now() < deadline, "tinyproxy did not come up");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(proxy)
+        }
+    }
+}
+
+fn dial(net: &Net, from: &str, host: &str, port: u16) -> bool {
+    net.exec(from, "python3")
+        .arg(helper())
+        .args(["dial", host, &port.to_string()])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Requests and approves a link; returns its id.
+fn link(net: &Net, dir: &Path, from: &str, to: &str, ports: &[&str]) -> String {
+    let mut args = vec![
+        "link".to_owned(),
+        "request".into(),
+        "--from".into(),
+        format!("org-{from}/n1"),
+        "--to".into(),
+        format!("org-{to}/n1"),
+    ];
+    for port in ports {
+        args.extend(["--port".to_owned(), (*port).to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = owner(net, dir, &args).trim().to_owned();
+    let mut c = net.exec("pub", fedmesh_tests::fedmesh_bin());
+    c.args(["link", "approve", &id, "--owner-dir"])
+        .arg(dir.join("owner"));
+    assert!(!output(c).is_empty());
+    id
+}
+
+fn rendezvous_metric(net: &Net, name: &str) -> u64 {
+    let metrics = output({
+        let mut c = net.exec("pub", "python3");
+        c.args(["-c", &format!(
+            "import urllib.request;print(urllib.request.urlopen('http://{PUBLIC}:9443/metrics').read().decode())"
+        )]);
+        c
+    });
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One case: the egress rules, the three nodes started, the ring exercised, 100 MB each way
+/// a ⇄ b, a 3-party MPyC job, a → b revoked under an open connection. Returns the bytes the
+/// rendezvous has forwarded so far.
+fn run_case(
+    net: &Net,
+    dir: &Path,
+    case: Egress,
+    servers: &mut [(Proc, Lines<BufReader<ChildStdout>>)],
+    forwarded_before: u64,
+) -> u64 {
+    let bin = fedmesh_tests::fedmesh_bin();
+    let _proxy = set_egress(net, dir, case);
+    match case {
+        Egress::Udp => assert!(dial(net, "a", PUBLIC, 443), "a reaches tcp/443"),
+        Egress::Tcp443 => assert!(dial(net, "a", PUBLIC, 443), "a reaches tcp/443"),
+        Egress::Proxy => assert!(!dial(net, "a", PUBLIC, 443), "a reached tcp/443 directly"),
+    }
+    let ab = link(net, dir, "a", "b", &["7101", "11366"]);
+    let mut nodes = Vec::new();
+    for (i, site) in SITES.iter().enumerate() {
+        let state = dir.join(format!("org-{site}"));
+        let _ = std::fs::remove_file(state.join("peers.json"));
+        let mut c = net.exec(site, &bin);
+        c.args(["--log", "warn", "node", "--outbound-only", "--state"])
+            .arg(&state)
             .args([
                 "--relay-listen",
                 "0.0.0.0:4433",
@@ -573,16 +723,22 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
                 "127.0.0.1:9464",
             ])
             .args(["--expose", "7101=127.0.0.1:9101"])
-            .args(match site {
+            .args(match *site {
                 "b" => &["--expose", "11366=127.0.0.1:11366"][..],
                 "c" => &["--expose", "11367=127.0.0.1:11367"][..],
                 _ => &[][..],
             })
-            .stdout(Stdio::null())
-            .spawn()
-            .map(Proc)
-            .expect("start node");
-        nodes.push(node);
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .stdout(Stdio::null());
+        if case == Egress::Proxy {
+            // The site's proxy is its gateway; the hub client and the carrier both use it.
+            c.env(
+                "HTTPS_PROXY",
+                format!("http://10.1.{}.1:{PROXY_PORT}", i + 1),
+            );
+        }
+        nodes.push(c.spawn().map(Proc).expect("start node"));
     }
 
     // The ring: a small exchange over each link.
@@ -592,7 +748,7 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         let addr = peer_addr(dir, from, to, 7101);
         assert!(addr.ip().is_loopback(), "{addr}");
         transfer(
-            &net,
+            net,
             from,
             addr,
             &mut servers[to_index].1,
@@ -601,32 +757,31 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         );
     }
     eprintln!(
-        "three links carried {:?} after the nodes started",
+        "{case:?}: three links carried {:?} after the nodes started",
         linked.elapsed()
+    );
+    let tcp_nodes = rendezvous_metric(net, "fedmesh_rendezvous_tcp_nodes{collab=\"nat\"}");
+    let expected = match case {
+        Egress::Udp => 0,
+        Egress::Tcp443 | Egress::Proxy => 3,
+    };
+    assert_eq!(
+        tcp_nodes, expected,
+        "{case:?}: nodes on the TLS/TCP carrier"
     );
 
     // 100 MB each way over a → b, byte-exact.
-    let ab = peer_addr(dir, "a", "b", 7101);
+    let a_b = peer_addr(dir, "a", "b", 7101);
     let started = Instant::now();
-    transfer(&net, "a", ab, &mut servers[1].1, 100 * MB, 100 * MB);
-    eprintln!("100 MB each way a ⇄ b in {:?}", started.elapsed());
-    let metrics = output({
-        let mut c = net.exec("pub", "python3");
-        c.args(["-c", &format!(
-            "import urllib.request;print(urllib.request.urlopen('http://{PUBLIC}:9443/metrics').read().decode())"
-        )]);
-        c
-    });
-    let out_bytes: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("fedmesh_rendezvous_bytes_total{collab=\"nat\",direction=\"out\"} ")
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    transfer(net, "a", a_b, &mut servers[1].1, 100 * MB, 100 * MB);
+    eprintln!("{case:?}: 100 MB each way a ⇄ b in {:?}", started.elapsed());
+    let forwarded = rendezvous_metric(
+        net,
+        "fedmesh_rendezvous_bytes_total{collab=\"nat\",direction=\"out\"}",
+    );
     assert!(
-        out_bytes > 200 * MB as u64,
-        "the bytes went through the rendezvous: {metrics}"
+        forwarded - forwarded_before > 200 * MB as u64,
+        "{case:?}: the bytes went through the rendezvous ({forwarded_before} → {forwarded})"
     );
 
     // A 3-party MPyC job, unmodified, each party in its own site, with the addresses its
@@ -657,18 +812,18 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains(&format!("party {i}: sum=67 argmax=1")),
-            "MPyC party {i}: {:?}\n{stdout}\n{}",
+            "{case:?}: MPyC party {i}: {:?}\n{stdout}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    eprintln!("3-party MPyC job in {:?}", started.elapsed());
+    eprintln!("{case:?}: 3-party MPyC job in {:?}", started.elapsed());
 
     // An open connection over a → b; the owner revokes the link; it is closed within 5 s.
     let (_hold, mut hold) = spawn_lines({
         let mut c = net.exec("a", "python3");
         c.arg(helper())
-            .args(["hold", &ab.ip().to_string(), &ab.port().to_string()]);
+            .args(["hold", &a_b.ip().to_string(), &a_b.port().to_string()]);
         c
     });
     assert_eq!(next_line(&mut hold, "hold"), "open");
@@ -682,20 +837,20 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
             rx.recv_timeout(SECOND),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout)
         ),
-        "the held connection ended before the revocation"
+        "{case:?}: the held connection ended before the revocation"
     );
     let revoked = Instant::now();
     let mut c = net.exec("pub", &bin);
-    c.args(["link", "revoke", &links[0], "--owner-dir"])
+    c.args(["link", "revoke", &ab, "--owner-dir"])
         .arg(dir.join("owner"));
     output(c);
     let closed = rx.recv_timeout(5 * SECOND);
     let elapsed = revoked.elapsed();
     assert!(
         matches!(closed, Ok(Some(Ok(ref l))) if l == "closed") && elapsed < 5 * SECOND,
-        "the connection over the revoked link was not closed within 5 s: {closed:?} after {elapsed:?}"
+        "{case:?}: the connection over the revoked link was not closed within 5 s: {closed:?} after {elapsed:?}"
     );
-    eprintln!("revoked link closed after {elapsed:?}");
+    eprintln!("{case:?}: revoked link closed after {elapsed:?}");
     // a's peer map drops org-b (its only link to it is gone) within 5 s.
     loop {
         let peers = std::fs::read_to_string(dir.join("org-a/peers.json")).unwrap_or_default();
@@ -704,17 +859,15 @@ fn outbound_only_sites_behind_nat_link_through_the_rendezvous() {
         }
         assert!(
             revoked.elapsed() < 5 * SECOND,
-            "org-a still lists org-b after the revocation: {peers}"
+            "{case:?}: org-a still lists org-b after the revocation: {peers}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The other links still carry.
     let bc = peer_addr(dir, "b", "c", 7101);
-    transfer(&net, "b", bc, &mut servers[2].1, 1024, 1024);
-
+    transfer(net, "b", bc, &mut servers[2].1, 1024, 1024);
+    // The server side of the held connection reports its end.
+    let _ = next_line(&mut servers[1].1, "held connection");
     drop(nodes);
-    drop(servers);
-    drop(_rendezvous);
-    drop(_hub);
-    drop(net);
+    forwarded
 }

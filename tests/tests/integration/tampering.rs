@@ -255,6 +255,7 @@ async fn setup() -> Setup {
         v6: None,
         relay: RelayOptions::default(),
         outbound_only: false,
+        carrier: Default::default(),
         kubernetes: None,
     };
     let agent = start_synced(&options, &good).await;
