@@ -26,8 +26,10 @@
 //! per-receiver send queue of [`RendezvousOptions::queue_bytes`] (quinn drops the oldest
 //! datagram when it is full). No stream may be opened, nothing is written to disk.
 
+pub mod follow;
 pub mod frame;
 pub mod http;
+pub mod mesh;
 
 use std::{
     collections::HashMap,
@@ -151,6 +153,16 @@ impl ServerCert {
         fingerprint(&self.cert)
     }
 
+    /// The certificate (DER).
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.cert.clone()
+    }
+
+    /// The private key (to present the certificate as a client: to the hub, to peer replicas).
+    pub fn private_key(&self) -> Result<PrivateKeyDer<'static>> {
+        self.key()
+    }
+
     fn key(&self) -> Result<PrivateKeyDer<'static>> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("rendezvous key")
     }
@@ -216,6 +228,8 @@ pub struct RendezvousMetrics {
     pub refused: Family<DropLabels, Counter>,
     /// Nodes connected.
     pub nodes: Family<CollabLabels, Gauge>,
+    /// Between replicas.
+    pub mesh: mesh::MeshMetrics,
 }
 
 impl Default for RendezvousMetrics {
@@ -247,6 +261,7 @@ impl Default for RendezvousMetrics {
             refused.clone(),
         );
         registry.register("fedmesh_rendezvous_nodes", "Nodes connected", nodes.clone());
+        let mesh = mesh::MeshMetrics::register(&mut registry);
         Self {
             registry,
             datagrams,
@@ -254,6 +269,7 @@ impl Default for RendezvousMetrics {
             dropped,
             refused,
             nodes,
+            mesh,
         }
     }
 }
@@ -283,6 +299,58 @@ struct Shared {
     metrics: Arc<RendezvousMetrics>,
     throttle: Throttle,
     options: RendezvousOptions,
+    mesh: std::sync::OnceLock<Arc<mesh::Mesh>>,
+}
+
+impl Shared {
+    fn announce(&self, change: mesh::Presence) {
+        if let Some(mesh) = self.mesh.get() {
+            mesh.announce(change);
+        }
+    }
+}
+
+impl mesh::Local for Shared {
+    fn collab(&self) -> String {
+        collab_of(self)
+    }
+
+    fn nodes(&self) -> Vec<NodeRef> {
+        lock(&self.clients).keys().cloned().collect()
+    }
+
+    fn admits(&self, node: &NodeRef) -> bool {
+        self.gate
+            .standing()
+            .is_some_and(|s| s.check_node(&node.org, &node.node).is_ok())
+    }
+
+    fn deliver(
+        &self,
+        sender: &NodeRef,
+        receiver: &NodeRef,
+        payload: &[u8],
+    ) -> std::result::Result<(), &'static str> {
+        let to = lock(&self.clients)
+            .get(receiver)
+            .map(|c| c.conn.clone())
+            .ok_or("unknown_peer")?;
+        let out = frame::encode(sender, payload);
+        let len = out.len() as u64;
+        match to.send_datagram(out) {
+            Ok(()) => {
+                let flow = FlowLabels {
+                    collab: collab_of(self),
+                    direction: "out",
+                };
+                self.metrics.datagrams.get_or_create(&flow).inc();
+                self.metrics.bytes.get_or_create(&flow).inc_by(len);
+                Ok(())
+            }
+            Err(quinn::SendDatagramError::TooLarge) => Err("too_large_for_receiver"),
+            Err(_) => Err("receiver_gone"),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -320,8 +388,32 @@ impl Rendezvous {
                 metrics,
                 throttle: Throttle::default(),
                 options,
+                mesh: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Makes this server a replica that forwards to its peer replicas (see [`mesh`]) over
+    /// `socket`; [`Rendezvous::run`] runs the mesh too. Call once, before `run`.
+    pub fn start_mesh(
+        &self,
+        socket: UdpSocket,
+        options: mesh::MeshOptions,
+    ) -> Result<Arc<mesh::Mesh>> {
+        let local: Arc<dyn mesh::Local> = self.shared.clone();
+        let mesh = Arc::new(mesh::Mesh::new(
+            socket,
+            &self.shared.server,
+            options,
+            self.shared.options.max_frame,
+            Arc::downgrade(&local),
+            self.shared.metrics.clone(),
+        )?);
+        self.shared
+            .mesh
+            .set(mesh.clone())
+            .map_err(|_| anyhow::anyhow!("the mesh is already started"))?;
+        Ok(mesh)
     }
 
     /// The address the rendezvous listens on.
@@ -371,6 +463,7 @@ impl Rendezvous {
                         })
                         .inc();
                     client.conn.close(close::REFUSED, b"refused");
+                    shared.announce(mesh::Presence::Gone(node.clone()));
                     false
                 }
             }
@@ -390,8 +483,18 @@ impl Rendezvous {
     /// Serves until `shutdown` completes.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
+        let stop_mesh = tokio_util::sync::CancellationToken::new();
+        let mesh = self
+            .shared
+            .mesh
+            .get()
+            .map(|m| tokio::spawn(m.clone().run(stop_mesh.clone())));
         shutdown.await;
         accept.abort();
+        stop_mesh.cancel();
+        if let Some(mesh) = mesh {
+            let _ = mesh.await;
+        }
         self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
         lock(&self.shared.clients).clear();
         Ok(())
@@ -493,6 +596,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         ) {
             old.conn.close(close::REPLACED, b"replaced");
         }
+        shared.announce(mesh::Presence::Here(node.clone()));
         shared
             .metrics
             .nodes
@@ -509,6 +613,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
     {
         clients.remove(&node);
+        shared.announce(mesh::Presence::Gone(node.clone()));
     }
     shared
         .metrics
@@ -608,7 +713,16 @@ async fn forward_from(shared: &Shared, conn: &Connection, sender: &NodeRef, coll
             continue;
         }
         let Some(to) = lock(&shared.clients).get(&receiver).map(|c| c.conn.clone()) else {
-            drop_reason("unknown_peer");
+            // Not here: the replica that has it, if any (one hop).
+            match shared
+                .mesh
+                .get()
+                .map(|m| m.forward(collab, sender, &receiver, &payload))
+            {
+                Some(Ok(())) => {}
+                Some(Err(reason)) => drop_reason(reason),
+                None => drop_reason("unknown_peer"),
+            }
             continue;
         };
         let out = frame::encode(sender, &payload);

@@ -15,6 +15,7 @@ mod hub_hardening;
 mod relay;
 mod relay_security;
 mod rendezvous;
+mod rendezvous_mesh;
 mod rendezvous_nat;
 mod rotation;
 mod shutdown;

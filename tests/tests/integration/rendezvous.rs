@@ -34,18 +34,18 @@ use super::relay::{SECOND, a, b, n, read_hash, send_pattern};
 
 /// Ends what it was handed to when cancelled (or dropped).
 #[derive(Clone)]
-struct Stop(Arc<tokio::sync::watch::Sender<bool>>);
+pub(super) struct Stop(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl Stop {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(Arc::new(tokio::sync::watch::channel(false).0))
     }
 
-    fn cancel(&self) {
+    pub(super) fn cancel(&self) {
         self.0.send_replace(true);
     }
 
-    fn cancelled(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(super) fn cancelled(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.0.subscribe();
         async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
@@ -54,7 +54,7 @@ impl Stop {
 }
 
 /// A rendezvous on 127.0.0.1:0, running until the returned token is cancelled.
-fn start_rendezvous(
+pub(super) fn start_rendezvous(
     dir: &std::path::Path,
     options: RendezvousOptions,
 ) -> (Arc<Rendezvous>, Arc<RendezvousMetrics>, String, Stop) {
@@ -70,7 +70,11 @@ fn start_rendezvous(
 }
 
 /// org-a and org-b, both outbound only, org-b exposing `port` → `target`.
-async fn outbound_only_pair(dir: &std::path::Path, port: u16, target: SocketAddr) -> LocalMesh {
+pub(super) async fn outbound_only_pair(
+    dir: &std::path::Path,
+    port: u16,
+    target: SocketAddr,
+) -> LocalMesh {
     fedmesh_tests::subscribe();
     let opts = fedmesh_agent::mesh::MeshOptions {
         outbound_only: BTreeSet::from([a(), b()]),
@@ -96,7 +100,7 @@ async fn outbound_only_pair(dir: &std::path::Path, port: u16, target: SocketAddr
 }
 
 /// Connects to `addr` until it answers (the link is being set up), within 10 s.
-async fn connect_soon(addr: SocketAddr) -> TcpStream {
+pub(super) async fn connect_soon(addr: SocketAddr) -> TcpStream {
     let deadline = Instant::now() + 10 * SECOND;
     loop {
         if let Ok(tcp) = TcpStream::connect(addr).await {
@@ -109,7 +113,7 @@ async fn connect_soon(addr: SocketAddr) -> TcpStream {
 
 /// Carries `total` pattern bytes each way between a client of `addr` and the one connection
 /// `target` accepts; asserts both directions byte for byte.
-async fn carry_both_ways(addr: SocketAddr, target: Arc<TcpListener>, total: usize) {
+pub(super) async fn carry_both_ways(addr: SocketAddr, target: Arc<TcpListener>, total: usize) {
     let server = tokio::spawn(async move {
         let (tcp, _) = target.accept().await.unwrap();
         let (mut r, mut w) = tcp.into_split();
@@ -135,7 +139,7 @@ async fn carry_both_ways(addr: SocketAddr, target: Arc<TcpListener>, total: usiz
     assert_eq!(client_received, (total, server_sent), "org-b → org-a");
 }
 
-fn counter(metrics: &str, prefix: &str) -> u64 {
+pub(super) fn counter(metrics: &str, prefix: &str) -> u64 {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(prefix))
@@ -207,7 +211,7 @@ async fn outbound_only_nodes_link_through_the_rendezvous_and_revocation_ends_it(
 }
 
 /// A raw carrier client: the connection a node's carrier makes, for sending crafted frames.
-async fn carrier_client(
+pub(super) async fn carrier_client(
     server: SocketAddr,
     pin: &str,
     identity: Option<&NodeIdentity>,
@@ -242,13 +246,18 @@ async fn carrier_client(
     }
 }
 
-fn identity(fx: &Fixture, node: &str) -> NodeIdentity {
+pub(super) fn identity(fx: &Fixture, node: &str) -> NodeIdentity {
     let e = &fx.nodes[&n(node)];
     NodeIdentity::from_pem(&e.cert_pem, &e.key_pem).unwrap()
 }
 
 /// Sends `payload` from `from` to `to` and expects it at `to` from `sender`, exactly.
-async fn exchange(from: &quinn::Connection, to: &quinn::Connection, to_node: &str, sender: &str) {
+pub(super) async fn exchange(
+    from: &quinn::Connection,
+    to: &quinn::Connection,
+    to_node: &str,
+    sender: &str,
+) {
     let payload = format!("datagram from {sender} to {to_node}").into_bytes();
     from.send_datagram(frame::encode(&n(to_node), &payload))
         .unwrap();
@@ -260,7 +269,7 @@ async fn exchange(from: &quinn::Connection, to: &quinn::Connection, to_node: &st
     assert_eq!((named, &body[..]), (n(sender), &payload[..]));
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
+pub(super) async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -674,7 +683,7 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
 }
 
 /// A child process, killed when dropped (also when the test fails).
-struct Killed(std::process::Child);
+pub(super) struct Killed(pub(super) std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
