@@ -78,7 +78,7 @@ impl LoadBalancer {
                 if stale && let Some((_, _, reader)) = flows.remove(&client) {
                     reader.abort();
                 }
-                if !flows.contains_key(&client) {
+                if let std::collections::hash_map::Entry::Vacant(flow) = flows.entry(client) {
                     if live.is_empty() {
                         continue;
                     }
@@ -93,7 +93,7 @@ impl LoadBalancer {
                             let _ = front2.send_to(&buf[..len], client).await;
                         }
                     });
-                    flows.insert(client, (backend, up, reader));
+                    flow.insert((backend, up, reader));
                 }
                 let _ = flows[&client].1.send(&buf[..len]).await;
             }
