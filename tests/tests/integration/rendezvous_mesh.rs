@@ -316,14 +316,14 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
             .await
             .is_err()
     );
-    let text = replica.metrics.render();
-    assert!(
+    // (The server counts a refusal as the client learns of it.)
+    until("three refused mesh handshakes counted", 2 * SECOND, || {
         counter(
-            &text,
-            "fedmesh_rendezvous_mesh_dropped_total{collab=\"c\",reason=\"peer_handshake\"} "
-        ) >= 3,
-        "{text}"
-    );
+            &replica.metrics.render(),
+            "fedmesh_rendezvous_mesh_dropped_total{collab=\"c\",reason=\"peer_handshake\"} ",
+        ) >= 3
+    })
+    .await;
 
     // A replica (the shared certificate) may hand over frames, but only for nodes connected
     // here, and only from senders that stand: 4. a revoked sender, 5. a non-member sender,
@@ -337,6 +337,11 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     )
     .await
     .unwrap();
+    // It speaks the presence protocol: HELLO with its replica id, no nodes.
+    let mut announce = peer.open_uni().await.unwrap();
+    let mut hello = vec![1u8];
+    hello.extend_from_slice(&[0x42; 16]);
+    announce.write_all(&hello).await.unwrap();
     peer.send_datagram(mesh::encode(&n("b/n1"), &n("c/n1"), b"revoked"))
         .unwrap();
     peer.send_datagram(mesh::encode(&n("b/n1"), &n("z/n9"), b"stranger"))
@@ -459,6 +464,28 @@ async fn replica_processes_follow_the_hub_fail_over_when_one_is_killed_and_apply
         }])
         .await
         .unwrap();
+    // The hub lets the listed certificate read the documents, and no other self-signed one.
+    let reader = |dir: &std::path::Path| {
+        let cert = ServerCert::load_or_create(dir, &[]).unwrap();
+        let tls = fedmesh_agent::hub::tls::pinned_client_config_presenting(
+            &mesh.hub.pin,
+            vec![cert.certificate()],
+            cert.private_key().unwrap(),
+            b"http/1.1",
+        )
+        .unwrap();
+        fedmesh_agent::hub::client::HubClient::with_tls(&mesh.hub.url, tls).unwrap()
+    };
+    let page = reader(&d1)
+        .docs("collab-x", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!page.collab_jws.is_empty());
+    let refused = reader(&tmp.path().join("unlisted"))
+        .docs("collab-x", 0, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(401), "{refused}");
     let follow = |extra: &[String]| {
         let mut args = vec![
             "--hub".to_owned(),
