@@ -234,6 +234,8 @@ pub fn decode(
 /// A peer replica (dialed or accepted), and the nodes it announced.
 struct Route {
     conn: Connection,
+    /// The peer's replica id (two replicas that name each other share two connections).
+    peer: [u8; 16],
     nodes: HashSet<NodeRef>,
 }
 
@@ -710,12 +712,16 @@ impl Mesh {
     }
 
     fn gauges(&self) {
-        let routes = lock(&self.routes);
-        self.metrics.mesh.peers.set(routes.len() as i64);
+        let mut by_peer: HashMap<[u8; 16], usize> = HashMap::new();
+        for route in lock(&self.routes).values() {
+            let nodes = by_peer.entry(route.peer).or_default();
+            *nodes = (*nodes).max(route.nodes.len());
+        }
+        self.metrics.mesh.peers.set(by_peer.len() as i64);
         self.metrics
             .mesh
             .remote_nodes
-            .set(routes.values().map(|r| r.nodes.len()).sum::<usize>() as i64);
+            .set(by_peer.values().sum::<usize>() as i64);
     }
 
     /// Reads the peer's presence stream into its route until the connection ends.
@@ -745,6 +751,7 @@ impl Mesh {
             key,
             Route {
                 conn: conn.clone(),
+                peer: hello[1..].try_into().unwrap_or_default(),
                 nodes: HashSet::new(),
             },
         );

@@ -32,16 +32,21 @@ use super::{
 };
 
 /// A UDP load balancer double: each client address is pinned to one live backend (round robin
-/// over new clients); a client whose backend was taken out moves to a live one.
+/// over new clients); a client whose backend was taken out moves to a live one (what the old
+/// backend still sends it, such as its goodbye, is still passed back).
 struct LoadBalancer {
     addr: SocketAddr,
     backends: Arc<Mutex<Vec<(SocketAddr, bool)>>>,
     task: tokio::task::JoinHandle<()>,
+    readers: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for LoadBalancer {
     fn drop(&mut self) {
         self.task.abort();
+        for reader in self.readers.lock().unwrap().drain(..) {
+            reader.abort();
+        }
     }
 }
 
@@ -51,6 +56,8 @@ impl LoadBalancer {
         let addr = front.local_addr().unwrap();
         let backends: Arc<Mutex<Vec<(SocketAddr, bool)>>> = Arc::default();
         let table = backends.clone();
+        let readers: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let all_readers = readers.clone();
         let task = tokio::spawn(async move {
             // client → (backend, upstream socket, its reader task)
             type Flow = (
@@ -75,8 +82,8 @@ impl LoadBalancer {
                 let stale = flows
                     .get(&client)
                     .is_some_and(|(backend, _, _)| !live.contains(backend));
-                if stale && let Some((_, _, reader)) = flows.remove(&client) {
-                    reader.abort();
+                if stale {
+                    flows.remove(&client);
                 }
                 if let std::collections::hash_map::Entry::Vacant(flow) = flows.entry(client) {
                     if live.is_empty() {
@@ -93,6 +100,7 @@ impl LoadBalancer {
                             let _ = front2.send_to(&buf[..len], client).await;
                         }
                     });
+                    all_readers.lock().unwrap().push(reader.abort_handle());
                     flow.insert((backend, up, reader));
                 }
                 let _ = flows[&client].1.send(&buf[..len]).await;
@@ -102,6 +110,7 @@ impl LoadBalancer {
             addr,
             backends,
             task,
+            readers,
         }
     }
 
@@ -120,7 +129,8 @@ impl LoadBalancer {
 }
 
 /// A replica on 127.0.0.1:0 with the certificate in `dir` (shared by all replicas), meshed on
-/// another 127.0.0.1:0 socket with `peers`.
+/// 0.0.0.0:0 (so that dialling 127.0.0.1 reaches it under another address: it must recognise
+/// itself from the presence stream).
 struct Replica {
     server: Arc<Rendezvous>,
     metrics: Arc<RendezvousMetrics>,
@@ -138,7 +148,7 @@ impl Replica {
         );
         let mesh = server
             .start_mesh(
-                UdpSocket::bind("127.0.0.1:0").unwrap(),
+                UdpSocket::bind("0.0.0.0:0").unwrap(),
                 MeshOptions::default(),
             )
             .unwrap();
@@ -151,6 +161,11 @@ impl Replica {
             mesh,
             stop,
         }
+    }
+
+    /// Where peers dial it.
+    fn mesh_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.mesh.local_addr().unwrap().port())
     }
 
     fn addr(&self) -> SocketAddr {
@@ -179,9 +194,10 @@ async fn nodes_on_different_replicas_meet_through_the_mesh_and_fail_over() {
     let tmp = tempfile::tempdir().unwrap();
     let rv_dir = tmp.path().join("rv");
     let (r1, r2) = (Replica::start(&rv_dir), Replica::start(&rv_dir));
-    // Only replica 2 names its peer: one side is enough.
-    r2.mesh
-        .set_peers(vec![r1.mesh.local_addr().unwrap().to_string()]);
+    // Both name every replica, themselves included (as a headless Service name resolves).
+    let peers = vec![r1.mesh_addr(), r2.mesh_addr()];
+    r1.mesh.set_peers(peers.clone());
+    r2.mesh.set_peers(peers);
     let lb = LoadBalancer::start().await;
     lb.add(r1.addr());
     lb.add(r2.addr());
@@ -275,7 +291,7 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     let tmp = tempfile::tempdir().unwrap();
     let rv_dir = tmp.path().join("rv");
     let replica = Replica::start(&rv_dir);
-    let mesh_addr = replica.mesh.local_addr().unwrap();
+    let mesh_addr: SocketAddr = replica.mesh_addr().parse().unwrap();
     let cert = ServerCert::load_or_create(&rv_dir, &[]).unwrap();
     let pin = cert.pin();
     let fx = Fixture::at("c", &["a/n1", "b/n1", "c/n1"], std::time::SystemTime::now());
