@@ -140,6 +140,10 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, MeshOptions::default())
+    }
+
+    fn start_with(dir: &std::path::Path, options: MeshOptions) -> Self {
         let cert = ServerCert::load_or_create(dir, &["localhost".to_owned()]).unwrap();
         let metrics = Arc::new(RendezvousMetrics::default());
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -147,10 +151,7 @@ impl Replica {
             Rendezvous::new(socket, cert, RendezvousOptions::default(), metrics.clone()).unwrap(),
         );
         let mesh = server
-            .start_mesh(
-                UdpSocket::bind("0.0.0.0:0").unwrap(),
-                MeshOptions::default(),
-            )
+            .start_mesh(UdpSocket::bind("0.0.0.0:0").unwrap(), options)
             .unwrap();
         let stop = Stop::new();
         let (s, c) = (server.clone(), stop.cancelled());
@@ -290,7 +291,17 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     fedmesh_tests::subscribe();
     let tmp = tempfile::tempdir().unwrap();
     let rv_dir = tmp.path().join("rv");
-    let replica = Replica::start(&rv_dir);
+    // Tight bounds, to see them hold: 64 KiB/s (16 KiB at once) from a peer, one node learned
+    // from it.
+    let replica = Replica::start_with(
+        &rv_dir,
+        MeshOptions {
+            rate: 64 * 1024,
+            burst: 16 * 1024,
+            max_nodes: 1,
+            ..MeshOptions::default()
+        },
+    );
     let mesh_addr: SocketAddr = replica.mesh_addr().parse().unwrap();
     let cert = ServerCert::load_or_create(&rv_dir, &[]).unwrap();
     let pin = cert.pin();
@@ -403,6 +414,44 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     assert!(text.contains("a/n1") && text.contains("b/n1"), "{text:?}");
     // The nodes still talk to each other.
     exchange(&node_a, &node_b, "b/n1", "a/n1").await;
+
+    // 9. A peer beyond its rate: the excess is dropped. 10. More nodes announced than the
+    // bound: the excess is not learned. 11. A malformed presence stream closes the connection.
+    for _ in 0..200 {
+        let _ = peer.send_datagram(mesh::encode(&n("b/n1"), &n("a/n1"), &[7u8; 1000]));
+    }
+    let mut presence = Vec::new();
+    for node in ["x/n1", "y/n1"] {
+        presence.extend_from_slice(&[2, node.len() as u8]);
+        presence.extend_from_slice(node.as_bytes());
+    }
+    announce.write_all(&presence).await.unwrap();
+    let dropped = |reason: &str| {
+        counter(
+            &replica.metrics.render(),
+            &format!("fedmesh_rendezvous_mesh_dropped_total{{collab=\"c\",reason=\"{reason}\"}} "),
+        )
+    };
+    until("the rate and node bounds hold", 2 * SECOND, || {
+        dropped("mesh_rate") >= 100 && dropped("peer_nodes_full") == 1
+    })
+    .await;
+    assert!(
+        replica
+            .metrics
+            .render()
+            .contains("fedmesh_rendezvous_mesh_remote_nodes 1")
+    );
+    announce.write_all(&[9, 9, 9]).await.unwrap();
+    let reason = tokio::time::timeout(2 * SECOND, peer.closed())
+        .await
+        .unwrap();
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, mesh::close::PROTOCOL, "{close:?}");
+        }
+        other => panic!("not closed as a protocol error: {other}"),
+    }
     replica.stop.cancel();
 }
 
