@@ -1325,7 +1325,8 @@ fn authorize_reader(
         .ok_or_else(|| {
             HubError::new(
                 StatusCode::UNAUTHORIZED,
-                "reading documents needs a member certificate (mutual TLS) or an owner token",
+                "reading documents needs a member certificate or the certificate of a listed rendezvous \
+                 server (mutual TLS), or an owner token",
             )
         })?;
     let collab = state.collab()?;
