@@ -108,6 +108,24 @@ impl Standing {
     }
 }
 
+impl Standing {
+    /// Whether the node `org/node` stands, whatever certificate it presents: a member, not
+    /// revoked. For a party that never sees the node's certificate (a rendezvous replica handed
+    /// a datagram by another replica, which checked the serial); serials are checked where the
+    /// certificate is seen, with [`Standing::check`].
+    pub fn check_node(&self, org: &str, node: &str) -> std::result::Result<(), Refused> {
+        let node = (org.to_owned(), node.to_owned());
+        if self.revoked_nodes.contains(&node) {
+            return Err(Refused::NodeRevoked);
+        }
+        match &self.members {
+            None => Err(Refused::MembersUnknown),
+            Some(members) if !members.contains(&node) => Err(Refused::NotMember),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 /// Serials compare as lower-case hex without separators or leading zeros.
 fn normalize_serial(serial: &str) -> String {
     let hex: String = serial

@@ -3,8 +3,15 @@
 //!
 //! The first start makes the server certificate and key in `--dir` and prints the pin the owner
 //! lists (`fedmesh collab rendezvous`); later starts reuse them. What the rendezvous admits comes
-//! from the collaboration's signed documents in `--documents` (one JWS per line), verified
-//! against the owner key `--owner-pin` and re-read when the file changes.
+//! from the collaboration's signed documents, verified against the owner key `--owner-pin`:
+//! followed at the hub (`--hub`, `--hub-pin`, `--collab`; the hub lets a rendezvous the owner
+//! lists read them with its certificate) or read from `--documents` (one JWS per line, re-read
+//! when the file changes).
+//!
+//! Replicas: several processes sharing the certificate and key (copy `--dir`, or mount one
+//! Secret) serve one collaboration behind one or several addresses; `--peer host:port` (a name
+//! may resolve to every replica, e.g. a headless Service) makes them forward to each other, see
+//! [`crate::rendezvous::mesh`].
 //!
 //! Nodes reach it over QUIC/UDP, or over TLS/TCP (an HTTP/1.1 upgrade, also through HTTP
 //! CONNECT proxies) on the same port number unless `--tcp-listen` or `--no-tcp` says otherwise.
@@ -53,8 +60,26 @@ pub struct RendezvousArgs {
     print_pin: bool,
     /// The collaboration's signed documents, one JWS per line (the collaboration document and
     /// the latest revocation list); re-read when it changes.
-    #[arg(long, required_unless_present = "print_pin")]
+    #[arg(long, required_unless_present_any = ["print_pin", "hub"], conflicts_with = "hub")]
     documents: Option<PathBuf>,
+    /// Follow the collaboration's documents at this hub (`https://host:port`) instead of a
+    /// file; the rendezvous authenticates with its own certificate, which the owner lists.
+    #[arg(long, requires_all = ["hub_pin", "collab"])]
+    hub: Option<String>,
+    /// SHA-256 pin of the hub's certificate.
+    #[arg(long)]
+    hub_pin: Option<String>,
+    /// The collaboration id to follow at the hub.
+    #[arg(long)]
+    collab: Option<String>,
+    /// A peer replica (`host:port` of its `--mesh-listen`), repeatable; a name resolving to
+    /// several addresses (a headless Service) names them all, this replica may be among them.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// UDP address peer replicas connect to; the mesh runs when this or `--peer` is given
+    /// (default with `--peer`: 0.0.0.0:8444). One side naming the other is enough.
+    #[arg(long)]
+    mesh_listen: Option<SocketAddr>,
     /// Thumbprint of the owner key the collaboration document must be signed with.
     #[arg(long, required_unless_present = "print_pin")]
     owner_pin: Option<String>,
@@ -73,10 +98,34 @@ pub async fn run(args: RendezvousArgs) -> Result<()> {
         println!("{}", cert.pin());
         return Ok(());
     }
-    let (Some(documents), Some(owner_pin)) = (args.documents, args.owner_pin) else {
-        bail!("give --documents and --owner-pin");
+    let Some(owner_pin) = args.owner_pin else {
+        bail!("give --owner-pin");
+    };
+    let hub = match (&args.hub, &args.hub_pin) {
+        (Some(url), Some(hub_pin)) => {
+            let tls = crate::hub::tls::pinned_client_config_presenting(
+                hub_pin,
+                vec![cert.certificate()],
+                cert.private_key()?,
+                b"http/1.1",
+            )?;
+            Some(crate::hub::client::HubClient::with_tls(url, tls)?)
+        }
+        _ => None,
     };
     let pin = cert.pin();
+    let mesh_listen = match (args.mesh_listen, args.peers.is_empty()) {
+        (Some(addr), _) => Some(addr),
+        (None, false) => Some(SocketAddr::from(([0, 0, 0, 0], 8444))),
+        (None, true) => None,
+    };
+    let mesh_socket = match mesh_listen {
+        Some(addr) => Some(
+            std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("binding the rendezvous mesh on udp/{addr}"))?,
+        ),
+        None => None,
+    };
     let socket = std::net::UdpSocket::bind(args.listen)
         .with_context(|| format!("binding the rendezvous on udp/{}", args.listen))?;
     let options = RendezvousOptions {
@@ -98,6 +147,14 @@ pub async fn run(args: RendezvousArgs) -> Result<()> {
         }
     };
     let tcp_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
+    let mesh = match mesh_socket {
+        Some(socket) => {
+            let mesh = server.start_mesh(socket, rendezvous::mesh::MeshOptions::default())?;
+            mesh.set_peers(args.peers.clone());
+            Some(mesh.local_addr()?)
+        }
+        None => None,
+    };
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the rendezvous HTTP server on {}", args.http))?;
@@ -109,18 +166,29 @@ pub async fn run(args: RendezvousArgs) -> Result<()> {
         metrics,
         stop.clone().cancelled_owned(),
     ));
-    let watch_task = tokio::spawn(follow_documents(
-        server.clone(),
-        documents,
-        owner_pin,
-        stop.clone(),
-    ));
+    let watch_task = match (hub, args.collab, args.documents) {
+        (Some(hub), Some(collab), _) => tokio::spawn(rendezvous::follow::follow_hub(
+            server.clone(),
+            hub,
+            collab,
+            owner_pin,
+            stop.clone(),
+        )),
+        (_, _, Some(documents)) => tokio::spawn(follow_documents(
+            server.clone(),
+            documents,
+            owner_pin,
+            stop.clone(),
+        )),
+        _ => bail!("give --documents, or --hub, --hub-pin and --collab"),
+    };
     let tcp_task = tcp.map(|listener| {
         let (server, stop) = (server.clone(), stop.clone());
         tokio::spawn(async move { server.run_tcp(listener, stop.cancelled()).await })
     });
+    let mesh = mesh.map(|m| format!(", mesh/{m}")).unwrap_or_default();
     println!(
-        "rendezvous running: udp/{udp_addr}{} (certificate pin {pin}), http://{http_addr}",
+        "rendezvous running: udp/{udp_addr}{} (certificate pin {pin}), http://{http_addr}{mesh}",
         tcp_addr.map(|a| format!(" tcp/{a}")).unwrap_or_default()
     );
     server.run(super::hub::shutdown_signal()).await?;

@@ -7,7 +7,7 @@
 //! | POST | `/v1/collabs/{id}/ca` | owner (online CA), signed [`CaRequest`] | hub makes and keeps the CA; returns its certificate |
 //! | POST | `/v1/collabs` | owner | create or update the collaboration (owner-signed) |
 //! | POST | `/v1/collabs/{id}/docs` | owner, or the signing node over mTLS | submit a signed document |
-//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S&limit=L` | member node (mTLS) or owner token | at most L documents after cursor N, long-polling up to S seconds; the latest checkpoint first when N is below it |
+//! | GET | `/v1/collabs/{id}/docs?since=N&wait=S&limit=L` | member node (mTLS), a rendezvous server the collaboration lists (mTLS with its pinned certificate) or owner token | at most L documents after cursor N, long-polling up to S seconds; the latest checkpoint first when N is below it |
 //! | POST | `/v1/collabs/{id}/enroll` | node with a join token | certificate (online CA) or registration (offline CA) |
 //! | POST | `/v1/collabs/{id}/renew` | member node (mTLS) | a fresh certificate for the same identity (online CA) |
 //! | POST | `/v1/collabs/{id}/reattest` | node whose certificate expired, signed [`ReattestClaims`] | a fresh certificate for the key it enrolled (online CA), unless revoked |

@@ -98,6 +98,23 @@ impl HubClient {
         })
     }
 
+    /// A client for the hub at `base` speaking TLS with `tls` (which pins the hub and may present
+    /// any client certificate, e.g. a rendezvous server's own).
+    pub fn with_tls(base: &str, tls: rustls::ClientConfig) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(90))
+            .http1_only()
+            .build()
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+            owner_token: None,
+        })
+    }
+
     /// Sends `token` (an owner-signed session token) as `Authorization: Bearer` on reads.
     pub fn with_owner_token(mut self, token: String) -> Self {
         self.owner_token = Some(token);

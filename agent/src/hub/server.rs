@@ -1338,14 +1338,22 @@ async fn list_docs(
     }))
 }
 
-/// A reader is a member node (mutual TLS) or the owner (a short-lived owner-signed token).
+/// A reader is a member node (mutual TLS), a rendezvous server the owner lists (mutual TLS with
+/// the certificate whose pin the collaboration document holds: it follows the collaboration
+/// and its revocations) or the owner (a short-lived owner-signed token).
 fn authorize_reader(
     peer: &Peer,
     headers: &HeaderMap,
     state: &CollabState,
     now: SystemTime,
 ) -> HubResult<()> {
-    if peer.certs.is_some() {
+    if let Some(chain) = &peer.certs {
+        if let (Some(leaf), Ok(collab)) = (chain.first(), state.collab()) {
+            let pin = fedmesh_certs::fingerprint(leaf);
+            if collab.rendezvous.iter().any(|r| r.pin_sha256 == pin) {
+                return Ok(());
+            }
+        }
         return member(peer, state, now).map(|_| ());
     }
     let token = headers
@@ -1355,7 +1363,8 @@ fn authorize_reader(
         .ok_or_else(|| {
             HubError::new(
                 StatusCode::UNAUTHORIZED,
-                "reading documents needs a member certificate (mutual TLS) or an owner token",
+                "reading documents needs a member certificate or the certificate of a listed rendezvous \
+                 server (mutual TLS), or an owner token",
             )
         })?;
     let collab = state.collab()?;

@@ -148,6 +148,27 @@ pub fn pinned_client_config(
     Ok(config)
 }
 
+/// A client config that trusts exactly the server certificate with SHA-256 `pin`, presenting
+/// `chain` and `key` (any certificate: a rendezvous server's own) and offering `alpn`.
+pub fn pinned_client_config_presenting(
+    pin: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<ClientConfig> {
+    let verifier = Arc::new(PinnedServer {
+        pin: pin.trim_start_matches("sha256:").to_ascii_lowercase(),
+        signatures: HandshakeSignatures::default(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 /// Accepts any client certificate whose key signed the handshake; chains are checked later,
 /// per collaboration, by the handlers.
 #[derive(Debug)]

@@ -134,7 +134,7 @@ pub struct NodeOptions {
     /// node through the collaboration's rendezvous servers.
     pub outbound_only: bool,
     /// How the relay reaches rendezvous servers (carrier, proxy).
-    pub carrier: crate::relay::relayed::tcp::CarrierOptions,
+    pub carrier: relay::relayed::tcp::CarrierOptions,
 }
 
 /// Where and how the vantage6 address API is served.

@@ -30,8 +30,10 @@
 //! for sites that may open only TCP connections out: see [`tcp`]. Admission, bounds and
 //! forwarding are the same whatever the carrier, and a node on one reaches a node on the other.
 
+pub mod follow;
 pub mod frame;
 pub mod http;
+pub mod mesh;
 pub mod tcp;
 pub mod upgrade;
 
@@ -158,6 +160,16 @@ impl ServerCert {
         fingerprint(&self.cert)
     }
 
+    /// The certificate (DER).
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.cert.clone()
+    }
+
+    /// The private key (to present the certificate as a client: to the hub, to peer replicas).
+    pub fn private_key(&self) -> Result<PrivateKeyDer<'static>> {
+        self.key()
+    }
+
     fn key(&self) -> Result<PrivateKeyDer<'static>> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("rendezvous key")
     }
@@ -225,6 +237,8 @@ pub struct RendezvousMetrics {
     pub nodes: Family<CollabLabels, Gauge>,
     /// Nodes connected over the TLS/TCP carrier (of [`RendezvousMetrics::nodes`]).
     pub tcp_nodes: Family<CollabLabels, Gauge>,
+    /// Between replicas.
+    pub mesh: mesh::MeshMetrics,
 }
 
 impl Default for RendezvousMetrics {
@@ -262,6 +276,7 @@ impl Default for RendezvousMetrics {
             "Nodes connected over the TLS/TCP carrier",
             tcp_nodes.clone(),
         );
+        let mesh = mesh::MeshMetrics::register(&mut registry);
         Self {
             registry,
             datagrams,
@@ -270,6 +285,7 @@ impl Default for RendezvousMetrics {
             refused,
             nodes,
             tcp_nodes,
+            mesh,
         }
     }
 }
@@ -299,6 +315,53 @@ struct Shared {
     metrics: Arc<RendezvousMetrics>,
     throttle: Throttle,
     options: RendezvousOptions,
+    mesh: std::sync::OnceLock<Arc<mesh::Mesh>>,
+}
+
+impl Shared {
+    fn announce(&self, change: mesh::Presence) {
+        if let Some(mesh) = self.mesh.get() {
+            mesh.announce(change);
+        }
+    }
+}
+
+impl mesh::Local for Shared {
+    fn collab(&self) -> String {
+        collab_of(self)
+    }
+
+    fn nodes(&self) -> Vec<NodeRef> {
+        lock(&self.clients).keys().cloned().collect()
+    }
+
+    fn admits(&self, node: &NodeRef) -> bool {
+        self.gate
+            .standing()
+            .is_some_and(|s| s.check_node(&node.org, &node.node).is_ok())
+    }
+
+    fn deliver(
+        &self,
+        sender: &NodeRef,
+        receiver: &NodeRef,
+        payload: &[u8],
+    ) -> std::result::Result<(), &'static str> {
+        let to = lock(&self.clients)
+            .get(receiver)
+            .map(|c| c.conn.clone())
+            .ok_or("unknown_peer")?;
+        let out = frame::encode(sender, payload);
+        let len = out.len() as u64;
+        to.send(out)?;
+        let flow = FlowLabels {
+            collab: collab_of(self),
+            direction: "out",
+        };
+        self.metrics.datagrams.get_or_create(&flow).inc();
+        self.metrics.bytes.get_or_create(&flow).inc_by(len);
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -336,8 +399,32 @@ impl Rendezvous {
                 metrics,
                 throttle: Throttle::default(),
                 options,
+                mesh: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Makes this server a replica that forwards to its peer replicas (see [`mesh`]) over
+    /// `socket`; [`Rendezvous::run`] runs the mesh too. Call once, before `run`.
+    pub fn start_mesh(
+        &self,
+        socket: UdpSocket,
+        options: mesh::MeshOptions,
+    ) -> Result<Arc<mesh::Mesh>> {
+        let local: Arc<dyn mesh::Local> = self.shared.clone();
+        let mesh = Arc::new(mesh::Mesh::new(
+            socket,
+            &self.shared.server,
+            options,
+            self.shared.options.max_frame,
+            Arc::downgrade(&local),
+            self.shared.metrics.clone(),
+        )?);
+        self.shared
+            .mesh
+            .set(mesh.clone())
+            .map_err(|_| anyhow::anyhow!("the mesh is already started"))?;
+        Ok(mesh)
     }
 
     /// The address the rendezvous listens on.
@@ -387,6 +474,7 @@ impl Rendezvous {
                         })
                         .inc();
                     client.conn.close(close::REFUSED, b"refused");
+                    shared.announce(mesh::Presence::Gone(node.clone()));
                     false
                 }
             }
@@ -401,8 +489,18 @@ impl Rendezvous {
     /// TCP carrier's; see [`Rendezvous::run_tcp`]).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
+        let stop_mesh = tokio_util::sync::CancellationToken::new();
+        let mesh = self
+            .shared
+            .mesh
+            .get()
+            .map(|m| tokio::spawn(m.clone().run(stop_mesh.clone())));
         shutdown.await;
         accept.abort();
+        stop_mesh.cancel();
+        if let Some(mesh) = mesh {
+            let _ = mesh.await;
+        }
         self.shared.endpoint.close(close::SHUTDOWN, b"shutdown");
         for (_, client) in lock(&self.shared.clients).drain() {
             client.conn.close(close::SHUTDOWN, b"shutdown");
@@ -529,6 +627,7 @@ fn admit(
     ) {
         old.conn.close(close::REPLACED, b"replaced");
     }
+    shared.announce(mesh::Presence::Here(node.clone()));
     count_nodes(shared, &clients, collab);
     Ok(())
 }
@@ -558,6 +657,7 @@ fn leave(shared: &Shared, node: &NodeRef, link: &tcp::Link, collab: &str) {
     let mut clients = lock(&shared.clients);
     if clients.get(node).is_some_and(|c| c.conn.same(link)) {
         clients.remove(node);
+        shared.announce(mesh::Presence::Gone(node.clone()));
     }
     count_nodes(shared, &clients, collab);
 }
@@ -674,7 +774,17 @@ impl<'a> Forwarder<'a> {
             .get(&receiver)
             .map(|c| c.conn.clone())
         else {
-            return self.dropped("unknown_peer");
+            // Not here: the replica that has it, if any (one hop).
+            return match self
+                .shared
+                .mesh
+                .get()
+                .map(|m| m.forward(self.collab, self.sender, &receiver, &payload))
+            {
+                Some(Ok(())) => {}
+                Some(Err(reason)) => self.dropped(reason),
+                None => self.dropped("unknown_peer"),
+            };
         };
         let out = frame::encode(self.sender, &payload);
         let len = out.len();

@@ -20,3 +20,23 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{/* The rendezvous's name. */}}
+{{- define "fedmesh-hub.rendezvous" -}}
+{{- printf "%s-rendezvous" (include "fedmesh-hub.fullname" .) | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select rendezvous pods (not the hub's: its Service must not pick them). */}}
+{{- define "fedmesh-hub.rendezvousSelectorLabels" -}}
+app.kubernetes.io/name: fedmesh-rendezvous
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every rendezvous object. */}}
+{{- define "fedmesh-hub.rendezvousLabels" -}}
+{{ include "fedmesh-hub.rendezvousSelectorLabels" . }}
+app.kubernetes.io/component: rendezvous
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}

@@ -238,6 +238,107 @@ fn hub_chart_renders_valid_objects() {
     );
 }
 
+#[test]
+fn hub_chart_renders_rendezvous_replicas() {
+    let pin = "a".repeat(64);
+    let hub_pin = format!("rendezvous.hubPin={pin}");
+    let sets = [
+        "rendezvous.enabled=true",
+        "rendezvous.replicas=3",
+        "rendezvous.collab=collab-x",
+        "rendezvous.ownerPin=owner-thumbprint",
+        hub_pin.as_str(),
+        "rendezvous.certificateSecret=rv-cert",
+    ];
+    let out = helm(&[
+        "lint",
+        "--strict",
+        "charts/fedmesh-hub",
+        "--set",
+        &sets.join(","),
+    ]);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    let yaml = template("charts/fedmesh-hub", &sets);
+    validate_kubernetes(&yaml);
+    let docs = documents(&yaml);
+    let rv = find(&docs, "Deployment", "r-fedmesh-hub-rendezvous");
+    assert_eq!(rv["spec"]["replicas"], 3);
+    let pod = &rv["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args = &container["args"];
+    assert_eq!(
+        args,
+        &json!([
+            "rendezvous",
+            "--listen=0.0.0.0:4433",
+            "--http=0.0.0.0:9443",
+            "--dir=/etc/fedmesh-rendezvous",
+            "--hub=https://r-fedmesh-hub.fedmesh.svc:8443",
+            format!("--hub-pin={pin}"),
+            "--collab=collab-x",
+            "--owner-pin=owner-thumbprint",
+            "--mesh-listen=0.0.0.0:8444",
+            "--peer=r-fedmesh-hub-rendezvous-mesh.fedmesh.svc:8444",
+            "--rate-per-node=67108864"
+        ])
+    );
+    let argv: Vec<String> = std::iter::once("fedmesh".to_owned())
+        .chain(
+            args.as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned()),
+        )
+        .collect();
+    fedmesh_agent::cli::Cli::try_parse_from(argv).unwrap();
+    // Least privilege: no API token, non-root, read-only root, no capabilities, the
+    // certificate read-only and readable by the group only.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(container["volumeMounts"][0]["readOnly"], true);
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], "rv-cert");
+    assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 288);
+    // The mesh is found through a headless Service; nodes reach the replicas over UDP; the
+    // hub's Service does not select rendezvous pods.
+    let mesh = find(&docs, "Service", "r-fedmesh-hub-rendezvous-mesh");
+    assert_eq!(mesh["spec"]["clusterIP"], "None");
+    assert_eq!(mesh["spec"]["ports"][0]["protocol"], "UDP");
+    let nodes = find(&docs, "Service", "r-fedmesh-hub-rendezvous");
+    assert_eq!(
+        nodes["spec"]["ports"][0],
+        json!({"name": "quic", "protocol": "UDP", "port": 443, "targetPort": "quic"})
+    );
+    let hub_selector = &find(&docs, "Service", "r-fedmesh-hub")["spec"]["selector"];
+    let pod_labels = &rv["spec"]["template"]["metadata"]["labels"];
+    assert_ne!(
+        hub_selector["app.kubernetes.io/name"],
+        pod_labels["app.kubernetes.io/name"]
+    );
+    // Off by default; on, it needs what it cannot guess.
+    let off = documents(&template("charts/fedmesh-hub", &[]));
+    assert!(
+        !off.iter()
+            .any(|d| d["metadata"]["name"] == "r-fedmesh-hub-rendezvous")
+    );
+    let mut command = Command::new(tool(".tools/bin/helm"));
+    command
+        .args([
+            "template",
+            "r",
+            "charts/fedmesh-hub",
+            "--set",
+            "rendezvous.enabled=true",
+        ])
+        .current_dir(repo());
+    let out = command.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set rendezvous."));
+}
+
 /// Every (role kind, namespace, API group, resource) and its verbs, from the rendered Roles
 /// and ClusterRoles.
 fn permissions(docs: &[Value]) -> BTreeSet<(String, String, String, String)> {

@@ -203,6 +203,7 @@ async fn istio_agent(
             },
             kubernetes: Some(options),
             outbound_only: advertise.is_none(),
+            carrier: Default::default(),
         },
         Some(controller),
     )

@@ -16,6 +16,7 @@ mod istio_rendezvous;
 mod relay;
 mod relay_security;
 mod rendezvous;
+mod rendezvous_mesh;
 mod rendezvous_nat;
 mod rendezvous_tcp;
 mod rotation;

@@ -54,7 +54,7 @@ impl Stop {
 }
 
 /// A rendezvous on 127.0.0.1:0, running until the returned token is cancelled.
-fn start_rendezvous(
+pub(super) fn start_rendezvous(
     dir: &std::path::Path,
     options: RendezvousOptions,
 ) -> (Arc<Rendezvous>, Arc<RendezvousMetrics>, String, Stop) {
@@ -70,7 +70,11 @@ fn start_rendezvous(
 }
 
 /// org-a and org-b, both outbound only, org-b exposing `port` → `target`.
-async fn outbound_only_pair(dir: &std::path::Path, port: u16, target: SocketAddr) -> LocalMesh {
+pub(super) async fn outbound_only_pair(
+    dir: &std::path::Path,
+    port: u16,
+    target: SocketAddr,
+) -> LocalMesh {
     fedmesh_tests::subscribe();
     let opts = fedmesh_agent::mesh::MeshOptions {
         outbound_only: BTreeSet::from([a(), b()]),
@@ -265,7 +269,7 @@ pub(super) async fn exchange(
     assert_eq!((named, &body[..]), (n(sender), &payload[..]));
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
+pub(super) async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -679,7 +683,7 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
 }
 
 /// A child process, killed when dropped (also when the test fails).
-struct Killed(std::process::Child);
+pub(super) struct Killed(pub(super) std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
