@@ -29,7 +29,10 @@
 //!
 //! The rendezvous runs with `--rate-per-node` raised to 10 Gbit/s so that it is the forwarder
 //! that is measured, not its per-node bound (64 MiB/s ≈ 0.54 Gbit/s by default);
-//! `FEDMESH_RV_RATE` (bytes/s) sets it.
+//! `FEDMESH_RV_RATE` (bytes/s) sets it. `FEDMESH_RV_BASELINE_BIN=<another fedmesh binary>` adds a
+//! relayed row with that build (its rendezvous and agents) for a same-run comparison;
+//! `FEDMESH_RV_AGENT_FLAGS` passes flags to both agents, `FEDMESH_RV_LOG` sets their and the
+//! rendezvous's log filter.
 //!
 //! Run with `scripts/bench rendezvous` (root): it builds the agent and the emulator, makes the
 //! three namespaces and their links, runs this in site A, and removes them afterwards.
@@ -242,14 +245,57 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 /// The hub, the owner, the enrolled nodes and the rendezvous, all of one profile.
 struct Site {
     _hub: KillOnDrop,
-    rendezvous: KillOnDrop,
+    rendezvous: Option<KillOnDrop>,
     dir: PathBuf,
     http: SocketAddr,
     pin: String,
+    owner_pin: String,
     load_dirs: Vec<String>,
 }
 
 impl Site {
+    /// (Re)starts the rendezvous from `bin` (same certificate, documents and address) and waits
+    /// until it is ready.
+    async fn start_rendezvous(&mut self, bin: &Path) {
+        self.rendezvous = None;
+        let rate = std::env::var("FEDMESH_RV_RATE").unwrap_or_else(|_| "1250000000".into());
+        let mut rendezvous = in_ns("R", bin)
+            .args(["--log", &log_filter(), "rendezvous", "--listen"])
+            .arg(format!("0.0.0.0:{RV_PORT}"))
+            .arg("--http")
+            .arg(self.http.to_string())
+            .args(["--owner-pin", &self.owner_pin, "--rate-per-node", &rate])
+            .arg("--dir")
+            .arg(self.dir.join("rv"))
+            .arg("--documents")
+            .arg(self.dir.join("docs.jws"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the rendezvous");
+        let mut banner = String::new();
+        BufReader::new(rendezvous.stdout.take().expect("stdout"))
+            .read_line(&mut banner)
+            .expect("rendezvous banner");
+        assert!(banner.contains(&self.pin), "rendezvous banner: {banner}");
+        self.rendezvous = Some(KillOnDrop(rendezvous));
+        let deadline = Instant::now() + 10 * SECOND;
+        while !http_get(self.http, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            assert!(Instant::now() < deadline, "the rendezvous is not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "(rendezvous {} started; per-node rate bound {rate} bytes/s)",
+            bin.display()
+        );
+    }
+
+    fn rendezvous_pid(&self) -> u32 {
+        self.rendezvous.as_ref().expect("rendezvous").pid()
+    }
+
     /// A value of the rendezvous's metrics (`name{labels} value`), 0 when absent.
     async fn metric(&self, line_prefix: &str) -> f64 {
         http_get(self.http, "/metrics")
@@ -348,44 +394,17 @@ async fn site(p: &Profile, dir: &Path) -> Site {
         owner.rendezvous_documents().await.expect("documents"),
     )
     .expect("write documents");
-    let rate = std::env::var("FEDMESH_RV_RATE").unwrap_or_else(|_| "1250000000".into());
-    let mut rendezvous = in_ns("R", release_fedmesh())
-        .args(["--log", &log_filter(), "rendezvous", "--listen"])
-        .arg(format!("0.0.0.0:{RV_PORT}"))
-        .arg("--http")
-        .arg(format!("{}:{RV_HTTP_PORT}", p.rv))
-        .args(["--owner-pin", &owner.pin(), "--rate-per-node", &rate])
-        .arg("--dir")
-        .arg(&rv_dir)
-        .arg("--documents")
-        .arg(&docs)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the rendezvous");
-    let mut banner = String::new();
-    BufReader::new(rendezvous.stdout.take().expect("stdout"))
-        .read_line(&mut banner)
-        .expect("rendezvous banner");
-    assert!(banner.contains(&pin), "rendezvous banner: {banner}");
-    let rendezvous = KillOnDrop(rendezvous);
-    let http: SocketAddr = format!("{}:{RV_HTTP_PORT}", p.rv).parse().expect("addr");
-    let deadline = Instant::now() + 10 * SECOND;
-    while !http_get(http, "/readyz")
-        .await
-        .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-    {
-        assert!(Instant::now() < deadline, "the rendezvous is not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!("(rendezvous per-node rate bound: {rate} bytes/s)");
-    Site {
+    let mut site = Site {
         _hub: hub,
-        rendezvous,
+        rendezvous: None,
         dir: dir.to_owned(),
-        http,
+        http: format!("{}:{RV_HTTP_PORT}", p.rv).parse().expect("addr"),
         pin,
+        owner_pin: owner.pin(),
         load_dirs,
-    }
+    };
+    site.start_rendezvous(&release_fedmesh()).await;
+    site
 }
 
 /// The agents' and the rendezvous's log filter (`FEDMESH_RV_LOG`, default `warn`).
@@ -408,6 +427,7 @@ async fn agents(
     p: &Profile,
     s: &Site,
     relayed: bool,
+    bin: &Path,
 ) -> (KillOnDrop, KillOnDrop, SocketAddr, SocketAddr) {
     let peers = s.dir.join("org-a-n1/peers.json");
     let _ = std::fs::remove_file(&peers);
@@ -436,7 +456,7 @@ async fn agents(
             .expect("start node")
     };
     let b = start(
-        in_ns("B", release_fedmesh()),
+        in_ns("B", bin),
         "org-b-n1",
         p.b,
         &[
@@ -446,7 +466,7 @@ async fn agents(
             format!("{ECHO_PORT}=127.0.0.1:{ECHO_PORT}"),
         ],
     );
-    let a = start(Command::new(release_fedmesh()), "org-a-n1", p.a, &[]);
+    let a = start(Command::new(bin), "org-a-n1", p.a, &[]);
     let deadline = Instant::now() + 30 * SECOND;
     let key = format!("org-b.{COLLAB}.fedmesh");
     let addrs: Vec<SocketAddr> = loop {
@@ -555,7 +575,7 @@ async fn iperf(
     }
     let rv_before = match site {
         Some(s) => Some((
-            cpu_seconds(&[s.rendezvous.pid()]),
+            cpu_seconds(&[s.rendezvous_pid()]),
             s.forwarded_bytes().await,
         )),
         None => None,
@@ -570,7 +590,7 @@ async fn iperf(
     let cpu = cpu_seconds(pids) - cpu;
     let rendezvous = match (site, rv_before) {
         (Some(s), Some((cpu0, bytes0))) => Some((
-            cpu_seconds(&[s.rendezvous.pid()]) - cpu0,
+            cpu_seconds(&[s.rendezvous_pid()]) - cpu0,
             s.forwarded_bytes().await - bytes0,
         )),
         _ => None,
@@ -604,11 +624,12 @@ const DIRECT_TCP: &str = "direct TCP";
 const STUNNEL: &str = "stunnel (TLS 1.3)";
 const RELAY_DIRECT: &str = "relay, direct path";
 const RELAY_RELAYED: &str = "relay, relayed path (rendezvous)";
+const RELAY_BASELINE: &str = "relay, relayed path, comparison build";
 
 /// The rendezvous's memory and CPU with `LOAD_NODES` carrier connections held by another
 /// process.
 async fn load(s: &Site, p: &Profile, idle_rss: f64) {
-    let pid = s.rendezvous.pid();
+    let pid = s.rendezvous_pid();
     let rv: SocketAddr = format!("{}:{RV_PORT}", p.rv).parse().expect("addr");
     let started = Instant::now();
     let mut holder = Command::new(std::env::current_exe().expect("self"))
@@ -700,12 +721,24 @@ async fn profile(p: &Profile) {
             first: first_bytes(to, p.first_bytes).await,
         });
     }
-    let s = site(p, tmp.path()).await;
+    let mut s = site(p, tmp.path()).await;
     tokio::time::sleep(SECOND).await;
-    let idle_rss = rss_mib(s.rendezvous.pid());
+    let idle_rss = rss_mib(s.rendezvous_pid());
     let mut after_run_rss = None;
-    for (name, relayed) in [(RELAY_DIRECT, false), (RELAY_RELAYED, true)] {
-        let (a, b, iperf_at, echo_at) = agents(p, &s, relayed).await;
+    let release = release_fedmesh();
+    let baseline = std::env::var_os("FEDMESH_RV_BASELINE_BIN").map(PathBuf::from);
+    let mut variants = vec![
+        (RELAY_DIRECT, false, release.clone()),
+        (RELAY_RELAYED, true, release.clone()),
+    ];
+    if let Some(bin) = &baseline {
+        variants.push((RELAY_BASELINE, true, bin.clone()));
+    }
+    for (name, relayed, bin) in variants {
+        if name == RELAY_BASELINE {
+            s.start_rendezvous(&bin).await;
+        }
+        let (a, b, iperf_at, echo_at) = agents(p, &s, relayed, &bin).await;
         let run = iperf(iperf_at, &[a.pid(), b.pid()], &mut shaper, Some(&s)).await;
         rows.push(Row {
             name,
@@ -713,8 +746,8 @@ async fn profile(p: &Profile) {
             pings: ping_pong(echo_at, p.pings).await,
             first: first_bytes(echo_at, p.first_bytes).await,
         });
-        if relayed {
-            after_run_rss = Some((rss_mib(s.rendezvous.pid()), s.nodes().await));
+        if name == RELAY_RELAYED {
+            after_run_rss = Some((rss_mib(s.rendezvous_pid()), s.nodes().await));
             let metrics = http_get(s.http, "/metrics").await.unwrap_or_default();
             let dropped: Vec<&str> = metrics
                 .lines()
@@ -724,6 +757,9 @@ async fn profile(p: &Profile) {
         }
     }
     drop(echo);
+    if baseline.is_some() {
+        s.start_rendezvous(&release).await;
+    }
 
     let gbits = |name: &str| {
         rows.iter()
@@ -793,6 +829,12 @@ async fn profile(p: &Profile) {
         vs(st),
         vs(tcp),
     );
+    if let Some(base) = gbits(RELAY_BASELINE) {
+        println!(
+            "relayed, this build / the comparison build (FEDMESH_RV_BASELINE_BIN, same run): {:.2}x",
+            relayed.run.gbits / base
+        );
+    }
     if let Some((cpu, bytes)) = relayed.run.rendezvous {
         println!(
             "rendezvous during the relayed run: {:.2} GB forwarded (its metrics, both directions), \
