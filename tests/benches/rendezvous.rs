@@ -32,7 +32,8 @@
 //! `FEDMESH_RV_RATE` (bytes/s) sets it. `FEDMESH_RV_BASELINE_BIN=<another fedmesh binary>` adds a
 //! relayed row with that build (its rendezvous and agents) for a same-run comparison;
 //! `FEDMESH_RV_AGENT_FLAGS` passes flags to both agents, `FEDMESH_RV_LOG` sets their and the
-//! rendezvous's log filter.
+//! rendezvous's log filter, `FEDMESH_RV_PERF=<dir>` records a `perf` profile of both agents
+//! and the rendezvous during each relay throughput run (a diagnostic: it perturbs the figures).
 //!
 //! Run with `scripts/bench rendezvous` (root): it builds the agent and the emulator, makes the
 //! three namespaces and their links, runs this in site A, and removes them afterwards.
@@ -739,7 +740,26 @@ async fn profile(p: &Profile) {
             s.start_rendezvous(&bin).await;
         }
         let (a, b, iperf_at, echo_at) = agents(p, &s, relayed, &bin).await;
+        let perf = std::env::var_os("FEDMESH_RV_PERF").map(|dir| {
+            let out = PathBuf::from(dir).join(format!(
+                "{}-{}.data",
+                p.name.split_whitespace().next().unwrap_or("p"),
+                if relayed { "relayed" } else { "direct" }
+            ));
+            let pids = [a.pid(), b.pid(), s.rendezvous_pid()].map(|p| p.to_string());
+            Command::new("perf")
+                .args(["record", "-q", "-F", "999", "-p", &pids.join(","), "-o"])
+                .arg(&out)
+                .args(["--", "sleep", "8"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
         let run = iperf(iperf_at, &[a.pid(), b.pid()], &mut shaper, Some(&s)).await;
+        if let Some(mut perf) = perf {
+            let _ = perf.wait();
+        }
         rows.push(Row {
             name,
             run,
