@@ -185,6 +185,7 @@ impl Carrier {
                 match self.connect(server).await {
                     Ok(conn) => {
                         info!(rendezvous = %server.address, "connected to the rendezvous");
+                        super::carrier_socket::log_stats(&conn, "node".into());
                         *lock(&self.conn) = Some(conn.clone());
                         self.connected.send_replace(Some(server.address.clone()));
                         tokio::select! {
@@ -365,7 +366,8 @@ impl Paths {
             true => (Ipv6Addr::UNSPECIFIED, 0).into(),
             false => (Ipv4Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoint = quinn::Endpoint::client(carrier_bind).context("binding the carrier")?;
+        let endpoint =
+            super::carrier_socket::client_endpoint(carrier_bind).context("binding the carrier")?;
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let carrier = Arc::new(Carrier {
             conn: Mutex::new(None),

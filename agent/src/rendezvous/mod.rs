@@ -308,6 +308,7 @@ impl Rendezvous {
         endpoint_config
             .max_udp_payload_size(8192)
             .context("rendezvous UDP payload")?;
+        crate::relay::carrier_socket::size_socket((&socket).into());
         let endpoint = Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))?;
         let (collab, _) = watch::channel(None);
         Ok(Self {
@@ -502,6 +503,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .set(clients.len() as i64);
     }
     info!(node = %node, serial = %info.serial, %remote, "node connected to the rendezvous");
+    crate::relay::carrier_socket::log_stats(&conn, format!("rendezvous to {node}"));
     forward_from(&shared, &conn, &node, &collab).await;
     let mut clients = lock(&shared.clients);
     if clients
