@@ -185,7 +185,6 @@ impl Carrier {
                 match self.connect(server).await {
                     Ok(conn) => {
                         info!(rendezvous = %server.address, "connected to the rendezvous");
-                        super::carrier_socket::log_stats(&conn, "node".into());
                         *lock(&self.conn) = Some(conn.clone());
                         self.connected.send_replace(Some(server.address.clone()));
                         tokio::select! {
@@ -237,10 +236,12 @@ impl Carrier {
             .endpoint
             .connect_with(config, addr, "rendezvous.fedmesh")
             .context("dialling the rendezvous")?;
-        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .context("no answer")?
-            .context("handshake")
+            .context("handshake")?;
+        super::carrier_socket::log_stats(&conn, "node".into());
+        Ok(conn)
     }
 
     /// Passes datagrams from the rendezvous to the relay's endpoint until the connection ends.

@@ -443,7 +443,10 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .inc();
     };
     let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.await }).await {
-        Ok(Ok(conn)) => conn,
+        Ok(Ok(conn)) => {
+            crate::relay::carrier_socket::log_stats(&conn, format!("rendezvous, node at {remote}"));
+            conn
+        }
         Ok(Err(e)) => {
             refused("handshake");
             if let Some(held_back) =
@@ -503,7 +506,6 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .set(clients.len() as i64);
     }
     info!(node = %node, serial = %info.serial, %remote, "node connected to the rendezvous");
-    crate::relay::carrier_socket::log_stats(&conn, format!("rendezvous to {node}"));
     forward_from(&shared, &conn, &node, &collab).await;
     let mut clients = lock(&shared.clients);
     if clients
