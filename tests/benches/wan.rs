@@ -20,7 +20,9 @@
 //! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
 //! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
 
-use fedmesh_tests::{KillOnDrop, enrolled_collab, release_fedmesh};
+use fedmesh_tests::{
+    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
+};
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
@@ -141,25 +143,6 @@ impl Shaper {
             .collect();
         (v[0], v[1])
     }
-}
-
-/// CPU time (user + system) of `pids` in seconds.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|s| {
-            let fields: Vec<u64> = s
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            fields.iter().sum::<u64>() as f64 / 100.0
-        })
-        .sum()
 }
 
 /// Echo server for the latency runs (started in the second site by re-running this binary).
@@ -384,46 +367,6 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
         cpu_per_gb: (!pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9)),
         drops,
     }
-}
-
-/// 1 KiB ping-pong RTTs in microseconds, sorted.
-async fn ping_pong(to: SocketAddr, rounds: usize) -> Vec<f64> {
-    let mut tcp = TcpStream::connect(to).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let msg = [0x5au8; 1024];
-    let mut back = [0u8; 1024];
-    let mut rtts = Vec::with_capacity(rounds);
-    let warm = rounds / 10;
-    for i in 0..rounds + warm {
-        let t = Instant::now();
-        tcp.write_all(&msg).await.expect("write");
-        tcp.read_exact(&mut back).await.expect("read");
-        if i >= warm {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    rtts.sort_by(f64::total_cmp);
-    rtts
-}
-
-/// Times from connect to the first echoed byte of new connections, in µs, sorted.
-async fn first_bytes(to: SocketAddr, count: usize) -> Vec<f64> {
-    let mut times = Vec::with_capacity(count);
-    for _ in 0..count {
-        let t = Instant::now();
-        let mut tcp = TcpStream::connect(to).await.expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let mut b = [1u8];
-        tcp.write_all(&b).await.expect("write");
-        tcp.read_exact(&mut b).await.expect("echo");
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    times.sort_by(f64::total_cmp);
-    times
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Relay variants: one per congestion controller when the agent has the flag.

@@ -338,6 +338,72 @@ pub fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// CPU time (user + system, from `/proc/<pid>/stat`) of `pids`, in seconds; a process that
+/// is gone counts nothing.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|s| {
+            // Fields after the command name (which may hold spaces): utime is the 12th.
+            let ticks: u64 = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum();
+            ticks as f64 / 100.0
+        })
+        .sum()
+}
+
+/// 1 KiB ping-pong round trips over one connection to the echo server at `to` (`TCP_NODELAY`,
+/// a tenth more rounds first as warm-up), in microseconds, sorted.
+pub async fn ping_pong(to: SocketAddr, rounds: usize) -> Vec<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let msg = [0x5au8; 1024];
+    let mut back = [0u8; 1024];
+    let mut rtts = Vec::with_capacity(rounds);
+    let warm = rounds / 10;
+    for i in 0..rounds + warm {
+        let t = std::time::Instant::now();
+        tcp.write_all(&msg).await.expect("write");
+        tcp.read_exact(&mut back).await.expect("read");
+        if i >= warm {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    rtts.sort_by(f64::total_cmp);
+    rtts
+}
+
+/// Times from connect to the first echoed byte of `count` new connections to the echo server
+/// at `to`, in microseconds, sorted.
+pub async fn first_bytes(to: SocketAddr, count: usize) -> Vec<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = std::time::Instant::now();
+        let mut tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut b = [1u8];
+        tcp.write_all(&b).await.expect("write");
+        tcp.read_exact(&mut b).await.expect("echo");
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// The `p` quantile (0..=1) of `sorted` (nearest rank).
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// Opens `count` relay connections to `to` (the node `server`) as `identity`, each proven
 /// accepted by one stream's answer; returns the accepted ones (held open) and how many were
 /// refused.

@@ -37,6 +37,7 @@
 //! where its datagrams travel is its [`Transport`].
 
 pub mod budget;
+pub mod carrier_socket;
 pub mod limits;
 pub mod policy;
 pub mod proto;

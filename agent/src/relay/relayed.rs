@@ -253,10 +253,12 @@ impl Carrier {
             .endpoint
             .connect_with(config, addr, "rendezvous.fedmesh")
             .context("dialling the rendezvous")?;
-        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .context("no answer")?
-            .context("handshake")
+            .context("handshake")?;
+        super::carrier_socket::log_stats(&conn, "node".into());
+        Ok(conn)
     }
 
     /// Passes datagrams from the rendezvous to the relay's endpoint until the connection ends.
@@ -396,7 +398,8 @@ impl Paths {
             true => (Ipv6Addr::UNSPECIFIED, 0).into(),
             false => (Ipv4Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoint = quinn::Endpoint::client(carrier_bind).context("binding the carrier")?;
+        let endpoint =
+            super::carrier_socket::client_endpoint(carrier_bind).context("binding the carrier")?;
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let carrier = Arc::new(Carrier {
             conn: Mutex::new(None),

@@ -387,6 +387,7 @@ impl Rendezvous {
         endpoint_config
             .max_udp_payload_size(8192)
             .context("rendezvous UDP payload")?;
+        crate::relay::carrier_socket::size_socket((&socket).into());
         let endpoint = Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))?;
         let (collab, _) = watch::channel(None);
         Ok(Self {
@@ -553,7 +554,10 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .inc();
     };
     let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.await }).await {
-        Ok(Ok(conn)) => conn,
+        Ok(Ok(conn)) => {
+            crate::relay::carrier_socket::log_stats(&conn, format!("rendezvous, node at {remote}"));
+            conn
+        }
         Ok(Err(e)) => {
             refused("handshake");
             if let Some(held_back) =
