@@ -368,6 +368,8 @@ impl Mesh {
         let crypto = qrustls::QuicClientConfig::try_from(client_tls).context("mesh client TLS")?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(mesh_transport(options.queue_bytes));
+        // Replica links carry relayed traffic too: the same buffers as the node carriers.
+        crate::relay::carrier_socket::size_socket((&socket).into());
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
