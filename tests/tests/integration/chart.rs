@@ -302,8 +302,8 @@ fn hub_chart_renders_rendezvous_replicas() {
     assert_eq!(container["volumeMounts"][0]["readOnly"], true);
     assert_eq!(pod["volumes"][0]["secret"]["secretName"], "rv-cert");
     assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 288);
-    // The mesh is found through a headless Service; nodes reach the replicas over UDP; the
-    // hub's Service does not select rendezvous pods.
+    // The mesh is found through a headless Service; nodes reach the replicas over UDP, or TCP on
+    // the same port (the TLS/TCP carrier); the hub's Service does not select rendezvous pods.
     let mesh = find(&docs, "Service", "r-fedmesh-hub-rendezvous-mesh");
     assert_eq!(mesh["spec"]["clusterIP"], "None");
     assert_eq!(mesh["spec"]["ports"][0]["protocol"], "UDP");
@@ -312,6 +312,18 @@ fn hub_chart_renders_rendezvous_replicas() {
         nodes["spec"]["ports"][0],
         json!({"name": "quic", "protocol": "UDP", "port": 443, "targetPort": "quic"})
     );
+    assert_eq!(
+        nodes["spec"]["ports"][1],
+        json!({"name": "tls", "protocol": "TCP", "port": 443, "targetPort": "tls"})
+    );
+    let tls_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "tls")
+        .expect("a tls container port");
+    assert_eq!(tls_port["containerPort"], 4433);
+    assert_eq!(tls_port["protocol"], "TCP");
     let hub_selector = &find(&docs, "Service", "r-fedmesh-hub")["spec"]["selector"];
     let pod_labels = &rv["spec"]["template"]["metadata"]["labels"];
     assert_ne!(
