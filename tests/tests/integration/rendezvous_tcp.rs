@@ -256,6 +256,15 @@ async fn nodes_on_either_carrier_link_through_the_rendezvous() {
     // Revoking a → b closes its open connection within 5 s; c → b still carries.
     let mut tcp = connect_soon(ab).await;
     tcp.write_all(b"ping").await.unwrap();
+    // The stream reached the target before the revocation (else the accept below could wait
+    // for a connection the revocation stopped).
+    let (mut held, _) = tokio::time::timeout(10 * SECOND, target.accept())
+        .await
+        .expect("a → b reached the target within 10 s")
+        .unwrap();
+    let mut ping = [0u8; 4];
+    held.read_exact(&mut ping).await.unwrap();
+    assert_eq!(&ping, b"ping");
     let revoked = Instant::now();
     mesh.owner
         .revoke(&[ids[0].clone()], &[], &[])
@@ -267,8 +276,7 @@ async fn nodes_on_either_carrier_link_through_the_rendezvous() {
         other => panic!("stream still open after revocation: {other:?}"),
     }
     assert!(revoked.elapsed() < 5 * SECOND, "{:?}", revoked.elapsed());
-    // The accepted side of the revoked connection, then c → b again.
-    let (held, _) = target.accept().await.unwrap();
+    // The accepted side of the revoked connection goes, then c → b again.
     drop(held);
     carry_both_ways(cb, target.clone(), 64 * 1024).await;
     mesh.shutdown().await.unwrap();
