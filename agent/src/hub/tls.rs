@@ -85,7 +85,8 @@ impl HubCert {
     pub fn server_config(&self) -> Result<ServerConfig> {
         let key =
             PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("hub key is not PEM")?;
-        let verifier = Arc::new(AnyClientCert {
+        let verifier = Arc::new(ClientCerts {
+            pin: None,
             signatures: HandshakeSignatures::default(),
         });
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -169,20 +170,31 @@ pub fn pinned_client_config_presenting(
     Ok(config)
 }
 
-/// Accepts any client certificate whose key signed the handshake; chains are checked later,
-/// per collaboration, by the handlers.
+/// Accepts client certificates whose key signed the handshake: any (optional; chains are
+/// checked later, per collaboration, by the hub's handlers), or, with `pin`, exactly the
+/// certificate of that SHA-256 (mandatory).
 #[derive(Debug)]
-struct AnyClientCert {
+struct ClientCerts {
+    pin: Option<String>,
     signatures: HandshakeSignatures,
 }
 
-impl ClientCertVerifier for AnyClientCert {
+/// A client-certificate verifier that demands exactly the certificate of SHA-256 `pin` (the
+/// rendezvous replicas' shared certificate).
+pub fn pinned_client_verifier(pin: &str) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(ClientCerts {
+        pin: Some(pin.trim_start_matches("sha256:").to_ascii_lowercase()),
+        signatures: HandshakeSignatures::default(),
+    })
+}
+
+impl ClientCertVerifier for ClientCerts {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.pin.is_some()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -191,11 +203,16 @@ impl ClientCertVerifier for AnyClientCert {
 
     fn verify_client_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
+        match &self.pin {
+            Some(pin) if fingerprint(end_entity) != *pin => Err(rustls::Error::General(
+                "not the pinned client certificate".into(),
+            )),
+            _ => Ok(ClientCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(

@@ -50,19 +50,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
-use fedmesh_certs::{fingerprint, tls::HandshakeSignatures};
 use fedmesh_documents::NodeRef;
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use quinn::{Connection, Endpoint, TransportConfig, VarInt, crypto::rustls as qrustls};
-use rustls::{
-    DigitallySignedStruct, DistinguishedName, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    pki_types::{CertificateDer, UnixTime},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
-};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -263,55 +256,6 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-/// Accepts exactly one client certificate (the replicas' shared one), by SHA-256.
-#[derive(Debug)]
-struct SamePin {
-    pin: String,
-    signatures: HandshakeSignatures,
-}
-
-impl ClientCertVerifier for SamePin {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        match fingerprint(end_entity) == self.pin {
-            true => Ok(ClientCertVerified::assertion()),
-            false => Err(rustls::Error::General(
-                "not the rendezvous replicas' certificate".into(),
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls12()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.schemes()
-    }
-}
-
 /// The mesh connection's transport: datagrams and one stream from the other side (its presence
 /// stream), a bounded datagram queue, quick loss detection.
 fn mesh_transport(queue_bytes: usize) -> Arc<TransportConfig> {
@@ -344,11 +288,8 @@ impl Mesh {
         local: Weak<dyn Local>,
         metrics: Arc<super::RendezvousMetrics>,
     ) -> Result<Self> {
-        let signatures = HandshakeSignatures::default();
-        let verifier = Arc::new(SamePin {
-            pin: cert.pin(),
-            signatures,
-        });
+        // Exactly the replicas' shared certificate, both ways.
+        let verifier = crate::hub::tls::pinned_client_verifier(&cert.pin());
         let mut server_tls =
             rustls::ServerConfig::builder_with_provider(fedmesh_certs::tls::provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])?
