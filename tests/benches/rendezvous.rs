@@ -38,14 +38,18 @@
 //! Run with `scripts/bench rendezvous` (root): it builds the agent and the emulator, makes the
 //! three namespaces and their links, runs this in site A, and removes them afterwards.
 
+#[path = "common/sites.rs"]
+mod sites;
+
 use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh, rss_mib,
 };
+use sites::{QUEUE_BYTES, Shaper, relay_addresses, serve_echo, stunnel};
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Read},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -59,7 +63,7 @@ use fedmesh_agent::{
 use fedmesh_documents::{NodeRef, RendezvousServer};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -69,8 +73,6 @@ const ECHO_PORT: u16 = 7100;
 const RELAY_PORT: u16 = 4433;
 const RV_PORT: u16 = 443;
 const RV_HTTP_PORT: u16 = 9443;
-/// The emulator's bottleneck queue: 1,000 full-size packets (netem's default limit).
-const QUEUE_BYTES: u64 = 1000 * 1500;
 /// Carrier connections held at once for the memory figure.
 const LOAD_NODES: usize = 100;
 
@@ -129,66 +131,6 @@ const PROFILES: [Profile; 2] = [
         load: false,
     },
 ];
-
-/// The link emulator between A's and R's TUN devices, and its drop counter.
-struct Shaper {
-    _proc: KillOnDrop,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Shaper {
-    fn start((rtt_us, rate): (u64, u64)) -> Self {
-        let mut child = Command::new(env("FEDMESH_RV_LINK"))
-            .args([
-                &env("FEDMESH_RV_NS_A"),
-                "fmtun",
-                &env("FEDMESH_RV_NS_R"),
-                "fmtun",
-            ])
-            .args([rtt_us, rate, 0, QUEUE_BYTES].map(|v| v.to_string()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the link emulator");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut ready = String::new();
-        stdout.read_line(&mut ready).expect("emulator banner");
-        assert_eq!(ready.trim(), "ready", "link emulator did not start");
-        Self {
-            _proc: KillOnDrop(child),
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Bottleneck drops since the last call.
-    fn drops(&mut self) -> u64 {
-        writeln!(self.stdin).expect("emulator stdin");
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("emulator counters");
-        line.split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-/// Echo server for the latency runs (started in site B by re-running this binary).
-async fn serve_echo(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .expect("bind echo");
-    println!("ready");
-    while let Ok((mut tcp, _)) = listener.accept().await {
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tcp.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
 
 /// `count` carrier connections to the rendezvous at `rv` (pinned by `pin`), one per enrolled
 /// node state directory in `dirs`, each from its own UDP socket, as a node's carrier makes
@@ -468,82 +410,9 @@ async fn agents(
         ],
     );
     let a = start(Command::new(bin), "org-a-n1", p.a, &[]);
-    let deadline = Instant::now() + 30 * SECOND;
-    let key = format!("org-b.{COLLAB}.fedmesh");
-    let addrs: Vec<SocketAddr> = loop {
-        if let Some(v) = std::fs::read_to_string(&peers)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            && let Some(list) = v[&key].as_array()
-            && list.len() == 2
-        {
-            break list
-                .iter()
-                .filter_map(|a| a.as_str()?.parse().ok())
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "relay did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let iperf = *addrs
-        .iter()
-        .find(|a| a.port() == IPERF_PORT)
-        .expect("iperf");
-    let echo = *addrs.iter().find(|a| a.port() == ECHO_PORT).expect("echo");
-    // The first stream also brings the QUIC connection up.
-    loop {
-        if let Ok(mut tcp) = TcpStream::connect(echo).await {
-            let mut b = [1u8];
-            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "relay listener did not open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let peer = format!("org-b.{COLLAB}.fedmesh");
+    let (iperf, echo) = relay_addresses(&peers, &peer, IPERF_PORT, ECHO_PORT).await;
     (a, b, iperf, echo)
-}
-
-/// An stunnel pair across the sites: client in site A on 127.0.0.1:`client_port`, server in
-/// site B, both TLS 1.3 with a verified self-signed certificate.
-fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (KillOnDrop, KillOnDrop) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("cert");
-    std::fs::write(dir.join("st-cert.pem"), cert.pem()).expect("write");
-    std::fs::write(dir.join("st-key.pem"), key.serialize_pem()).expect("write");
-    let server_port = client_port + 1;
-    let d = dir.display();
-    let conf = |name: &str, body: String, mut c: Command| {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("foreground = yes\npid =\n{body}")).expect("write");
-        c.arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(KillOnDrop)
-            .expect("stunnel4")
-    };
-    let server = conf(
-        &format!("st-server-{target}.conf"),
-        format!(
-            "[s]\naccept = {}:{server_port}\nconnect = 127.0.0.1:{target}\ncert = {d}/st-cert.pem\nkey = {d}/st-key.pem\nsslVersionMin = TLSv1.3\n",
-            p.b
-        ),
-        in_ns("B", "stunnel4"),
-    );
-    let client = conf(
-        &format!("st-client-{target}.conf"),
-        format!(
-            "[c]\nclient = yes\naccept = 127.0.0.1:{client_port}\nconnect = {}:{server_port}\nverifyChain = yes\nCAfile = {d}/st-cert.pem\ncheckHost = localhost\nsslVersionMin = TLSv1.3\n",
-            p.b
-        ),
-        Command::new("stunnel4"),
-    );
-    std::thread::sleep(SECOND);
-    (server, client)
 }
 
 /// One throughput run's figures.
@@ -572,7 +441,7 @@ async fn iperf(
         .expect("iperf3 server");
     tokio::time::sleep(SECOND / 2).await;
     if let Some(s) = shaper.as_mut() {
-        s.drops();
+        s.counters();
     }
     let rv_before = match site {
         Some(s) => Some((
@@ -596,7 +465,7 @@ async fn iperf(
         )),
         _ => None,
     };
-    let drops = shaper.as_mut().map(Shaper::drops);
+    let drops = shaper.as_mut().map(|s| s.counters().0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     let gbits = v["end"]["sum_received"]["bits_per_second"]
@@ -685,7 +554,14 @@ async fn load(s: &Site, p: &Profile, idle_rss: f64) {
 async fn profile(p: &Profile) {
     println!("\n## {}", p.name);
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut shaper = p.shaped.map(Shaper::start);
+    let mut shaper = p.shaped.map(|(rtt_us, rate)| {
+        Shaper::start(
+            &env("FEDMESH_RV_LINK"),
+            &env("FEDMESH_RV_NS_A"),
+            &env("FEDMESH_RV_NS_R"),
+            (rtt_us, rate, 0),
+        )
+    });
     let echo = in_ns("B", std::env::current_exe().expect("self"))
         .args(["serve-echo", &ECHO_PORT.to_string()])
         .stdout(Stdio::piped())
@@ -704,7 +580,7 @@ async fn profile(p: &Profile) {
         first: first_bytes(direct_echo, p.first_bytes).await,
     });
     {
-        let (srv, cli) = stunnel(p, tmp.path(), IPERF_PORT, 6000);
+        let (srv, cli) = stunnel(tmp.path(), in_ns("B", "stunnel4"), p.b, IPERF_PORT, 6000);
         let pids = [srv.pid(), cli.pid()];
         let run = iperf(
             "127.0.0.1:6000".parse().expect("addr"),
@@ -713,7 +589,7 @@ async fn profile(p: &Profile) {
             None,
         )
         .await;
-        let (_esrv, _ecli) = stunnel(p, tmp.path(), ECHO_PORT, 6100);
+        let (_esrv, _ecli) = stunnel(tmp.path(), in_ns("B", "stunnel4"), p.b, ECHO_PORT, 6100);
         let to = "127.0.0.1:6100".parse().expect("addr");
         rows.push(Row {
             name: STUNNEL,

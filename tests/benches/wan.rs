@@ -20,30 +20,28 @@
 //! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
 //! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
 
+#[path = "common/sites.rs"]
+mod sites;
+
 use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
 };
+use sites::{QUEUE_BYTES, Shaper, relay_addresses, serve_echo, stunnel};
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{ChildStdin, ChildStdout, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use fedmesh_agent::owner::{self, HubAddress};
 use fedmesh_documents::NodeRef;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
 
 const SECOND: Duration = Duration::from_secs(1);
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7100;
 const RELAY_PORT: u16 = 4433;
-/// The emulator's bottleneck queue: 1,000 full-size packets (netem's default limit).
-const QUEUE_BYTES: u64 = 1000 * 1500;
 
 fn n(s: &str) -> NodeRef {
     s.parse().expect("node name")
@@ -98,67 +96,6 @@ const PROFILES: [Profile; 3] = [
         first_bytes: 30,
     },
 ];
-
-/// The link emulator between the two TUN devices, and its counters.
-struct Shaper {
-    _proc: KillOnDrop,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Shaper {
-    fn start((rtt_us, rate, loss_ppm): (u64, u64, u64)) -> Self {
-        let mut child = Command::new(env("FEDMESH_WAN_LINK"))
-            .args([
-                &env("FEDMESH_WAN_NS_A"),
-                "fmtun",
-                &env("FEDMESH_WAN_NS_B"),
-                "fmtun",
-            ])
-            .args([rtt_us, rate, loss_ppm, QUEUE_BYTES].map(|v| v.to_string()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the link emulator");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut ready = String::new();
-        stdout.read_line(&mut ready).expect("emulator banner");
-        assert_eq!(ready.trim(), "ready", "link emulator did not start");
-        Self {
-            _proc: KillOnDrop(child),
-            stdin,
-            stdout,
-        }
-    }
-
-    /// (bottleneck drops, random losses) since the last call.
-    fn counters(&mut self) -> (u64, u64) {
-        writeln!(self.stdin).expect("emulator stdin");
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("emulator counters");
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        (v[0], v[1])
-    }
-}
-
-/// Echo server for the latency runs (started in the second site by re-running this binary).
-async fn serve_echo(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .expect("bind echo");
-    println!("ready");
-    while let Ok((mut tcp, _)) = listener.accept().await {
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tcp.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
 
 /// A hub in the second site, an owner and two enrolled nodes with a link for the iperf3 and
 /// echo ports.
@@ -248,81 +185,8 @@ async fn agents(
         ],
     );
     let a = start(Command::new(release_fedmesh()), "org-a-n1", p.a, &[]);
-    let deadline = Instant::now() + 30 * SECOND;
-    let addrs: Vec<SocketAddr> = loop {
-        if let Some(v) = std::fs::read_to_string(&peers)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            && let Some(list) = v["org-b.wan.fedmesh"].as_array()
-            && list.len() == 2
-        {
-            break list
-                .iter()
-                .filter_map(|a| a.as_str()?.parse().ok())
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "relay did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let iperf = *addrs
-        .iter()
-        .find(|a| a.port() == IPERF_PORT)
-        .expect("iperf");
-    let echo = *addrs.iter().find(|a| a.port() == ECHO_PORT).expect("echo");
-    // The first stream also brings the QUIC connection up.
-    loop {
-        if let Ok(mut tcp) = TcpStream::connect(echo).await {
-            let mut b = [1u8];
-            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "relay listener did not open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (iperf, echo) = relay_addresses(&peers, "org-b.wan.fedmesh", IPERF_PORT, ECHO_PORT).await;
     (a, b, iperf, echo)
-}
-
-/// An stunnel pair across the link: client in site A on 127.0.0.1:`client_port`, server in
-/// site B, both TLS 1.3 with a verified self-signed certificate.
-fn stunnel(p: &Profile, dir: &Path, target: u16, client_port: u16) -> (KillOnDrop, KillOnDrop) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("cert");
-    std::fs::write(dir.join("st-cert.pem"), cert.pem()).expect("write");
-    std::fs::write(dir.join("st-key.pem"), key.serialize_pem()).expect("write");
-    let server_port = client_port + 1;
-    let d = dir.display();
-    let conf = |name: &str, body: String, mut c: Command| {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("foreground = yes\npid =\n{body}")).expect("write");
-        c.arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(KillOnDrop)
-            .expect("stunnel4")
-    };
-    let server = conf(
-        &format!("st-server-{target}.conf"),
-        format!(
-            "[s]\naccept = {}:{server_port}\nconnect = 127.0.0.1:{target}\ncert = {d}/st-cert.pem\nkey = {d}/st-key.pem\n",
-            p.b
-        ),
-        in_b("stunnel4"),
-    );
-    let client = conf(
-        &format!("st-client-{target}.conf"),
-        format!(
-            "[c]\nclient = yes\naccept = 127.0.0.1:{client_port}\nconnect = {}:{server_port}\nverifyChain = yes\nCAfile = {d}/st-cert.pem\ncheckHost = localhost\n",
-            p.b
-        ),
-        Command::new("stunnel4"),
-    );
-    std::thread::sleep(SECOND);
-    (server, client)
 }
 
 /// One throughput run's figures.
@@ -401,7 +265,14 @@ struct Row {
 async fn profile(p: &Profile) {
     println!("\n## {}", p.name);
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut shaper = p.shaped.map(Shaper::start);
+    let mut shaper = p.shaped.map(|link| {
+        Shaper::start(
+            &env("FEDMESH_WAN_LINK"),
+            &env("FEDMESH_WAN_NS_A"),
+            &env("FEDMESH_WAN_NS_B"),
+            link,
+        )
+    });
     let echo = in_b(std::env::current_exe().expect("self"))
         .args(["serve-echo", &ECHO_PORT.to_string()])
         .stdout(Stdio::piped())
@@ -431,7 +302,7 @@ async fn profile(p: &Profile) {
         });
     }
     {
-        let (srv, cli) = stunnel(p, tmp.path(), IPERF_PORT, 6000);
+        let (srv, cli) = stunnel(tmp.path(), in_b("stunnel4"), p.b, IPERF_PORT, 6000);
         let pids = [srv.0.id(), cli.0.id()];
         let run = iperf(
             "127.0.0.1:6000".parse().expect("addr"),
@@ -439,7 +310,7 @@ async fn profile(p: &Profile) {
             &pids,
             &mut shaper,
         );
-        let (_esrv, _ecli) = stunnel(p, tmp.path(), ECHO_PORT, 6100);
+        let (_esrv, _ecli) = stunnel(tmp.path(), in_b("stunnel4"), p.b, ECHO_PORT, 6100);
         let to = "127.0.0.1:6100".parse().expect("addr");
         rows.push(Row {
             name: "stunnel (TLS 1.3; the system default congestion control between sites)".into(),

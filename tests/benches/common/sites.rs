@@ -1,0 +1,174 @@
+//! What the two between-namespace benchmarks (`wan`, `rendezvous`) share: the user-space link
+//! emulator, the echo server, the stunnel baseline and waiting for the relay's peer addresses.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::Path,
+    process::{ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fedmesh_tests::KillOnDrop;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// The emulator's bottleneck queue: 1,000 full-size packets (netem's default limit).
+pub(crate) const QUEUE_BYTES: u64 = 1000 * 1500;
+
+/// The link emulator (`wanlink.c`) between the TUN devices `fmtun` of two namespaces, and its
+/// counters.
+pub(crate) struct Shaper {
+    _proc: KillOnDrop,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Shaper {
+    /// Starts `link` between namespaces `ns_a` and `ns_b` with the one-way-delay-derived RTT
+    /// (µs), rate (bit/s) and random loss (parts per million).
+    pub(crate) fn start(
+        link: &str,
+        ns_a: &str,
+        ns_b: &str,
+        (rtt_us, rate, loss_ppm): (u64, u64, u64),
+    ) -> Self {
+        let mut child = Command::new(link)
+            .args([ns_a, "fmtun", ns_b, "fmtun"])
+            .args([rtt_us, rate, loss_ppm, QUEUE_BYTES].map(|v| v.to_string()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the link emulator");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).expect("emulator banner");
+        assert_eq!(ready.trim(), "ready", "link emulator did not start");
+        Self {
+            _proc: KillOnDrop(child),
+            stdin,
+            stdout,
+        }
+    }
+
+    /// (bottleneck drops, random losses) since the last call.
+    pub(crate) fn counters(&mut self) -> (u64, u64) {
+        writeln!(self.stdin).expect("emulator stdin");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("emulator counters");
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (v[0], v[1])
+    }
+}
+
+/// Echo server for the latency runs (started in the far site by re-running the benchmark).
+pub(crate) async fn serve_echo(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .expect("bind echo");
+    println!("ready");
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tcp.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Waits until the agent's peers file lists `peer`'s two addresses, then brings the QUIC
+/// connection up with a first echo: (the address on `iperf_port`, the one on `echo_port`).
+pub(crate) async fn relay_addresses(
+    peers: &Path,
+    peer: &str,
+    iperf_port: u16,
+    echo_port: u16,
+) -> (SocketAddr, SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addrs: Vec<SocketAddr> = loop {
+        if let Some(v) = std::fs::read_to_string(peers)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            && let Some(list) = v[peer].as_array()
+            && list.len() == 2
+        {
+            break list
+                .iter()
+                .filter_map(|a| a.as_str()?.parse().ok())
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "relay did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let iperf = *addrs
+        .iter()
+        .find(|a| a.port() == iperf_port)
+        .expect("iperf");
+    let echo = *addrs.iter().find(|a| a.port() == echo_port).expect("echo");
+    // The first stream also brings the QUIC connection up.
+    loop {
+        if let Ok(mut tcp) = TcpStream::connect(echo).await {
+            let mut b = [1u8];
+            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "relay listener did not open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (iperf, echo)
+}
+
+/// An stunnel pair across the sites, both TLS 1.3 with a verified self-signed certificate: the
+/// server started by `server` (a command in the far site's namespace) on
+/// `server_host:client_port + 1`, forwarding to its `127.0.0.1:target`; the client here on
+/// `127.0.0.1:client_port`.
+pub(crate) fn stunnel(
+    dir: &Path,
+    server: Command,
+    server_host: &str,
+    target: u16,
+    client_port: u16,
+) -> (KillOnDrop, KillOnDrop) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.join("st-cert.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("st-key.pem"), key.serialize_pem()).expect("write");
+    let server_port = client_port + 1;
+    let d = dir.display();
+    let conf = |name: &str, body: String, mut c: Command| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("foreground = yes\npid =\n{body}")).expect("write");
+        c.arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .expect("stunnel4")
+    };
+    let server = conf(
+        &format!("st-server-{target}.conf"),
+        format!(
+            "[s]\naccept = {server_host}:{server_port}\nconnect = 127.0.0.1:{target}\ncert = {d}/st-cert.pem\nkey = {d}/st-key.pem\nsslVersionMin = TLSv1.3\n"
+        ),
+        server,
+    );
+    let client = conf(
+        &format!("st-client-{target}.conf"),
+        format!(
+            "[c]\nclient = yes\naccept = 127.0.0.1:{client_port}\nconnect = {server_host}:{server_port}\nverifyChain = yes\nCAfile = {d}/st-cert.pem\ncheckHost = localhost\nsslVersionMin = TLSv1.3\n"
+        ),
+        Command::new("stunnel4"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    (server, client)
+}
