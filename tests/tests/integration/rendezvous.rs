@@ -25,6 +25,7 @@ use fedmesh_agent::{
 };
 use fedmesh_certs::NodeIdentity;
 use fedmesh_documents::{Document, RendezvousServer, Revocation, fixtures::Fixture, jws};
+use fedmesh_tests::KillOnDrop;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -682,25 +683,15 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
     mesh.shutdown().await.unwrap();
 }
 
-/// A child process, killed when dropped (also when the test fails).
-pub(super) struct Killed(pub(super) std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocations() {
+/// Starts `fedmesh rendezvous` on free loopback ports with `--dir dir` and `args`; returns the
+/// child and its start-up banner ("rendezvous running: udp/<addr> tcp/<addr> (certificate pin
+/// <pin>), http://<addr>[, mesh/<addr>]").
+pub(super) async fn rendezvous_process(
+    dir: &std::path::Path,
+    args: &[String],
+) -> (KillOnDrop, String) {
     use std::io::BufRead;
-    let tmp = tempfile::tempdir().unwrap();
-    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    let mut mesh = outbound_only_pair(tmp.path(), 7104, target.local_addr().unwrap()).await;
-    let docs = tmp.path().join("docs.jws");
-    std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
-    let mut child = Killed(
+    let mut child = KillOnDrop(
         std::process::Command::new(fedmesh_tests::fedmesh_bin())
             .args([
                 "rendezvous",
@@ -710,10 +701,8 @@ async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocati
                 "127.0.0.1:0",
             ])
             .arg("--dir")
-            .arg(tmp.path().join("rv"))
-            .arg("--documents")
-            .arg(&docs)
-            .args(["--owner-pin", &mesh.owner.pin()])
+            .arg(dir)
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -729,16 +718,39 @@ async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocati
     })
     .await
     .unwrap();
-    // "rendezvous running: udp/<addr> (certificate pin <pin>), http://<addr>"
-    let word = |prefix: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
-            .trim_end_matches([',', ')'])
-            .to_owned()
-    };
-    let udp: SocketAddr = word("udp/").parse().unwrap();
-    let http: SocketAddr = word("http://").parse().unwrap();
+    (child, line)
+}
+
+/// The address after `prefix` (`udp/`, `http://`, `mesh/`) in a rendezvous banner.
+pub(super) fn banner_address(line: &str, prefix: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
+        .trim_end_matches([',', ')'])
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let mut mesh = outbound_only_pair(tmp.path(), 7104, target.local_addr().unwrap()).await;
+    let docs = tmp.path().join("docs.jws");
+    std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
+    // The process lives until the end of the test.
+    let (_child, line) = rendezvous_process(
+        &tmp.path().join("rv"),
+        &[
+            "--documents".into(),
+            docs.display().to_string(),
+            "--owner-pin".into(),
+            mesh.owner.pin(),
+        ],
+    )
+    .await;
+    let udp = banner_address(&line, "udp/");
+    let http = banner_address(&line, "http://");
     let pin = line
         .split("certificate pin ")
         .nth(1)

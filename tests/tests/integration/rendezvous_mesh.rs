@@ -18,6 +18,7 @@ use fedmesh_agent::rendezvous::{
     mesh::{self, MESH_ALPN, MeshOptions},
 };
 use fedmesh_documents::{Document, RendezvousServer, Revocation, fixtures::Fixture, jws};
+use fedmesh_tests::KillOnDrop;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -26,8 +27,8 @@ use tokio::{
 use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
-        Killed, Stop, carrier_client, carry_both_ways, connect_soon, counter, exchange, http_get,
-        identity, outbound_only_pair,
+        Stop, banner_address, carrier_client, carry_both_ways, connect_soon, counter, exchange,
+        http_get, identity, outbound_only_pair,
     },
 };
 
@@ -455,50 +456,17 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     replica.stop.cancel();
 }
 
-/// Starts `fedmesh rendezvous` with `args`; returns the child and its `udp/`, `http://` and
-/// `mesh/` addresses.
+/// Starts `fedmesh rendezvous` with `args` and a mesh listener; returns the child and its
+/// `udp/`, `http://` and `mesh/` addresses.
 async fn rendezvous_process(
     dir: &std::path::Path,
     args: &[String],
-) -> (Killed, SocketAddr, SocketAddr, SocketAddr) {
-    use std::io::BufRead;
-    let mut child = Killed(
-        std::process::Command::new(fedmesh_tests::fedmesh_bin())
-            .args([
-                "rendezvous",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .args(["--mesh-listen", "127.0.0.1:0"])
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let word = |prefix: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
-            .trim_end_matches([',', ')'])
-            .parse()
-            .unwrap()
-    };
-    (child, word("udp/"), word("http://"), word("mesh/"))
+) -> (KillOnDrop, SocketAddr, SocketAddr, SocketAddr) {
+    let mut all = vec!["--mesh-listen".to_owned(), "127.0.0.1:0".to_owned()];
+    all.extend_from_slice(args);
+    let (child, line) = super::rendezvous::rendezvous_process(dir, &all).await;
+    let at = |prefix| banner_address(&line, prefix);
+    (child, at("udp/"), at("http://"), at("mesh/"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
