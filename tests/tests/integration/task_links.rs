@@ -81,6 +81,27 @@ async fn announce(mesh: &LocalMesh, node: &str, task: u64, source: &str, image: 
     .await;
 }
 
+/// An owner's link policy `name` for runs of `image` on `ports` among `orgs`, each link for
+/// at most `lifetime_secs`, in force for a day.
+fn policy(
+    name: &str,
+    image: &str,
+    ports: &[&str],
+    orgs: &[&str],
+    lifetime_secs: u64,
+) -> LinkPolicy {
+    LinkPolicy {
+        collab: String::new(),
+        name: name.into(),
+        images: vec![image.into()],
+        ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
+        orgs: orgs.iter().map(|&o| o.into()).collect(),
+        max_lifetime_secs: lifetime_secs,
+        not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
+        issued_at: 0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_links_follow_announced_runs_through_a_real_hub() {
     fedmesh_tests::subscribe();
@@ -90,16 +111,13 @@ async fn task_links_follow_announced_runs_through_a_real_hub() {
         .unwrap();
     let [a, b, c] = ["org-a/n1", "org-b/n1", "org-c/n1"];
     mesh.owner
-        .link_policy(LinkPolicy {
-            collab: String::new(),
-            name: "mpc".into(),
-            images: vec![IMG.into()],
-            ports: vec!["11366:mpc".parse().unwrap(), "11367:mpc".parse().unwrap()],
-            orgs: vec!["org-a".into(), "org-b".into(), "org-c".into()],
-            max_lifetime_secs: 7200,
-            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
-            issued_at: 0,
-        })
+        .link_policy(policy(
+            "mpc",
+            IMG,
+            &["11366:mpc", "11367:mpc"],
+            &["org-a", "org-b", "org-c"],
+            7200,
+        ))
         .await
         .unwrap();
 
@@ -176,16 +194,13 @@ async fn task_links_follow_announced_runs_through_a_real_hub() {
     // A policy with a short lifetime: its link ends when the lifetime passes, with no new
     // document (the node plans for the earliest end).
     mesh.owner
-        .link_policy(LinkPolicy {
-            collab: String::new(),
-            name: "short".into(),
-            images: vec![SHORT.into()],
-            ports: vec!["11366:mpc".parse().unwrap()],
-            orgs: vec!["org-a".into(), "org-b".into()],
-            max_lifetime_secs: 3,
-            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
-            issued_at: 0,
-        })
+        .link_policy(policy(
+            "short",
+            SHORT,
+            &["11366:mpc"],
+            &["org-a", "org-b"],
+            3,
+        ))
         .await
         .unwrap();
     for node in [a, b] {
@@ -332,16 +347,13 @@ async fn a_restarted_agent_ends_the_runs_it_no_longer_has() {
         .unwrap();
     let [a, b] = ["org-a/n1", "org-b/n1"];
     mesh.owner
-        .link_policy(LinkPolicy {
-            collab: String::new(),
-            name: "mpc".into(),
-            images: vec![IMG.into()],
-            ports: vec!["11366:mpc".parse().unwrap()],
-            orgs: vec!["org-a".into(), "org-b".into()],
-            max_lifetime_secs: 7200,
-            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
-            issued_at: 0,
-        })
+        .link_policy(policy(
+            "mpc",
+            IMG,
+            &["11366:mpc"],
+            &["org-a", "org-b"],
+            7200,
+        ))
         .await
         .unwrap();
     for node in [a, b] {
@@ -501,16 +513,13 @@ async fn task_links_follow_vantage6_5_pods() {
         .unwrap();
     let [a, b, c] = ["org-a/n1", "org-b/n1", "org-c/n1"];
     mesh.owner
-        .link_policy(LinkPolicy {
-            collab: String::new(),
-            name: "mpc".into(),
-            images: vec![IMG.into()],
-            ports: vec!["11366:mpc".parse().unwrap(), "11367:mpc".parse().unwrap()],
-            orgs: vec!["org-a".into(), "org-b".into(), "org-c".into()],
-            max_lifetime_secs: 7200,
-            not_after: jws::unix(std::time::SystemTime::now()) + 86_400,
-            issued_at: 0,
-        })
+        .link_policy(policy(
+            "mpc",
+            IMG,
+            &["11366:mpc", "11367:mpc"],
+            &["org-a", "org-b", "org-c"],
+            7200,
+        ))
         .await
         .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
