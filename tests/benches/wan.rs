@@ -26,7 +26,7 @@ mod sites;
 use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
 };
-use sites::{QUEUE_BYTES, Shaper, relay_addresses, serve_echo, stunnel};
+use sites::{QUEUE_BYTES, Shaper, iperf_received, relay_addresses, serve_echo, stunnel};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -217,15 +217,7 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
         .expect("iperf3");
     let cpu = cpu_seconds(pids) - cpu;
     let drops = shaper.as_mut().map(|s| s.counters().0);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    let gbits = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9;
-    if bytes == 0.0 {
-        eprintln!("iperf3 to {to} failed: {}", v["error"]);
-    }
+    let (bytes, gbits) = iperf_received(to, &out.stdout);
     Run {
         gbits,
         cpu_per_gb: (!pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9)),

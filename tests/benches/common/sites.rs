@@ -172,3 +172,17 @@ pub(crate) fn stunnel(
     std::thread::sleep(Duration::from_secs(1));
     (server, client)
 }
+
+/// (bytes received, Gbit/s) from iperf3's `-J` output of a run to `to`; says so when it failed.
+pub(crate) fn iperf_received(to: SocketAddr, json: &[u8]) -> (f64, f64) {
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let gbits = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
+    if bytes == 0.0 {
+        eprintln!("iperf3 to {to} failed: {}", v["error"]);
+    }
+    (bytes, gbits)
+}
