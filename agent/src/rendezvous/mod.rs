@@ -319,6 +319,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts a refused connection of `collab` for `reason`.
+    fn count_refused(&self, collab: &str, reason: &'static str) {
+        self.metrics
+            .refused
+            .get_or_create(&DropLabels {
+                collab: collab.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
     fn announce(&self, change: mesh::Presence) {
         if let Some(mesh) = self.mesh.get() {
             mesh.announce(change);
@@ -543,16 +554,7 @@ fn collab_of(shared: &Shared) -> String {
 async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let collab = collab_of(&shared);
-    let refused = |reason: &'static str| {
-        shared
-            .metrics
-            .refused
-            .get_or_create(&DropLabels {
-                collab: collab.clone(),
-                reason,
-            })
-            .inc();
-    };
+    let refused = |reason: &'static str| shared.count_refused(&collab, reason);
     let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.await }).await {
         Ok(Ok(conn)) => {
             crate::relay::carrier_socket::log_stats(&conn, format!("rendezvous, node at {remote}"));

@@ -378,16 +378,7 @@ async fn serve_tcp(
     stop: CancellationToken,
 ) {
     let collab = collab_of(shared);
-    let refused = |reason: &'static str| {
-        shared
-            .metrics
-            .refused
-            .get_or_create(&DropLabels {
-                collab: collab.clone(),
-                reason,
-            })
-            .inc();
-    };
+    let refused = |reason: &'static str| shared.count_refused(&collab, reason);
     let _ = tcp.set_nodelay(true);
     let opened = tokio::time::timeout(HANDSHAKE_DEADLINE, async {
         let mut tls = acceptor

@@ -323,17 +323,7 @@ async fn bad_inputs_to_the_rendezvous_are_refused_without_disturbing_others() {
     );
     fx.collab.version = 2;
     fx.collab.members.retain(|m| m.org != "d");
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 1,
-        nodes: vec![n("c/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{revocation}\n{}\n", fx.collab_jws());
-    let (ledger, problems) = ledger_from_lines(&fx.pin(), &documents, fx.now);
-    assert!(problems.is_empty(), "{problems:?}");
-    server.update(config_of(&ledger).unwrap()).unwrap();
+    load_revoking_c(&server, &fx);
     assert!(
         http_get(http_addr, "/readyz")
             .await
@@ -681,6 +671,21 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
         );
     }
     mesh.shutdown().await.unwrap();
+}
+
+/// Loads `fx`'s collaboration document into `server` with a revocation (number 1) of `c/n1`.
+pub(super) fn load_revoking_c(server: &Rendezvous, fx: &Fixture) {
+    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
+        collab: "c".into(),
+        number: 1,
+        nodes: vec![n("c/n1")],
+        issued_at: jws::unix(fx.now),
+        ..Revocation::default()
+    }));
+    let documents = format!("{revocation}\n{}\n", fx.collab_jws());
+    let (ledger, problems) = ledger_from_lines(&fx.pin(), &documents, fx.now);
+    assert!(problems.is_empty(), "{problems:?}");
+    server.update(config_of(&ledger).unwrap()).unwrap();
 }
 
 /// Starts `fedmesh rendezvous` on free loopback ports with `--dir dir` and `args`; returns the

@@ -17,7 +17,7 @@ use fedmesh_agent::rendezvous::{
     Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, config_of, frame,
     mesh::{self, MESH_ALPN, MeshOptions},
 };
-use fedmesh_documents::{Document, RendezvousServer, Revocation, fixtures::Fixture, jws};
+use fedmesh_documents::{RendezvousServer, fixtures::Fixture};
 use fedmesh_tests::KillOnDrop;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -28,7 +28,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, banner_address, carrier_client, carry_both_ways, connect_soon, counter, exchange,
-        http_get, identity, outbound_only_pair,
+        http_get, identity, load_revoking_c, outbound_only_pair,
     },
 };
 
@@ -307,16 +307,7 @@ async fn a_party_without_the_replicas_certificate_cannot_join_the_mesh_or_inject
     let cert = ServerCert::load_or_create(&rv_dir, &[]).unwrap();
     let pin = cert.pin();
     let fx = Fixture::at("c", &["a/n1", "b/n1", "c/n1"], std::time::SystemTime::now());
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 1,
-        nodes: vec![n("c/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{}\n{revocation}\n", fx.collab_jws());
-    let (ledger, _) = fedmesh_agent::rendezvous::ledger_from_lines(&fx.pin(), &documents, fx.now);
-    replica.server.update(config_of(&ledger).unwrap()).unwrap();
+    load_revoking_c(&replica.server, &fx);
     let node_a = carrier_client(replica.addr(), &pin, Some(&identity(&fx, "a/n1")), 1400)
         .await
         .unwrap();

@@ -41,6 +41,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, carrier_client, carry_both_ways, connect_soon, counter, exchange, identity,
+        load_revoking_c,
     },
 };
 
@@ -449,17 +450,7 @@ async fn bad_inputs_to_the_tcp_carrier_are_refused_without_disturbing_others() {
         std::time::SystemTime::now(),
     );
     fx.collab.version = 2;
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 1,
-        nodes: vec![n("c/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{revocation}\n{}\n", fx.collab_jws());
-    let (ledger, problems) = ledger_from_lines(&fx.pin(), &documents, fx.now);
-    assert!(problems.is_empty(), "{problems:?}");
-    server.update(config_of(&ledger).unwrap()).unwrap();
+    load_revoking_c(&server, &fx);
 
     // a on TCP, b on QUIC: frames both ways.
     let none = ProxySettings::none();
