@@ -109,6 +109,14 @@ impl Standing {
 }
 
 impl Standing {
+    /// The members (`(org, node)`) the collaboration document lists, revoked or not.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.members
+            .iter()
+            .flatten()
+            .map(|(org, node)| (org.as_str(), node.as_str()))
+    }
+
     /// Whether the node `org/node` stands, whatever certificate it presents: a member, not
     /// revoked. For a party that never sees the node's certificate (a rendezvous replica handed
     /// a datagram by another replica, which checked the serial); serials are checked where the

@@ -375,10 +375,11 @@ async fn agents(
     let peers = s.dir.join("org-a-n1/peers.json");
     let _ = std::fs::remove_file(&peers);
     let start = |mut c: Command, name: &str, ip: &str, extra: &[String]| {
-        // Outbound only, the relay's own socket is on loopback: nothing from the other site
-        // can reach it, so a stale direct advertisement cannot carry the relayed run.
+        // Outbound only, the relay's own socket is on another port: a stale direct
+        // advertisement (of the direct run) finds nothing there and cannot carry the relayed
+        // run. It is on the site's address, since it sends the sealed datagrams.
         let listen = match relayed {
-            true => format!("127.0.0.1:{RELAY_PORT}"),
+            true => format!("{ip}:{}", RELAY_PORT + 1),
             false => format!("{ip}:{RELAY_PORT}"),
         };
         c.args(["--log", &log_filter(), "node", "--state"])

@@ -957,11 +957,15 @@ async fn follow_rendezvous(
     cancel: CancellationToken,
 ) -> Result<()> {
     loop {
-        let servers = ledger
+        let (servers, members) = ledger
             .borrow_and_update()
             .collaboration()
-            .map(|c| c.rendezvous.clone())
+            .map(|c| {
+                let members: Vec<NodeRef> = c.members.iter().map(|m| m.node_ref()).collect();
+                (c.rendezvous.clone(), members)
+            })
             .unwrap_or_default();
+        carrier.set_members(members);
         carrier.set_servers(servers);
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),

@@ -22,6 +22,13 @@
 //! The carrier connection is QUIC over UDP, or TLS over TCP (an HTTP/1.1 upgrade, through an
 //! HTTP CONNECT proxy when one applies) for sites that may open only TCP connections out: see
 //! [`tcp`] and [`proxy`].
+//!
+//! When the carrier is QUIC, the relay's socket also sends the end-to-end packets straight to
+//! the rendezvous's port as sealed datagrams ([`rendezvous::sealed`]: a 41-byte header sealed
+//! with keys from the carrier connection, no second QUIC packet around them), and takes the
+//! rendezvous's sealed datagrams off its own reads before quinn sees them. It probes every
+//! [`PROBE_EVERY`]; the sealed path is used while the rendezvous's answers are at most
+//! [`SEALED_LIVE`] old, and the carrier connection's datagrams otherwise.
 
 pub mod proxy;
 pub mod tcp;
@@ -35,7 +42,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -54,7 +61,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::transport::{DirectUdp, Transport};
-use crate::rendezvous::{self, frame};
+use crate::rendezvous::{
+    self, frame,
+    sealed::{self, HEADER, Kind, Opener, Sealer},
+};
 
 /// Most peers one node maps to synthetic addresses.
 const MAX_NAMES: u32 = 1 << 16;
@@ -62,16 +72,26 @@ const MAX_NAMES: u32 = 1 << 16;
 const RECV_QUEUE: usize = 4096;
 /// How long one rendezvous server may take to answer before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often the sealed path is probed (also what keeps a NAT's mapping for it).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How old the rendezvous's last answer to a probe may be for the sealed path to be used.
+pub const SEALED_LIVE: Duration = Duration::from_secs(3);
+/// The largest UDP payload one send of sealed datagrams may carry (a GSO batch included).
+const MAX_SEND: usize = 65_000;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Peers reached through the rendezvous and their synthetic addresses, both ways.
+/// Peers reached through the rendezvous and their synthetic addresses, both ways, and their
+/// sealed-datagram ids.
 #[derive(Default)]
 struct Names {
     by_node: HashMap<NodeRef, SocketAddr>,
-    by_addr: HashMap<SocketAddr, NodeRef>,
+    by_addr: HashMap<SocketAddr, (NodeRef, u64)>,
+    by_id: HashMap<u64, SocketAddr>,
+    /// The collaboration's members by id, for senders not yet given an address.
+    members: HashMap<u64, NodeRef>,
 }
 
 impl Names {
@@ -84,9 +104,45 @@ impl Names {
             return None;
         }
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0xF000_0000 | index)), 1);
+        let id = sealed::peer_id(node);
         self.by_node.insert(node.clone(), addr);
-        self.by_addr.insert(addr, node.clone());
+        self.by_addr.insert(addr, (node.clone(), id));
+        self.by_id.insert(id, addr);
         Some(addr)
+    }
+
+    /// The synthetic address of the sender of a sealed datagram, by its id.
+    fn of_id(&mut self, id: u64) -> Option<SocketAddr> {
+        if let Some(addr) = self.by_id.get(&id) {
+            return Some(*addr);
+        }
+        let node = self.members.get(&id)?.clone();
+        self.assign(&node)
+    }
+}
+
+/// The sealed path to the rendezvous of the current QUIC carrier connection.
+struct SealedPath {
+    /// The rendezvous's address, in the relay socket's family.
+    rendezvous: SocketAddr,
+    seal: Mutex<Sealer>,
+    open: Mutex<Opener>,
+    started: std::time::Instant,
+    /// Milliseconds after `started` of the last answer to a probe, plus one (0: none yet).
+    answered: std::sync::atomic::AtomicU64,
+}
+
+impl SealedPath {
+    fn live(&self) -> bool {
+        let answered = self.answered.load(Ordering::Relaxed);
+        answered > 0
+            && (self.started.elapsed().as_millis() as u64).saturating_sub(answered - 1)
+                < SEALED_LIVE.as_millis() as u64
+    }
+
+    fn answer(&self) {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        self.answered.store(now, Ordering::Relaxed);
     }
 }
 
@@ -113,6 +169,9 @@ pub struct Carrier {
     v6: bool,
     endpoint: quinn::Endpoint,
     connected: watch::Sender<Option<String>>,
+    /// The relay's own socket, which sealed datagrams travel on.
+    direct: Arc<dyn AsyncUdpSocket>,
+    sealed: Mutex<Option<Arc<SealedPath>>>,
 }
 
 impl std::fmt::Debug for Carrier {
@@ -139,6 +198,14 @@ impl Carrier {
         *lock(&self.options) = options;
     }
 
+    /// The collaboration's members (senders of sealed datagrams are named by id only).
+    pub fn set_members(&self, members: impl IntoIterator<Item = NodeRef>) {
+        lock(&self.names).members = members
+            .into_iter()
+            .map(|node| (sealed::peer_id(&node), node))
+            .collect();
+    }
+
     /// The identity to present to rendezvous servers from the next connection on.
     pub fn set_identity(&self, identity: Arc<NodeIdentity>) {
         *lock(&self.identity) = identity;
@@ -151,7 +218,12 @@ impl Carrier {
 
     fn address_of(&self, node: &NodeRef) -> Option<SocketAddr> {
         let addr = lock(&self.names).assign(node)?;
-        Some(match self.v6 {
+        Some(self.in_family(addr))
+    }
+
+    /// `addr` in the relay socket's address family.
+    fn in_family(&self, addr: SocketAddr) -> SocketAddr {
+        match self.v6 {
             true => SocketAddr::new(
                 IpAddr::V6(match addr.ip() {
                     IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -159,12 +231,12 @@ impl Carrier {
                 }),
                 addr.port(),
             ),
-            false => addr,
-        })
+            false => SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+        }
     }
 
     fn send(&self, destination: SocketAddr, contents: &[u8], segment: Option<usize>) {
-        let Some(node) = lock(&self.names).by_addr.get(&destination).cloned() else {
+        let Some((node, _)) = lock(&self.names).by_addr.get(&destination).cloned() else {
             return;
         };
         let Some(link) = lock(&self.conn).clone() else {
@@ -202,9 +274,15 @@ impl Carrier {
                     Ok(dialled) => {
                         let (link, carrier) = (dialled.link(), dialled.kind());
                         info!(rendezvous = %server.address, carrier, "connected to the rendezvous");
+                        let sealed = match &dialled {
+                            tcp::Dialled::Quic(conn) => self.sealed_path(conn),
+                            tcp::Dialled::Tcp(_) => None,
+                        };
+                        *lock(&self.sealed) = sealed.clone();
                         *lock(&self.conn) = Some(link.clone());
                         self.connected.send_replace(Some(server.address.clone()));
                         tokio::select! {
+                            () = self.probe(sealed) => {}
                             _ = stop.cancelled() => {
                                 link.close(rendezvous::close::SHUTDOWN, b"shutdown");
                             }
@@ -216,6 +294,7 @@ impl Carrier {
                             }
                         }
                         *lock(&self.conn) = None;
+                        *lock(&self.sealed) = None;
                         self.connected.send_replace(None);
                         served = true;
                         start = (index + 1) % list.len();
@@ -235,6 +314,63 @@ impl Carrier {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// The sealed path beside QUIC carrier connection `conn`: its keys from the connection's
+    /// TLS exporter.
+    fn sealed_path(&self, conn: &Connection) -> Option<Arc<SealedPath>> {
+        let rendezvous = self.in_family(conn.remote_address());
+        let local = self.direct.local_addr().ok()?;
+        if local.ip().is_loopback() && !rendezvous.ip().to_canonical().is_loopback() {
+            info!(relay = %local, "the relay's socket is on loopback: no sealed path to the rendezvous, its carrier connection carries everything");
+            return None;
+        }
+        let mut secret = [0; sealed::SECRET_LEN];
+        conn.export_keying_material(&mut secret, sealed::LABEL, b"")
+            .ok()?;
+        let (seal, open) = sealed::SessionKeys::new(&secret).node();
+        Some(Arc::new(SealedPath {
+            rendezvous,
+            seal: Mutex::new(seal),
+            open: Mutex::new(open),
+            started: std::time::Instant::now(),
+            answered: 0.into(),
+        }))
+    }
+
+    /// Probes the sealed path every [`PROBE_EVERY`] from the relay's socket (never returns).
+    async fn probe(&self, path: Option<Arc<SealedPath>>) {
+        let Some(path) = path else {
+            return std::future::pending().await;
+        };
+        // Until the first answer, probes follow quickly: the rendezvous opens the session only
+        // once its side of the handshake is done, which may be after the first probe arrives.
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let mut header = [0; HEADER];
+            lock(&path.seal).seal(Kind::Ping, 0, &mut header);
+            // A probe that finds a full buffer is simply not sent: the next one follows.
+            let sent = self.direct.try_send(&Transmit {
+                destination: path.rendezvous,
+                ecn: None,
+                contents: &header,
+                segment_size: None,
+                src_ip: None,
+            });
+            if let Err(error) = sent {
+                debug!(to = %path.rendezvous, %error, "sealed path probe not sent");
+            }
+            tokio::time::sleep(pause).await;
+            pause = match path.answered.load(Ordering::Relaxed) {
+                0 => (pause * 2).min(PROBE_EVERY),
+                _ => PROBE_EVERY,
+            };
+        }
+    }
+
+    /// The sealed path, if the rendezvous answered its probes lately.
+    fn live_sealed(&self) -> Option<Arc<SealedPath>> {
+        lock(&self.sealed).clone().filter(|p| p.live())
     }
 
     async fn connect(&self, server: &RendezvousServer) -> Result<Connection> {
@@ -302,6 +438,114 @@ pub struct PathSocket {
     carrier: Arc<Carrier>,
     from_carrier: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     relayed_first: AtomicBool,
+    /// Where sealed datagrams are assembled before a send.
+    scratch: Mutex<Vec<u8>>,
+}
+
+impl PathSocket {
+    /// Sends `transmit` (for the peer at synthetic `destination`) as sealed datagrams.
+    fn send_sealed(
+        &self,
+        path: &SealedPath,
+        destination: SocketAddr,
+        transmit: &Transmit<'_>,
+    ) -> io::Result<()> {
+        let Some(peer) = lock(&self.carrier.names)
+            .by_addr
+            .get(&destination)
+            .map(|(_, id)| *id)
+        else {
+            return Ok(());
+        };
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        let per_send = (MAX_SEND / (segment + HEADER)).max(1);
+        let mut buf = lock(&self.scratch);
+        for group in transmit.contents.chunks(segment * per_send) {
+            buf.clear();
+            {
+                let mut seal = lock(&path.seal);
+                for datagram in group.chunks(segment) {
+                    seal.seal_into(Kind::Data, peer, datagram, &mut buf);
+                }
+            }
+            let sent = self.direct.try_send(&Transmit {
+                destination: path.rendezvous,
+                ecn: None,
+                contents: &buf,
+                segment_size: (group.len() > segment).then_some(segment + HEADER),
+                src_ip: None,
+            });
+            match sent {
+                // quinn tries the whole transmit again later (sealed anew).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                // Anything else is a lost datagram, as UDP would have it.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the rendezvous's sealed datagrams among `n` received ones, in place: each becomes
+    /// its payload from the sender's synthetic address (or is emptied, which quinn skips).
+    fn unseal(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) {
+        let Some(path) = lock(&self.carrier.sealed).clone() else {
+            return;
+        };
+        let from_rendezvous = |addr: SocketAddr| {
+            addr.port() == path.rendezvous.port()
+                && addr.ip().to_canonical() == path.rendezvous.ip().to_canonical()
+        };
+        for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()).take(n) {
+            if !from_rendezvous(m.addr) || !sealed::is_sealed(&buf[..m.len.min(1)]) {
+                continue;
+            }
+            self.unseal_one(&path, buf, m);
+        }
+    }
+
+    fn unseal_one(&self, path: &SealedPath, buf: &mut [u8], m: &mut RecvMeta) {
+        let (len, stride) = (m.len, m.stride.max(1));
+        let mut open = lock(&path.open);
+        let mut names = lock(&self.carrier.names);
+        let mut first: Option<SocketAddr> = None;
+        let (mut written, mut start, mut refused) = (0, 0, 0);
+        while start < len {
+            let end = (start + stride).min(len);
+            let opened = open.open(&buf[start..end]);
+            match opened {
+                Ok((Kind::Data, peer)) if end - start > HEADER => match names.of_id(peer) {
+                    Some(addr) => {
+                        let addr = self.carrier.in_family(addr);
+                        if first.is_none_or(|f| f == addr) {
+                            first = Some(addr);
+                            buf.copy_within(start + HEADER..end, written);
+                            written += end - start - HEADER;
+                        } else {
+                            // Another sender in the same read: through the queue.
+                            let payload = Bytes::copy_from_slice(&buf[start + HEADER..end]);
+                            let _ = self.carrier.to_endpoint.try_send((addr, payload));
+                        }
+                    }
+                    None => refused += 1,
+                },
+                Ok((Kind::Pong, _)) => path.answer(),
+                _ => refused += 1,
+            }
+            start = end;
+        }
+        if refused > 0 {
+            debug!(refused, "sealed datagrams from the rendezvous refused");
+        }
+        m.len = written;
+        m.stride = stride.saturating_sub(HEADER).max(1);
+        m.ecn = None;
+        if let Some(addr) = first {
+            m.addr = addr;
+        }
+    }
 }
 
 impl AsyncUdpSocket for PathSocket {
@@ -311,11 +555,14 @@ impl AsyncUdpSocket for PathSocket {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         match synthetic(transmit.destination) {
-            Some(destination) => {
-                self.carrier
-                    .send(destination, transmit.contents, transmit.segment_size);
-                Ok(())
-            }
+            Some(destination) => match self.carrier.live_sealed() {
+                Some(path) => self.send_sealed(&path, destination, transmit),
+                None => {
+                    self.carrier
+                        .send(destination, transmit.contents, transmit.segment_size);
+                    Ok(())
+                }
+            },
             None => self.direct.try_send(transmit),
         }
     }
@@ -329,6 +576,9 @@ impl AsyncUdpSocket for PathSocket {
         // Alternate which source goes first, so neither starves the other.
         let relayed_first = self.relayed_first.fetch_xor(true, Ordering::Relaxed);
         if !relayed_first && let Poll::Ready(r) = self.direct.poll_recv(cx, bufs, meta) {
+            if let Ok(n) = r {
+                self.unseal(bufs, meta, n);
+            }
             return Poll::Ready(r);
         }
         let mut n = 0;
@@ -356,7 +606,11 @@ impl AsyncUdpSocket for PathSocket {
             return Poll::Ready(Ok(n));
         }
         if relayed_first {
-            return self.direct.poll_recv(cx, bufs, meta);
+            let r = ready!(self.direct.poll_recv(cx, bufs, meta));
+            if let Ok(n) = r {
+                self.unseal(bufs, meta, n);
+            }
+            return Poll::Ready(r);
         }
         Poll::Pending
     }
@@ -402,6 +656,8 @@ impl Paths {
             super::carrier_socket::client_endpoint(carrier_bind).context("binding the carrier")?;
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let carrier = Arc::new(Carrier {
+            direct: direct_socket.clone(),
+            sealed: Mutex::new(None),
             conn: Mutex::new(None),
             options: Mutex::new(tcp::CarrierOptions::default()),
             prefer_tcp: AtomicBool::new(false),
@@ -418,6 +674,7 @@ impl Paths {
             carrier: carrier.clone(),
             from_carrier: Mutex::new(rx),
             relayed_first: AtomicBool::new(false),
+            scratch: Mutex::new(Vec::new()),
         });
         Ok(Self {
             direct,
@@ -472,7 +729,16 @@ mod tests {
         assert_eq!(addr_a, "240.0.0.0:1".parse().unwrap());
         assert_eq!(names.assign(&b).unwrap(), "240.0.0.1:1".parse().unwrap());
         assert_eq!(names.assign(&a).unwrap(), addr_a, "stable");
-        assert_eq!(names.by_addr[&addr_a], a);
+        assert_eq!(names.by_addr[&addr_a], (a.clone(), sealed::peer_id(&a)));
+        assert_eq!(names.of_id(sealed::peer_id(&a)), Some(addr_a));
+        assert_eq!(names.of_id(sealed::peer_id(&b)), Some(names.by_node[&b]));
+        let c: NodeRef = "org-c/n1".parse().unwrap();
+        assert_eq!(names.of_id(sealed::peer_id(&c)), None, "not a member");
+        names.members.insert(sealed::peer_id(&c), c.clone());
+        assert_eq!(
+            names.of_id(sealed::peer_id(&c)),
+            Some("240.0.0.2:1".parse().unwrap())
+        );
         assert_eq!(synthetic(addr_a), Some(addr_a));
         assert_eq!(
             synthetic("[::ffff:240.0.0.1]:1".parse().unwrap()),

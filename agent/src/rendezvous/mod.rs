@@ -30,10 +30,12 @@
 //! for sites that may open only TCP connections out: see [`tcp`]. Admission, bounds and
 //! forwarding are the same whatever the carrier, and a node on one reaches a node on the other.
 
+mod fast;
 pub mod follow;
 pub mod frame;
 pub mod http;
 pub mod mesh;
+pub mod sealed;
 pub mod tcp;
 pub mod upgrade;
 
@@ -237,6 +239,8 @@ pub struct RendezvousMetrics {
     pub nodes: Family<CollabLabels, Gauge>,
     /// Nodes connected over the TLS/TCP carrier (of [`RendezvousMetrics::nodes`]).
     pub tcp_nodes: Family<CollabLabels, Gauge>,
+    /// Sealed datagrams (of [`RendezvousMetrics::datagrams`]), by collaboration and direction.
+    pub sealed: Family<FlowLabels, Counter>,
     /// Between replicas.
     pub mesh: mesh::MeshMetrics,
 }
@@ -250,6 +254,7 @@ impl Default for RendezvousMetrics {
         let refused = Family::<DropLabels, Counter>::default();
         let nodes = Family::<CollabLabels, Gauge>::default();
         let tcp_nodes = Family::<CollabLabels, Gauge>::default();
+        let sealed = Family::<FlowLabels, Counter>::default();
         registry.register(
             "fedmesh_rendezvous_datagrams",
             "Datagrams forwarded, by collaboration and direction",
@@ -276,6 +281,11 @@ impl Default for RendezvousMetrics {
             "Nodes connected over the TLS/TCP carrier",
             tcp_nodes.clone(),
         );
+        registry.register(
+            "fedmesh_rendezvous_sealed_datagrams",
+            "Datagrams forwarded as sealed datagrams (the fast path beside carrier connections), by collaboration and direction",
+            sealed.clone(),
+        );
         let mesh = mesh::MeshMetrics::register(&mut registry);
         Self {
             registry,
@@ -285,6 +295,7 @@ impl Default for RendezvousMetrics {
             refused,
             nodes,
             tcp_nodes,
+            sealed,
             mesh,
         }
     }
@@ -316,6 +327,8 @@ struct Shared {
     throttle: Throttle,
     options: RendezvousOptions,
     mesh: std::sync::OnceLock<Arc<mesh::Mesh>>,
+    plane: Arc<fast::Plane>,
+    demux: Arc<fast::Demux>,
 }
 
 impl Shared {
@@ -358,6 +371,9 @@ impl mesh::Local for Shared {
         receiver: &NodeRef,
         payload: &[u8],
     ) -> std::result::Result<(), &'static str> {
+        if self.plane.send_sealed(sender, receiver, payload) {
+            return Ok(());
+        }
         let to = lock(&self.clients)
             .get(receiver)
             .map(|c| c.conn.clone())
@@ -372,6 +388,23 @@ impl mesh::Local for Shared {
         self.metrics.datagrams.get_or_create(&flow).inc();
         self.metrics.bytes.get_or_create(&flow).inc_by(len);
         Ok(())
+    }
+}
+
+impl fast::Fallback for Shared {
+    fn forward_slow(
+        &self,
+        sender: &NodeRef,
+        receiver: &NodeRef,
+        payload: &[u8],
+    ) -> std::result::Result<(), &'static str> {
+        if lock(&self.clients).contains_key(receiver) {
+            return mesh::Local::deliver(self, sender, receiver, payload);
+        }
+        match self.mesh.get() {
+            Some(mesh) => mesh.forward(&collab_of(self), sender, receiver, payload),
+            None => Err("unknown_peer"),
+        }
     }
 }
 
@@ -398,22 +431,35 @@ impl Rendezvous {
         endpoint_config
             .max_udp_payload_size(8192)
             .context("rendezvous UDP payload")?;
+        // Sealed datagrams share the port: no peer may clear QUIC's fixed bit (see `sealed`).
+        endpoint_config.grease_quic_bit(false);
         crate::relay::carrier_socket::size_socket((&socket).into());
-        let endpoint = Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))?;
+        let socket = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
+        let plane = Arc::new(fast::Plane::new(socket.clone(), metrics.clone()));
+        let demux = Arc::new(fast::Demux::new(socket, plane.clone()));
+        let endpoint = Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            None,
+            demux.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let (collab, _) = watch::channel(None);
-        Ok(Self {
-            shared: Arc::new(Shared {
-                endpoint,
-                collab,
-                gate: PeerGate::new(Standing::default()),
-                server,
-                clients: Mutex::new(HashMap::new()),
-                metrics,
-                throttle: Throttle::default(),
-                options,
-                mesh: std::sync::OnceLock::new(),
-            }),
-        })
+        let shared = Arc::new(Shared {
+            endpoint,
+            collab,
+            gate: PeerGate::new(Standing::default()),
+            server,
+            clients: Mutex::new(HashMap::new()),
+            metrics,
+            throttle: Throttle::default(),
+            options,
+            mesh: std::sync::OnceLock::new(),
+            plane,
+            demux,
+        });
+        let fallback: Arc<dyn fast::Fallback> = shared.clone();
+        shared.plane.set_fallback(Arc::downgrade(&fallback));
+        Ok(Self { shared })
     }
 
     /// Makes this server a replica that forwards to its peer replicas (see [`mesh`]) over
@@ -468,6 +514,13 @@ impl Rendezvous {
             shared.endpoint.set_server_config(Some(server));
         }
         let collab = config.bundle.trust_domain().collab().to_owned();
+        shared.plane.set_collab(&collab);
+        shared.demux.set_members(
+            config
+                .standing
+                .members()
+                .filter_map(|(org, node)| format!("{org}/{node}").parse().ok()),
+        );
         let mut clients = lock(&shared.clients);
         clients.retain(|node, client| {
             let same_ca = !ca_changed || shared.collab.borrow().is_none();
@@ -486,6 +539,7 @@ impl Rendezvous {
                         })
                         .inc();
                     client.conn.close(close::REFUSED, b"refused");
+                    shared.plane.remove_node(node);
                     shared.announce(mesh::Presence::Gone(node.clone()));
                     false
                 }
@@ -517,6 +571,7 @@ impl Rendezvous {
         for (_, client) in lock(&self.shared.clients).drain() {
             client.conn.close(close::SHUTDOWN, b"shutdown");
         }
+        self.shared.plane.clear();
         Ok(())
     }
 }
@@ -594,9 +649,26 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     }
     info!(node = %node, serial = %info.serial, %remote, "node connected to the rendezvous");
-    let mut forwarder = Forwarder::new(&shared, &node, &collab);
+    let bucket = Arc::new(Mutex::new(Bucket::new(
+        shared.options.rate,
+        shared.options.burst,
+    )));
+    // The sealed path's keys: this connection's, so they end with it.
+    let mut secret = [0; sealed::SECRET_LEN];
+    let session = conn
+        .export_keying_material(&mut secret, sealed::LABEL, b"")
+        .ok()
+        .map(|()| {
+            let keys = sealed::SessionKeys::new(&secret);
+            shared.plane.insert(&node, &keys, bucket.clone());
+            keys.session
+        });
+    let mut forwarder = Forwarder::new(&shared, &node, &collab, bucket);
     while let Ok(datagram) = conn.read_datagram().await {
         forwarder.forward(datagram);
+    }
+    if let Some(session) = session {
+        shared.plane.remove(&node, session);
     }
     leave(&shared, &node, &link, &collab);
     debug!(node = %node, reason = ?conn.close_reason(), "node left the rendezvous");
@@ -677,7 +749,7 @@ fn peer_info(conn: &Connection) -> Option<CertInfo> {
 }
 
 /// A token bucket of bytes.
-struct Bucket {
+pub(super) struct Bucket {
     tokens: f64,
     at: Instant,
     rate: f64,
@@ -694,7 +766,7 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, bytes: usize, now: Instant) -> bool {
+    pub(super) fn take(&mut self, bytes: usize, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -713,7 +785,7 @@ struct Forwarder<'a> {
     shared: &'a Shared,
     sender: &'a NodeRef,
     collab: &'a str,
-    bucket: Bucket,
+    bucket: Arc<Mutex<Bucket>>,
     in_datagrams: Counter,
     in_bytes: Counter,
     out_datagrams: Counter,
@@ -721,7 +793,12 @@ struct Forwarder<'a> {
 }
 
 impl<'a> Forwarder<'a> {
-    fn new(shared: &'a Shared, sender: &'a NodeRef, collab: &'a str) -> Self {
+    fn new(
+        shared: &'a Shared,
+        sender: &'a NodeRef,
+        collab: &'a str,
+        bucket: Arc<Mutex<Bucket>>,
+    ) -> Self {
         let flow = |direction| FlowLabels {
             collab: collab.to_owned(),
             direction,
@@ -736,7 +813,7 @@ impl<'a> Forwarder<'a> {
             shared,
             sender,
             collab,
-            bucket: Bucket::new(shared.options.rate, shared.options.burst),
+            bucket,
             in_datagrams,
             in_bytes,
             out_datagrams,
@@ -766,7 +843,7 @@ impl<'a> Forwarder<'a> {
     fn forward(&mut self, datagram: Bytes) {
         self.in_datagrams.inc();
         self.in_bytes.inc_by(datagram.len() as u64);
-        if !self.bucket.take(datagram.len(), Instant::now()) {
+        if !lock(&self.bucket).take(datagram.len(), Instant::now()) {
             return self.dropped("rate");
         }
         let (receiver, payload) = match frame::decode(&datagram, self.shared.options.max_frame) {
@@ -792,6 +869,13 @@ impl<'a> Forwarder<'a> {
                 None => self.dropped("unknown_peer"),
             };
         };
+        if self
+            .shared
+            .plane
+            .send_sealed(self.sender, &receiver, &payload)
+        {
+            return;
+        }
         let out = frame::encode(self.sender, &payload);
         let len = out.len();
         match to.send(out) {

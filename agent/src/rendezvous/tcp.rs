@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    ALPN, DropLabels, Forwarder, Rendezvous, Shared, admit, collab_of, leave,
+    ALPN, Bucket, DropLabels, Forwarder, Rendezvous, Shared, admit, collab_of, leave,
     upgrade::{self, HeadError},
 };
 
@@ -458,7 +458,8 @@ async fn serve_tcp(
         return;
     }
     info!(node = %node, serial = %info.serial, %remote, "node connected to the rendezvous over TCP");
-    let mut forwarder = Forwarder::new(shared, &node, &collab);
+    let bucket = Bucket::new(shared.options.rate, shared.options.burst);
+    let mut forwarder = Forwarder::new(shared, &node, &collab, Arc::new(Mutex::new(bucket)));
     let reason = tokio::select! {
         reason = stream_link.run(tls, rest, |frame| forwarder.forward(frame)) => reason,
         () = stop.cancelled() => "the rendezvous is shutting down".to_owned(),

@@ -18,6 +18,7 @@ mod relay_security;
 mod rendezvous;
 mod rendezvous_mesh;
 mod rendezvous_nat;
+mod rendezvous_sealed;
 mod rendezvous_tcp;
 mod rotation;
 mod shutdown;

@@ -189,6 +189,22 @@ async fn outbound_only_nodes_link_through_the_rendezvous_and_revocation_ends_it(
         text.contains("fedmesh_rendezvous_nodes{collab=\"collab-x\"} 2"),
         "{text}"
     );
+    // Both carriers are QUIC, so the link's packets took the sealed path (no second QUIC
+    // packet around each), all but the first few while its probes were unanswered.
+    let out = |family: &str| {
+        counter(
+            &text,
+            &format!("{family}_total{{collab=\"collab-x\",direction=\"out\"}} "),
+        )
+    };
+    let (sealed, all) = (
+        out("fedmesh_rendezvous_sealed_datagrams"),
+        out("fedmesh_rendezvous_datagrams"),
+    );
+    assert!(
+        sealed * 10 >= all * 9,
+        "{sealed} of {all} datagrams sealed: {text}"
+    );
 
     // A new connection over the link (the target's backlog completes it), then the owner
     // revokes the link: the connection is closed within 5 s.

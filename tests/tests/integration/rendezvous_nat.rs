@@ -772,9 +772,19 @@ fn run_case(
 
     // 100 MB each way over a → b, byte-exact.
     let a_b = peer_addr(dir, "a", "b", 7101);
+    let sealed_metric =
+        "fedmesh_rendezvous_sealed_datagrams_total{collab=\"nat\",direction=\"out\"}";
+    let sealed_before = rendezvous_metric(net, sealed_metric);
     let started = Instant::now();
     transfer(net, "a", a_b, &mut servers[1].1, 100 * MB, 100 * MB);
     eprintln!("{case:?}: 100 MB each way a ⇄ b in {:?}", started.elapsed());
+    // With UDP out, the relays' own sockets reach the rendezvous through the NAT: the
+    // packets take the sealed path; without, the carrier connections carry them all.
+    let sealed = rendezvous_metric(net, sealed_metric) - sealed_before;
+    match case {
+        Egress::Udp => assert!(sealed > 100_000, "{case:?}: {sealed} sealed datagrams"),
+        Egress::Tcp443 | Egress::Proxy => assert_eq!(sealed, 0, "{case:?}: sealed datagrams"),
+    }
     let forwarded = rendezvous_metric(
         net,
         "fedmesh_rendezvous_bytes_total{collab=\"nat\",direction=\"out\"}",
