@@ -474,6 +474,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         carrier: CarrierOptions {
             mode: rendezvous_carrier,
             proxy: ProxySettings::from_sources(proxy.as_deref(), |name| std::env::var(name).ok())?,
+            ..CarrierOptions::default()
         },
         kubernetes,
     })

@@ -38,6 +38,7 @@
 
 pub mod budget;
 pub mod carrier_socket;
+pub mod cubic;
 pub mod limits;
 pub mod policy;
 pub mod proto;

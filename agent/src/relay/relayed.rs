@@ -271,31 +271,48 @@ impl Carrier {
                     return;
                 }
                 match self.dial(server).await {
-                    Ok(dialled) => {
-                        let (link, carrier) = (dialled.link(), dialled.kind());
-                        info!(rendezvous = %server.address, carrier, "connected to the rendezvous");
-                        let sealed = match &dialled {
-                            tcp::Dialled::Quic(conn) => self.sealed_path(conn),
-                            tcp::Dialled::Tcp(_) => None,
-                        };
-                        *lock(&self.sealed) = sealed.clone();
-                        *lock(&self.conn) = Some(link.clone());
-                        self.connected.send_replace(Some(server.address.clone()));
-                        tokio::select! {
-                            () = self.probe(sealed) => {}
-                            _ = stop.cancelled() => {
-                                link.close(rendezvous::close::SHUTDOWN, b"shutdown");
-                            }
-                            reason = self.receive(dialled) => {
-                                warn!(rendezvous = %server.address, carrier, %reason, "rendezvous connection lost");
-                            }
-                            _ = servers.changed() => {
-                                link.close(rendezvous::close::SHUTDOWN, b"server list changed");
+                    Ok(mut dialled) => {
+                        // One server: its carrier connection, replaced by QUIC when a node on
+                        // TLS/TCP in `auto` finds UDP answering again.
+                        loop {
+                            let (link, carrier) = (dialled.link(), dialled.kind());
+                            info!(rendezvous = %server.address, carrier, "connected to the rendezvous");
+                            let sealed = match &dialled {
+                                tcp::Dialled::Quic(conn) => self.sealed_path(conn),
+                                tcp::Dialled::Tcp(_) => None,
+                            };
+                            *lock(&self.sealed) = sealed.clone();
+                            *lock(&self.conn) = Some(link.clone());
+                            self.connected.send_replace(Some(server.address.clone()));
+                            let on_tcp = matches!(dialled, tcp::Dialled::Tcp(_));
+                            let next = tokio::select! {
+                                () = self.probe(sealed) => None,
+                                _ = stop.cancelled() => {
+                                    link.close(rendezvous::close::SHUTDOWN, b"shutdown");
+                                    None
+                                }
+                                reason = self.receive(dialled) => {
+                                    warn!(rendezvous = %server.address, carrier, %reason, "rendezvous connection lost");
+                                    None
+                                }
+                                _ = servers.changed() => {
+                                    link.close(rendezvous::close::SHUTDOWN, b"server list changed");
+                                    None
+                                }
+                                quic = self.quic_again(server, on_tcp) => Some(quic),
+                            };
+                            *lock(&self.conn) = None;
+                            *lock(&self.sealed) = None;
+                            self.connected.send_replace(None);
+                            match next {
+                                Some(quic) => {
+                                    info!(rendezvous = %server.address, "QUIC/UDP answers again: leaving the TLS/TCP carrier");
+                                    link.close(rendezvous::close::SHUTDOWN, b"moving to QUIC");
+                                    dialled = tcp::Dialled::Quic(quic);
+                                }
+                                None => break,
                             }
                         }
-                        *lock(&self.conn) = None;
-                        *lock(&self.sealed) = None;
-                        self.connected.send_replace(None);
                         served = true;
                         start = (index + 1) % list.len();
                         pause = Duration::from_millis(100);

@@ -22,9 +22,12 @@ pub enum Congestion {
     /// Model-based (bottleneck bandwidth and round-trip time): holds its rate under random
     /// loss, where loss-based controllers collapse.
     Bbr,
-    /// Loss-based, the Linux TCP default.
+    /// Loss-based, the Linux TCP default; leaves slow start only on a loss (quinn's).
     #[default]
     Cubic,
+    /// Cubic that also leaves slow start when the round trip grows (HyStart, as Linux's Cubic
+    /// does): fewer packets lost to the bottleneck's queue at start.
+    CubicHystart,
     /// Loss-based, RFC 9002's reference controller.
     NewReno,
 }
@@ -35,6 +38,7 @@ impl Congestion {
         match self {
             Self::Bbr => Arc::new(BbrConfig::default()),
             Self::Cubic => Arc::new(CubicConfig::default()),
+            Self::CubicHystart => Arc::new(super::cubic::HyStartCubicConfig::default()),
             Self::NewReno => Arc::new(NewRenoConfig::default()),
         }
     }
@@ -44,6 +48,7 @@ impl Congestion {
         match self {
             Self::Bbr => "bbr",
             Self::Cubic => "cubic",
+            Self::CubicHystart => "cubic-hystart",
             Self::NewReno => "new-reno",
         }
     }

@@ -29,6 +29,11 @@
 //! The same frames also travel over TLS/TCP (an HTTP/1.1 upgrade, through HTTP CONNECT proxies),
 //! for sites that may open only TCP connections out: see [`tcp`]. Admission, bounds and
 //! forwarding are the same whatever the carrier, and a node on one reaches a node on the other.
+//!
+//! A node whose carrier is QUIC over UDP also sends the end-to-end packets to the same port as
+//! sealed datagrams, without a second QUIC packet around each: a header sealed with keys from
+//! its carrier connection (see [`sealed`]), opened and resealed in the socket under the endpoint
+//! (`fast`), with the same admission, rate and revocation as the connection they come from.
 
 mod fast;
 pub mod follow;

@@ -151,6 +151,7 @@ fn carrier(mode: CarrierMode) -> CarrierOptions {
     CarrierOptions {
         mode,
         proxy: ProxySettings::none(),
+        ..CarrierOptions::default()
     }
 }
 
@@ -202,6 +203,7 @@ async fn nodes_on_either_carrier_link_through_the_rendezvous() {
     let through_proxy = CarrierOptions {
         mode: CarrierMode::Tcp,
         proxy: ProxySettings::through(ProxyUrl::parse(&proxy.to_string(), "test").unwrap()),
+        ..CarrierOptions::default()
     };
     let mut mesh = outbound_only_mesh(
         tmp.path(),
@@ -284,8 +286,38 @@ async fn nodes_on_either_carrier_link_through_the_rendezvous() {
     stop.cancel();
 }
 
+/// Forwards UDP arriving at `front` to `to` (one upstream socket per client) and the answers
+/// back: the listed port starts answering UDP.
+fn open_udp(front: UdpSocket, to: SocketAddr) {
+    front.set_nonblocking(true).unwrap();
+    let front = Arc::new(tokio::net::UdpSocket::from_std(front).unwrap());
+    tokio::spawn(async move {
+        let mut upstream: BTreeMap<SocketAddr, Arc<tokio::net::UdpSocket>> = BTreeMap::new();
+        let mut buf = vec![0; 65_536];
+        while let Ok((len, client)) = front.recv_from(&mut buf).await {
+            let up = match upstream.get(&client) {
+                Some(up) => up.clone(),
+                None => {
+                    let up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    let (back, front) = (up.clone(), front.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0; 65_536];
+                        while let Ok(len) = back.recv(&mut buf).await {
+                            let _ = front.send_to(&buf[..len], client).await;
+                        }
+                    });
+                    up.connect(to).await.unwrap();
+                    upstream.insert(client, up.clone());
+                    up
+                }
+            };
+            let _ = up.send(&buf[..len]).await;
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
+async fn auto_falls_back_to_tcp_when_udp_gets_no_answer_and_returns_when_it_does() {
     let tmp = tempfile::tempdir().unwrap();
     // The listed port: UDP to it is never answered (a socket nobody reads), TCP to it is the
     // rendezvous's TLS/TCP carrier (its QUIC listens elsewhere).
@@ -315,12 +347,13 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     tokio::spawn(async move { s.run_tcp(listener, st).await.unwrap() });
 
     let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let auto = CarrierOptions {
+        quic_retry: Duration::from_millis(500),
+        ..CarrierOptions::default()
+    };
     let mut mesh = outbound_only_mesh(
         tmp.path(),
-        &[
-            (a(), CarrierOptions::default()),
-            (b(), CarrierOptions::default()),
-        ],
+        &[(a(), auto.clone()), (b(), auto)],
         7202,
         target.local_addr().unwrap(),
     )
@@ -328,20 +361,56 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     let started = Instant::now();
     list_and_link(&mut mesh, &server, listed, &pin, &[(a(), b())], 7202).await;
     let addr = mesh.peer_addr(&a(), &b(), 7202, 10 * SECOND).await.unwrap();
-    carry_both_ways(addr, target, 1024 * 1024).await;
+    carry_both_ways(addr, target.clone(), 1024 * 1024).await;
     eprintln!(
         "carried over the TCP fallback {:?} after listing",
         started.elapsed()
     );
     assert!(started.elapsed() < 10 * SECOND, "{:?}", started.elapsed());
-    assert_eq!(
+    let gauge = |name: &str| {
         counter(
             &metrics.render(),
-            "fedmesh_rendezvous_tcp_nodes{collab=\"collab-x\"} "
-        ),
-        2
+            &format!("{name}{{collab=\"collab-x\"}} "),
+        )
+    };
+    assert_eq!(gauge("fedmesh_rendezvous_tcp_nodes"), 2);
+
+    // UDP to the listed port answers from now on: both nodes move to QUIC by themselves (they
+    // retry every 500 ms here, 30 s by default) and their packets take the sealed path.
+    open_udp(silent, server.local_addr().unwrap());
+    let opened = Instant::now();
+    while gauge("fedmesh_rendezvous_tcp_nodes") > 0 || gauge("fedmesh_rendezvous_nodes") < 2 {
+        assert!(
+            opened.elapsed() < 10 * SECOND,
+            "still on TLS/TCP: {}",
+            metrics.render()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("back on QUIC/UDP {:?} after UDP answered", opened.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = || {
+        let text = metrics.render();
+        let of = |family: &str| {
+            counter(
+                &text,
+                &format!("{family}_total{{collab=\"collab-x\",direction=\"out\"}} "),
+            )
+        };
+        (
+            of("fedmesh_rendezvous_sealed_datagrams"),
+            of("fedmesh_rendezvous_datagrams"),
+        )
+    };
+    let (sealed_before, all_before) = out();
+    carry_both_ways(addr, target, 1024 * 1024).await;
+    let (sealed, all) = out();
+    let (sealed, all) = (sealed - sealed_before, all - all_before);
+    assert!(
+        sealed > 0 && sealed * 10 >= all * 9,
+        "{sealed} of {all} datagrams sealed: {}",
+        metrics.render()
     );
-    drop(silent);
     mesh.shutdown().await.unwrap();
     stop.cancel();
 }

@@ -4,6 +4,7 @@
 //! ```text
 //!  auto:  QUIC/UDP ─────────────┐ first to answer wins; the carrier that won last time
 //!         TLS/TCP (after 300 ms)┘ starts first next time (a site that drops UDP stays on TCP)
+//!         on TLS/TCP: QUIC/UDP is tried again every 30 s, and replaces it when it answers
 //!  tcp:   [TCP to the proxy, CONNECT host:port, 200] TCP, TLS (pin), Upgrade, 101, frames
 //! ```
 //!
@@ -48,13 +49,29 @@ pub enum CarrierMode {
 }
 
 /// How a node reaches rendezvous servers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CarrierOptions {
     /// Which carrier.
     pub mode: CarrierMode,
     /// The HTTP CONNECT proxy of the TCP carrier.
     pub proxy: ProxySettings,
+    /// In `auto`, how often a node on the TLS/TCP carrier tries QUIC/UDP again.
+    pub quic_retry: Duration,
 }
+
+impl Default for CarrierOptions {
+    fn default() -> Self {
+        Self {
+            mode: CarrierMode::Auto,
+            proxy: ProxySettings::default(),
+            quic_retry: QUIC_RETRY,
+        }
+    }
+}
+
+/// In `auto`, how often a node on the TLS/TCP carrier tries QUIC/UDP again (UDP may have been
+/// blocked only for a while; QUIC carries more, and the sealed path needs it).
+pub const QUIC_RETRY: Duration = Duration::from_secs(30);
 
 /// A carrier connection just opened, before it carries.
 pub(super) enum Dialled {
@@ -91,6 +108,30 @@ impl Dialled {
 }
 
 impl Carrier {
+    /// On the TLS/TCP carrier in `auto`: tries QUIC/UDP to `server` every
+    /// [`CarrierOptions::quic_retry`] and returns the first connection it opens. Never returns
+    /// otherwise.
+    pub(super) async fn quic_again(
+        &self,
+        server: &RendezvousServer,
+        on_tcp: bool,
+    ) -> quinn::Connection {
+        let (mode, every) = {
+            let options = super::lock(&self.options);
+            (options.mode, options.quic_retry)
+        };
+        if !on_tcp || mode != CarrierMode::Auto {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            if let Ok(conn) = self.connect(server).await {
+                self.prefer_tcp.store(false, Ordering::Relaxed);
+                return conn;
+            }
+        }
+    }
+
     /// Opens a carrier connection to `server` as the options say.
     pub(super) async fn dial(&self, server: &RendezvousServer) -> Result<Dialled> {
         let options = super::lock(&self.options).clone();
