@@ -44,6 +44,8 @@ use super::{
 pub(super) const LIVE: Duration = Duration::from_secs(3);
 /// Most times one `poll_recv` reads the socket when every datagram was sealed (then it yields).
 const ROUNDS: usize = 16;
+/// The largest UDP payload one send may carry (a GSO batch included; IPv4 allows 65,507).
+const MAX_SEND: usize = 65_000;
 
 /// Where sealed datagrams that cannot take the sealed path go: the receiver's carrier
 /// connection, or the replica it is connected to.
@@ -409,7 +411,7 @@ impl Run {
                 || self.short
                 || len > self.segment
                 || self.count >= self.max_segments
-                || self.batch.len() + len > u16::MAX as usize)
+                || self.batch.len() + len > MAX_SEND)
         {
             self.flush(socket);
         }

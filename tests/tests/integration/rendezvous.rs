@@ -453,16 +453,7 @@ async fn bad_inputs_to_the_rendezvous_are_refused_without_disturbing_others() {
     );
 
     // 11. Revoking a connected node disconnects it at once; the others stay.
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 2,
-        nodes: vec![n("c/n1"), n("b/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{}\n{revocation}\n", fx.collab_jws());
-    let (ledger, _) = ledger_from_lines(&fx.pin(), &documents, fx.now);
-    server.update(config_of(&ledger).unwrap()).unwrap();
+    load_revoking(&server, &fx, 2, &["c/n1", "b/n1"]);
     let reason = tokio::time::timeout(SECOND, node_b.closed()).await.unwrap();
     assert!(reason.to_string().contains("refused"), "{reason}");
     exchange(&node_e, &node_a, "a/n1", "e/n1").await;
@@ -691,10 +682,15 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
 
 /// Loads `fx`'s collaboration document into `server` with a revocation (number 1) of `c/n1`.
 pub(super) fn load_revoking_c(server: &Rendezvous, fx: &Fixture) {
+    load_revoking(server, fx, 1, &["c/n1"]);
+}
+
+/// Loads `fx`'s collaboration document into `server` with revocation `number` of `nodes`.
+pub(super) fn load_revoking(server: &Rendezvous, fx: &Fixture, number: u64, nodes: &[&str]) {
     let revocation = fx.owner_sign(&Document::Revocation(Revocation {
         collab: "c".into(),
-        number: 1,
-        nodes: vec![n("c/n1")],
+        number,
+        nodes: nodes.iter().map(|node| n(node)).collect(),
         issued_at: jws::unix(fx.now),
         ..Revocation::default()
     }));

@@ -8,12 +8,15 @@ use fedmesh_agent::rendezvous::{
     RendezvousOptions, frame,
     sealed::{self, HEADER, Kind, Opener, Sealer},
 };
-use fedmesh_documents::{Document, Revocation, fixtures::Fixture, jws};
+use fedmesh_documents::fixtures::Fixture;
 use tokio::net::UdpSocket;
 
 use super::{
     relay::{SECOND, n},
-    rendezvous::{carrier_client, counter, http_get, identity, load_revoking_c, start_rendezvous},
+    rendezvous::{
+        carrier_client, counter, http_get, identity, load_revoking, load_revoking_c,
+        start_rendezvous,
+    },
 };
 
 /// A raw node: its carrier connection and, beside it, its sealed path's socket and keys.
@@ -197,18 +200,7 @@ async fn sealed_datagrams_pass_only_when_sealed_by_a_connected_members_session()
 
     // 10. Revoking b ends its session with its connection: its sealed datagrams are refused at
     //     once and nothing more reaches it.
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 2,
-        nodes: vec![n("c/n1"), n("b/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{}\n{revocation}\n", fx.collab_jws());
-    let (ledger, _) = fedmesh_agent::rendezvous::ledger_from_lines(&fx.pin(), &documents, fx.now);
-    server
-        .update(fedmesh_agent::rendezvous::config_of(&ledger).unwrap())
-        .unwrap();
+    load_revoking(&server, &fx, 2, &["c/n1", "b/n1"]);
     tokio::time::timeout(SECOND, b.conn.closed()).await.unwrap();
     let before = counter(
         &http_get(http_addr, "/metrics").await,

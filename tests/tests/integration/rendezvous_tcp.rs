@@ -24,13 +24,12 @@ use fedmesh_agent::{
     },
     rendezvous::{
         Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, config_of, frame,
-        ledger_from_lines,
         tcp::{StreamLink, TCP_ALPN},
         upgrade,
     },
 };
 use fedmesh_certs::NodeIdentity;
-use fedmesh_documents::{Document, NodeRef, RendezvousServer, Revocation, fixtures::Fixture, jws};
+use fedmesh_documents::{NodeRef, RendezvousServer, fixtures::Fixture};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -41,7 +40,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, carrier_client, carry_both_ways, connect_soon, counter, exchange, identity,
-        load_revoking_c,
+        load_revoking, load_revoking_c,
     },
 };
 
@@ -686,16 +685,7 @@ async fn bad_inputs_to_the_tcp_carrier_are_refused_without_disturbing_others() {
     drop(tls);
 
     // 11. Revoking a node on TCP closes its link at once; b stays.
-    let revocation = fx.owner_sign(&Document::Revocation(Revocation {
-        collab: "c".into(),
-        number: 2,
-        nodes: vec![n("c/n1"), n("a/n1")],
-        issued_at: jws::unix(fx.now),
-        ..Revocation::default()
-    }));
-    let documents = format!("{}\n{revocation}\n", fx.collab_jws());
-    let (ledger, _) = ledger_from_lines(&fx.pin(), &documents, fx.now);
-    server.update(config_of(&ledger).unwrap()).unwrap();
+    load_revoking(&server, &fx, 2, &["c/n1", "a/n1"]);
     let closed = tokio::time::timeout(SECOND, async { while a_rx.recv().await.is_some() {} }).await;
     assert!(closed.is_ok(), "a's TCP link still open after revocation");
     assert!(node_a.is_closed());
