@@ -232,7 +232,8 @@ fn relay_variants() -> Vec<(String, Vec<String>)> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let wanted = std::env::var("FEDMESH_WAN_RELAY").unwrap_or_else(|_| "bbr cubic".into());
+    let wanted =
+        std::env::var("FEDMESH_WAN_RELAY").unwrap_or_else(|_| "bbr cubic cubic-hystart".into());
     if !help.contains("--congestion") {
         return vec![("fedmesh relay".into(), vec![])];
     }

@@ -42,6 +42,7 @@ use super::{
         Stop, carrier_client, carry_both_ways, connect_soon, counter, exchange, identity,
         load_revoking, load_revoking_c,
     },
+    rendezvous_sealed::forward_udp,
 };
 
 fn c() -> NodeRef {
@@ -285,36 +286,6 @@ async fn nodes_on_either_carrier_link_through_the_rendezvous() {
     stop.cancel();
 }
 
-/// Forwards UDP arriving at `front` to `to` (one upstream socket per client) and the answers
-/// back: the listed port starts answering UDP.
-fn open_udp(front: UdpSocket, to: SocketAddr) {
-    front.set_nonblocking(true).unwrap();
-    let front = Arc::new(tokio::net::UdpSocket::from_std(front).unwrap());
-    tokio::spawn(async move {
-        let mut upstream: BTreeMap<SocketAddr, Arc<tokio::net::UdpSocket>> = BTreeMap::new();
-        let mut buf = vec![0; 65_536];
-        while let Ok((len, client)) = front.recv_from(&mut buf).await {
-            let up = match upstream.get(&client) {
-                Some(up) => up.clone(),
-                None => {
-                    let up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-                    let (back, front) = (up.clone(), front.clone());
-                    tokio::spawn(async move {
-                        let mut buf = vec![0; 65_536];
-                        while let Ok(len) = back.recv(&mut buf).await {
-                            let _ = front.send_to(&buf[..len], client).await;
-                        }
-                    });
-                    up.connect(to).await.unwrap();
-                    upstream.insert(client, up.clone());
-                    up
-                }
-            };
-            let _ = up.send(&buf[..len]).await;
-        }
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_to_tcp_when_udp_gets_no_answer_and_returns_when_it_does() {
     let tmp = tempfile::tempdir().unwrap();
@@ -376,7 +347,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer_and_returns_when_it_does
 
     // UDP to the listed port answers from now on: both nodes move to QUIC by themselves (they
     // retry every 500 ms here, 30 s by default) and their packets take the sealed path.
-    open_udp(silent, server.local_addr().unwrap());
+    forward_udp(silent, server.local_addr().unwrap(), None);
     let opened = Instant::now();
     while gauge("fedmesh_rendezvous_tcp_nodes") > 0 || gauge("fedmesh_rendezvous_nodes") < 2 {
         assert!(
