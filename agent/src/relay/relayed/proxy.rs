@@ -1,5 +1,6 @@
 //! Which HTTP CONNECT proxy the TLS/TCP carrier goes through (pure): `--proxy`, else
-//! `HTTPS_PROXY` / `https_proxy`; never for hosts `NO_PROXY` / `no_proxy` lists.
+//! `HTTPS_PROXY` / `https_proxy`; never for hosts `NO_PROXY` / `no_proxy` lists (names and their
+//! subdomains, addresses, CIDR ranges, `*`).
 //!
 //! Proxy URLs are `http://[user:password@]host[:port]` (port 80 when absent; a bare
 //! `host:port` is taken as `http://`). `NO_PROXY` is a comma-separated list of host names
@@ -188,13 +189,17 @@ impl ProxySettings {
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
+        let ip = host.parse::<std::net::IpAddr>().ok();
         let bypass = self.no_proxy.iter().any(|entry| {
             entry == "*"
                 || *entry == host
-                || (host.len() > entry.len()
+                || (ip.is_none()
+                    && host.len() > entry.len()
                     && host.ends_with(entry.as_str())
-                    && host.as_bytes()[host.len() - entry.len() - 1] == b'.'
-                    && host.parse::<std::net::IpAddr>().is_err())
+                    && host.as_bytes()[host.len() - entry.len() - 1] == b'.')
+                // A CIDR range (`10.0.0.0/8`, `fd00::/8`) holds the address.
+                || ip.zip(entry.parse::<ipnet::IpNet>().ok())
+                    .is_some_and(|(ip, net)| net.contains(&ip.to_canonical()))
         });
         (!bypass).then_some(proxy)
     }
@@ -263,11 +268,19 @@ mod tests {
                 ("HTTPS_PROXY", "http://upper:2"),
                 (
                     "NO_PROXY",
-                    " .internal.example, 10.0.0.5:443,[fd00::2], *.corp",
+                    " .internal.example, 10.0.0.5:443,[fd00::2], *.corp, 192.168.0.0/16, fd10::/16",
                 ),
             ]),
         )
         .unwrap();
+        assert_eq!(from_env.for_host("192.168.7.9"), None, "in a CIDR range");
+        assert_eq!(from_env.for_host("[fd10::1]"), None);
+        assert!(from_env.for_host("192.169.0.1").is_some());
+        assert!(from_env.for_host("fd11::1").is_some());
+        assert!(
+            from_env.for_host("192.168.example").is_some(),
+            "a name is not in a range"
+        );
         assert_eq!(from_env.for_host("rv.example").unwrap().host, "upper");
         assert_eq!(from_env.for_host("internal.example"), None);
         assert_eq!(from_env.for_host("rv.internal.example"), None);
