@@ -6,7 +6,12 @@
 //! dropped a few hundred). Linux's Cubic avoids that with HyStart's delay-increase test
 //! (RFC 9406 uses the same one): in slow start, once a round trip's smallest RTT sample is
 //! `clamp(previous round's / 8, 4 ms, 16 ms)` above the previous round's, the queue is filling,
-//! and congestion avoidance starts from the current window. Congestion avoidance and the loss
+//! and congestion avoidance starts from the current window. That test looks at whole rounds,
+//! and in the round where the window first exceeds the path the queue fills from empty: its
+//! smallest sample is still the base RTT while the doubling overflows a shallow queue. So the
+//! same threshold also applies to every sample: samples all above it for a quarter of the last
+//! round's RTT (at least 8 of them, spread in time, so a burst of acknowledgements that waited
+//! for a descheduled process does not count) end slow start within the round. Congestion avoidance and the loss
 //! response are Cubic's: `W(t) = C·(t − K)³ + W_max` with `C = 0.4`, `β = 0.7`, fast
 //! convergence, and the Reno-friendly estimate as a floor.
 //!
@@ -60,6 +65,9 @@ struct Rounds {
     min: Option<Duration>,
     samples: u32,
     last_min: Option<Duration>,
+    /// Since when, and how many, consecutive samples were above the threshold.
+    above_since: Option<Instant>,
+    above: u32,
 }
 
 /// Cubic with HyStart's delay-increase exit from slow start.
@@ -111,13 +119,24 @@ impl HyStartCubic {
             let r = &mut self.rounds;
             r.min = Some(r.min.map_or(sample, |m| m.min(sample)));
             r.samples += 1;
-            if let (Some(min), Some(last)) = (r.min, r.last_min)
-                && r.samples >= MIN_SAMPLES
-                && min >= last + (last / 8).clamp(MIN_THRESHOLD, MAX_THRESHOLD)
-            {
-                // The queue is filling: congestion avoidance from here.
-                self.ssthresh = self.window;
-                return;
+            if let (Some(min), Some(last)) = (r.min, r.last_min) {
+                let threshold = last + (last / 8).clamp(MIN_THRESHOLD, MAX_THRESHOLD);
+                match sample >= threshold {
+                    true => {
+                        r.above_since.get_or_insert(now);
+                        r.above += 1;
+                    }
+                    false => (r.above_since, r.above) = (None, 0),
+                }
+                let round = r.samples >= MIN_SAMPLES && min >= threshold;
+                let lately = r.above >= MIN_SAMPLES
+                    && r.above_since
+                        .is_some_and(|since| now.saturating_duration_since(since) >= last / 4);
+                if round || lately {
+                    // The queue is filling: congestion avoidance from here.
+                    self.ssthresh = self.window;
+                    return;
+                }
             }
             self.window += bytes;
             return;
@@ -314,6 +333,54 @@ mod tests {
         // rounds after it grow by at most a packet per acknowledgement, far below doubling.
         assert_eq!(cc.ssthresh, w[3] + 7 * u64::from(MTU), "{w:?}");
         assert!(w[7] < 2 * w[4], "{w:?}");
+    }
+
+    #[test]
+    fn a_queue_building_within_a_round_ends_slow_start_in_that_round() {
+        let mut cc = HyStartCubic::new(10 * u64::from(MTU), MTU);
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        rounds(&mut cc, start, &[ms(20); 4]);
+        let before = cc.window;
+        // The next round: acknowledgements spread over 20 ms, the later half 6 ms late (the
+        // queue filling behind them).
+        let packets = before / u64::from(MTU);
+        let sent = start + ms(200);
+        for k in 0..packets {
+            let delay = if k < packets / 2 { ms(20) } else { ms(26) };
+            let at =
+                sent + delay + ms(20) * u32::try_from(k).unwrap() / u32::try_from(packets).unwrap();
+            cc.ack(at, sent, u64::from(MTU), false, ms(20));
+        }
+        assert!(!cc.in_slow_start(), "left slow start within the round");
+        assert!(
+            cc.window < 2 * before,
+            "did not double: {} of {before}",
+            cc.window
+        );
+    }
+
+    #[test]
+    fn a_burst_of_late_acknowledgements_at_one_moment_does_not_end_slow_start() {
+        let mut cc = HyStartCubic::new(10 * u64::from(MTU), MTU);
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        rounds(&mut cc, start, &[ms(20); 4]);
+        // Acknowledgements on time, then a process descheduled for 10 ms handles 20 at once.
+        let sent = start + ms(200);
+        for k in 0..10 {
+            cc.ack(
+                sent + ms(k) + ms(20),
+                sent + ms(k),
+                u64::from(MTU),
+                false,
+                ms(20),
+            );
+        }
+        for _ in 0..20 {
+            cc.ack(sent + ms(30), sent, u64::from(MTU), false, ms(20));
+        }
+        assert!(cc.in_slow_start());
     }
 
     #[test]

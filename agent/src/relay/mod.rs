@@ -516,13 +516,17 @@ impl Relay {
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(options.max_udp_payload)
-            .context("--max-udp-payload")?;
+            .context("--max-udp-payload")?
+            // The rendezvous's sealed datagrams share this socket: no peer may clear QUIC's
+            // fixed bit towards it (see `rendezvous::sealed`).
+            .grease_quic_bit(false);
         let endpoint = Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config(tls_material, options, &gate)?),
             transport.socket(),
             Arc::new(quinn::TokioRuntime),
         )?;
+        transport.attach(&endpoint);
         let (config, rx) = watch::channel(Arc::new(RelayConfig::default()));
         let (listening_tx, listening) = watch::channel(Arc::new(BTreeSet::new()));
         let client_config = client_config(tls_material, options, &gate)?;

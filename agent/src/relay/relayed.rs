@@ -4,8 +4,9 @@
 //!  relay's quinn Endpoint (mTLS, admission, streams, revocation: unchanged)
 //!        │ PathSocket (one quinn AsyncUdpSocket)
 //!        ├── real address ──────────▶ direct UDP socket ──▶ peer's advertised QUIC endpoint
-//!        └── 240.x.y.z (a peer) ────▶ Carrier: QUIC datagram [to peer | bytes] ──▶ rendezvous
-//!                                                                              ──▶ peer's carrier
+//!        └── 240.x.y.z (a peer) ─┬──▶ sealed datagram [header | bytes] (the same socket) ─┐
+//!                                └──▶ Carrier: QUIC datagram [to peer | bytes] ───────────┴▶ rendezvous
+//!                                     (until the sealed path answers; TLS/TCP carriers)  ──▶ peer
 //! ```
 //!
 //! A peer reached through a rendezvous gets a synthetic address in 240.0.0.0/4 (reserved, never
@@ -23,8 +24,9 @@
 //! HTTP CONNECT proxy when one applies) for sites that may open only TCP connections out: see
 //! [`tcp`] and [`proxy`].
 //!
-//! When the carrier is QUIC, the relay's socket also sends the end-to-end packets straight to
-//! the rendezvous's port as sealed datagrams ([`rendezvous::sealed`]: a 41-byte header sealed
+//! The carrier connection is dialled from the relay's own endpoint (its socket), and when it is
+//! QUIC, the relay's socket also sends the end-to-end packets straight to the rendezvous's port
+//! as sealed datagrams ([`rendezvous::sealed`]: a 41-byte header sealed
 //! with keys from the carrier connection, no second QUIC packet around them), and takes the
 //! rendezvous's sealed datagrams off its own reads before quinn sees them. It probes every
 //! [`PROBE_EVERY`]; the sealed path is used while the rendezvous's answers are at most
@@ -167,7 +169,12 @@ pub struct Carrier {
     identity: Mutex<Arc<NodeIdentity>>,
     /// The address family of the relay's socket (synthetic addresses are reported in it).
     v6: bool,
-    endpoint: quinn::Endpoint,
+    /// The relay's own endpoint: carrier connections dial from the relay's socket, so a
+    /// rendezvous behind a load balancer sees the carrier connection and the sealed datagrams
+    /// as one flow (one replica, one NAT mapping).
+    relay_endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    /// A socket of its own, for a relay bound to loopback and a rendezvous elsewhere.
+    own_endpoint: quinn::Endpoint,
     connected: watch::Sender<Option<String>>,
     /// The relay's own socket, which sealed datagrams travel on.
     direct: Arc<dyn AsyncUdpSocket>,
@@ -339,7 +346,7 @@ impl Carrier {
         let rendezvous = self.in_family(conn.remote_address());
         let local = self.direct.local_addr().ok()?;
         if local.ip().is_loopback() && !rendezvous.ip().to_canonical().is_loopback() {
-            info!(relay = %local, "the relay's socket is on loopback: no sealed path to the rendezvous, its carrier connection carries everything");
+            info!(relay = %local, "the relay's socket is on loopback: no sealed path to the rendezvous, its carrier connection (from a socket of its own) carries everything");
             return None;
         }
         let mut secret = [0; sealed::SECRET_LEN];
@@ -390,20 +397,42 @@ impl Carrier {
         lock(&self.sealed).clone().filter(|p| p.live())
     }
 
+    /// The endpoint to dial `rendezvous` from: the relay's, unless its socket is on loopback
+    /// and the rendezvous is not.
+    fn endpoint_for(&self, rendezvous: IpAddr) -> Result<&quinn::Endpoint> {
+        let relay = self
+            .relay_endpoint
+            .get()
+            .context("the relay's endpoint is not up yet")?;
+        let on_loopback = relay.local_addr().is_ok_and(|l| l.ip().is_loopback());
+        Ok(
+            match on_loopback && !rendezvous.to_canonical().is_loopback() {
+                true => &self.own_endpoint,
+                false => relay,
+            },
+        )
+    }
+
     async fn connect(&self, server: &RendezvousServer) -> Result<Connection> {
+        let v6 = self.v6;
         let addr = tokio::net::lookup_host(&server.address)
             .await
             .with_context(|| format!("resolving {}", server.address))?
-            .find(|a| a.is_ipv4() || self.endpoint.local_addr().is_ok_and(|l| l.is_ipv6()))
+            .find(|a| a.is_ipv4() || v6)
             .with_context(|| format!("{} resolves to no usable address", server.address))?;
+        let endpoint = self.endpoint_for(addr.ip())?;
+        // The relay's socket may be dual-stack: an IPv4 rendezvous as a mapped address.
+        let addr = match endpoint.local_addr().is_ok_and(|l| l.is_ipv6()) {
+            true => self.in_family(addr),
+            false => addr,
+        };
         let identity = lock(&self.identity).clone();
         let tls =
             crate::hub::tls::pinned_client_config(&server.pin_sha256, &identity, rendezvous::ALPN)?;
         let crypto = qrustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(rendezvous::carrier_transport(1024 * 1024));
-        let connecting = self
-            .endpoint
+        let connecting = endpoint
             .connect_with(config, addr, "rendezvous.fedmesh")
             .context("dialling the rendezvous")?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
@@ -669,7 +698,7 @@ impl Paths {
             true => (Ipv6Addr::UNSPECIFIED, 0).into(),
             false => (Ipv4Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoint =
+        let own_endpoint =
             super::carrier_socket::client_endpoint(carrier_bind).context("binding the carrier")?;
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let carrier = Arc::new(Carrier {
@@ -683,7 +712,8 @@ impl Paths {
             servers: watch::channel(Vec::new()).0,
             identity: Mutex::new(identity),
             v6,
-            endpoint,
+            relay_endpoint: std::sync::OnceLock::new(),
+            own_endpoint,
             connected: watch::channel(None).0,
         });
         let socket = Arc::new(PathSocket {
@@ -709,6 +739,10 @@ impl Paths {
 impl Transport for Paths {
     fn socket(&self) -> Arc<dyn AsyncUdpSocket> {
         self.socket.clone()
+    }
+
+    fn attach(&self, endpoint: &quinn::Endpoint) {
+        let _ = self.carrier.relay_endpoint.set(endpoint.clone());
     }
 
     /// Direct when the peer advertises a QUIC endpoint, else through the rendezvous when it

@@ -25,6 +25,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// The socket the QUIC endpoint runs on.
     fn socket(&self) -> Arc<dyn AsyncUdpSocket>;
 
+    /// The relay's QUIC endpoint, made on [`Transport::socket`]; a transport that dials
+    /// connections of its own from that socket keeps it.
+    fn attach(&self, _endpoint: &quinn::Endpoint) {}
+
     /// The address to dial `peer` at on [`Transport::socket`], from the endpoints it advertised;
     /// an error in words when this transport cannot reach it.
     fn locate<'a>(

@@ -312,32 +312,26 @@ impl Plane {
         if receiver == from_peer {
             return Err("to_self");
         }
-        let sender_node = sender.node.clone();
-        let to = state
-            .by_peer
-            .get(&receiver)
-            .copied()
-            .and_then(|s| state.sessions.get_mut(&s));
-        match to {
-            Some(to) => match to.live(run.now) {
-                Some(at) => {
-                    let mut header = [0; HEADER];
-                    to.seal.seal(Kind::Data, from_peer, &mut header);
-                    run.push(&*self.socket, at, &header, payload);
-                }
-                // Connected, but its sealed path is not (yet) live: its carrier connection.
-                None => run
-                    .slow
-                    .push((sender_node, to.node.clone(), payload.to_vec())),
-            },
-            None => {
-                // Not here with a session: a node on the TLS/TCP carrier, or on another replica.
-                // Only the peers' ids travel, so the receiver's name is looked up among the
-                // members this replica admits.
-                let receiver = run.names.get(&receiver).cloned().ok_or("unknown_peer")?;
-                run.slow.push((sender_node, receiver, payload.to_vec()));
-            }
+        let to_session = state.by_peer.get(&receiver).copied();
+        if let Some(to) = to_session.and_then(|s| state.sessions.get_mut(&s))
+            && let Some(at) = to.live(run.now)
+        {
+            let mut header = [0; HEADER];
+            to.seal.seal(Kind::Data, from_peer, &mut header);
+            run.push(&*self.socket, at, &header, payload);
+            return Ok(());
         }
+        // The receiver is connected but its sealed path is not (yet) live: its carrier
+        // connection. Not here with a session: a node on the TLS/TCP carrier, or on another
+        // replica; only the peers' ids travel, so its name is looked up among the members this
+        // replica admits.
+        let receiver = match to_session.and_then(|s| state.sessions.get(&s)) {
+            Some(to) => to.node.clone(),
+            None => run.names.get(&receiver).cloned().ok_or("unknown_peer")?,
+        };
+        let sender = state.sessions.get(&session).map(|s| s.node.clone());
+        run.slow
+            .push((sender.ok_or("unknown_session")?, receiver, payload.to_vec()));
         Ok(())
     }
 
@@ -431,10 +425,8 @@ impl Run {
         {
             let segment = (self.count > 1).then_some(self.segment);
             if send(socket, to, &self.batch, segment) {
-                for _ in 0..self.count {
-                    self.counters.out_datagrams.inc();
-                    self.counters.sealed_out.inc();
-                }
+                self.counters.out_datagrams.inc_by(self.count as u64);
+                self.counters.sealed_out.inc_by(self.count as u64);
                 self.counters.out_bytes.inc_by(self.batch.len() as u64);
             } else {
                 self.drops.push("send_buffer_full");

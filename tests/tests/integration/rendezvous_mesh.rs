@@ -554,6 +554,18 @@ async fn replica_processes_follow_the_hub_fail_over_when_one_is_killed_and_apply
         (1, 1),
         "{t1}\n{t2}"
     );
+    // Through the load balancer each node's carrier connection and sealed datagrams are one
+    // flow (both from the relay's socket), so they reach the same replica: both replicas took
+    // sealed datagrams in and handed them out sealed.
+    for direction in ["in", "out"] {
+        let sealed = format!(
+            "fedmesh_rendezvous_sealed_datagrams_total{{collab=\"collab-x\",direction=\"{direction}\"}} "
+        );
+        assert!(
+            counter(&t1, &sealed) > 0 && counter(&t2, &sealed) > 0,
+            "sealed {direction}: {t1}\n{t2}"
+        );
+    }
     let mesh_out =
         "fedmesh_rendezvous_mesh_datagrams_total{collab=\"collab-x\",direction=\"to_replica\"} ";
     assert!(
