@@ -218,7 +218,9 @@ impl Net {
             net.sh(site, &["iptables", "-P", "INPUT", "DROP"]);
         }
         // The router: forwards only what a site opened towards the public side (and its
-        // replies), and hides the sites behind its public address.
+        // replies), and hides the sites behind its public address. The egress rules below
+        // apply to every outgoing packet, not only a flow's first: a flow the previous case
+        // allowed (the relay's socket keeps its port) does not outlive a rule that now drops it.
         net.sh("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         net.sh("rtr", &["iptables", "-P", "FORWARD", "DROP"]);
         net.sh(
@@ -227,6 +229,8 @@ impl Net {
                 "iptables",
                 "-A",
                 "FORWARD",
+                "-i",
+                "pub0",
                 "-m",
                 "conntrack",
                 "--ctstate",
