@@ -537,15 +537,100 @@ async fn links_carry_again_soon_after_the_rendezvous_restarts() {
     stop.cancel();
 }
 
-/// What the hostile double did to the datagrams it carried.
+/// What a tampering party (a hostile rendezvous, or a network) did to the datagrams it carried,
+/// and its schedule: of the datagrams in order, every 17th dropped, every 11th corrupted (after
+/// the first `keep` bytes, which it leaves intact), every 23rd held back behind the next, every
+/// 13th duplicated, every 7th followed by a replay of an earlier one, every 19th by 1,200 bytes
+/// of noise.
 #[derive(Default, Debug)]
-struct Tampered {
+pub(super) struct Tampering {
+    keep: usize,
+    seen: AtomicU64,
     dropped: AtomicU64,
     duplicated: AtomicU64,
     corrupted: AtomicU64,
     replayed: AtomicU64,
     reordered: AtomicU64,
     injected: AtomicU64,
+    /// Datagrams seen, for replays.
+    kept: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// One datagram held back, sent after the next (reordered).
+    held: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Tampering {
+    /// A schedule that leaves each datagram's first `keep` bytes (a header) intact; noise starts
+    /// with the first byte of the datagram it follows.
+    pub(super) fn keeping(keep: usize) -> Self {
+        Self {
+            keep,
+            ..Self::default()
+        }
+    }
+
+    /// What to send for one datagram on its way (none, it, or more).
+    pub(super) fn apply(&self, packet: Vec<u8>) -> Vec<Vec<u8>> {
+        let i = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        let mut kept = self.kept.lock().unwrap();
+        let mut held = self.held.lock().unwrap();
+        if i.is_multiple_of(17) {
+            count(&self.dropped);
+            return Vec::new();
+        }
+        let mut p = packet;
+        if i.is_multiple_of(11) && p.len() > self.keep {
+            let at = self.keep + (p.len() - self.keep) / 2;
+            p[at] ^= 0x5a;
+            count(&self.corrupted);
+        }
+        if i.is_multiple_of(23) && held.is_none() {
+            *held = Some(p);
+            count(&self.reordered);
+            return Vec::new();
+        }
+        let mut out = vec![p.clone()];
+        out.extend(held.take());
+        if i.is_multiple_of(13) {
+            out.push(p.clone());
+            count(&self.duplicated);
+        }
+        if i.is_multiple_of(7) && !kept.is_empty() {
+            out.push(kept[(i as usize / 7) % kept.len()].clone());
+            count(&self.replayed);
+        }
+        if i.is_multiple_of(19) {
+            let mut noise: Vec<u8> = (0..1200).map(|k| (k * 31 + i as usize) as u8).collect();
+            if self.keep > 0 {
+                noise[0] = p[0];
+            }
+            out.push(noise);
+            count(&self.injected);
+        }
+        if kept.len() < 64 {
+            kept.push(p);
+        }
+        out
+    }
+
+    /// Asserts it did each of its six things at least once.
+    pub(super) fn assert_each_done(&self) {
+        for (what, count) in [
+            ("dropped", &self.dropped),
+            ("duplicated", &self.duplicated),
+            ("corrupted", &self.corrupted),
+            ("replayed", &self.replayed),
+            ("reordered", &self.reordered),
+            ("injected", &self.injected),
+        ] {
+            assert!(
+                count.load(Ordering::Relaxed) > 0,
+                "nothing {what}: {self:?}"
+            );
+        }
+    }
 }
 
 /// A rendezvous that forwards between any two certificates of the collaboration's CA, and
@@ -553,7 +638,7 @@ struct Tampered {
 async fn hostile_rendezvous(
     dir: &std::path::Path,
     bundle: fedmesh_certs::TrustBundle,
-) -> (SocketAddr, String, Arc<Tampered>) {
+) -> (SocketAddr, String, Arc<Tampering>) {
     let cert = ServerCert::load_or_create(dir, &[]).unwrap();
     let pin = cert.pin();
     let config = cert
@@ -561,7 +646,7 @@ async fn hostile_rendezvous(
         .unwrap();
     let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    let tampered = Arc::new(Tampered::default());
+    let tampered = Arc::new(Tampering::default());
     let clients: Arc<std::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>> =
         Arc::default();
     let t = tampered.clone();
@@ -579,55 +664,15 @@ async fn hostile_rendezvous(
             let (clients, t) = (clients.clone(), t.clone());
             tokio::spawn(async move {
                 let sender = n(&me);
-                let mut i = 0u64;
-                let mut old: Vec<Vec<u8>> = Vec::new();
-                let mut held: Option<Vec<u8>> = None;
                 while let Ok(d) = conn.read_datagram().await {
-                    i += 1;
                     let Ok((to, payload)) = frame::decode(&d, 65_535) else {
                         continue;
                     };
                     let Some(out) = clients.lock().unwrap().get(&to.to_string()).cloned() else {
                         continue;
                     };
-                    let send = |p: &[u8]| {
-                        let _ = out.send_datagram(frame::encode(&sender, p));
-                    };
-                    let mut p = payload.to_vec();
-                    if i.is_multiple_of(17) {
-                        t.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if i.is_multiple_of(11) {
-                        let at = p.len() / 2;
-                        p[at] ^= 0x5a;
-                        t.corrupted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if i.is_multiple_of(23) && held.is_none() {
-                        held = Some(p);
-                        t.reordered.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    send(&p);
-                    if let Some(h) = held.take() {
-                        send(&h);
-                    }
-                    if i.is_multiple_of(13) {
-                        send(&p);
-                        t.duplicated.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if i.is_multiple_of(7) && !old.is_empty() {
-                        send(&old[(i as usize / 7) % old.len()].clone());
-                        t.replayed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if i.is_multiple_of(19) {
-                        let noise: Vec<u8> =
-                            (0..1200).map(|k| (k * 31 + i as usize) as u8).collect();
-                        send(&noise);
-                        t.injected.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if old.len() < 64 {
-                        old.push(p);
+                    for p in t.apply(payload.to_vec()) {
+                        let _ = out.send_datagram(frame::encode(&sender, &p));
                     }
                 }
             });
@@ -664,19 +709,7 @@ async fn a_hostile_rendezvous_cannot_alter_what_a_link_carries() {
         .unwrap();
     let addr = mesh.peer_addr(&a(), &b(), 7103, 10 * SECOND).await.unwrap();
     carry_both_ways(addr, target, 1024 * 1024).await;
-    for (what, count) in [
-        ("dropped", &tampered.dropped),
-        ("duplicated", &tampered.duplicated),
-        ("corrupted", &tampered.corrupted),
-        ("replayed", &tampered.replayed),
-        ("reordered", &tampered.reordered),
-        ("injected", &tampered.injected),
-    ] {
-        assert!(
-            count.load(Ordering::Relaxed) > 0,
-            "nothing {what}: {tampered:?}"
-        );
-    }
+    tampered.assert_each_done();
     mesh.shutdown().await.unwrap();
 }
 

@@ -3,15 +3,7 @@
 //! what they send is not sealed by a connected member's current session; a network between the
 //! nodes and the rendezvous that tampers with sealed datagrams cannot alter what a link carries.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use fedmesh_agent::rendezvous::{
     RendezvousOptions, frame,
@@ -23,74 +15,10 @@ use tokio::net::UdpSocket;
 use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
-        carrier_client, carry_both_ways, counter, http_get, identity, load_revoking,
+        Tampering, carrier_client, carry_both_ways, counter, http_get, identity, load_revoking,
         load_revoking_c, outbound_only_pair, start_rendezvous,
     },
 };
-
-/// What a tampering network did to the sealed datagrams it carried.
-#[derive(Default, Debug)]
-pub(super) struct Tampering {
-    seen: AtomicU64,
-    dropped: AtomicU64,
-    duplicated: AtomicU64,
-    corrupted: AtomicU64,
-    replayed: AtomicU64,
-    reordered: AtomicU64,
-    injected: AtomicU64,
-    /// Datagrams seen, for replays.
-    kept: Mutex<Vec<Vec<u8>>>,
-    /// One datagram held back, sent after the next (reordered).
-    held: Mutex<Option<Vec<u8>>>,
-}
-
-impl Tampering {
-    /// What to send for one sealed datagram on its way (none, it, or more).
-    fn apply(&self, packet: Vec<u8>) -> Vec<Vec<u8>> {
-        let i = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        let count = |c: &AtomicU64| {
-            c.fetch_add(1, Ordering::Relaxed);
-        };
-        let mut kept = self.kept.lock().unwrap();
-        let mut held = self.held.lock().unwrap();
-        if i.is_multiple_of(17) {
-            count(&self.dropped);
-            return Vec::new();
-        }
-        let mut p = packet;
-        if i.is_multiple_of(11) && p.len() > HEADER {
-            // The payload, which the sealed header does not cover.
-            let at = HEADER + (p.len() - HEADER) / 2;
-            p[at] ^= 0x5a;
-            count(&self.corrupted);
-        }
-        if i.is_multiple_of(23) && held.is_none() {
-            *held = Some(p);
-            count(&self.reordered);
-            return Vec::new();
-        }
-        let mut out = vec![p.clone()];
-        out.extend(held.take());
-        if i.is_multiple_of(13) {
-            out.push(p.clone());
-            count(&self.duplicated);
-        }
-        if i.is_multiple_of(7) && !kept.is_empty() {
-            out.push(kept[(i as usize / 7) % kept.len()].clone());
-            count(&self.replayed);
-        }
-        if i.is_multiple_of(19) {
-            let mut noise: Vec<u8> = (0..1200).map(|k| (k * 31 + i as usize) as u8).collect();
-            noise[0] = 0x10;
-            out.push(noise);
-            count(&self.injected);
-        }
-        if kept.len() < 64 {
-            kept.push(p);
-        }
-        out
-    }
-}
 
 /// Forwards UDP arriving at `front` to `to` (one upstream socket per client) and the answers
 /// back; with `tamper`, sealed datagrams either way go through [`Tampering::apply`].
@@ -355,7 +283,7 @@ async fn a_network_that_tampers_with_sealed_datagrams_cannot_alter_what_a_link_c
     // sealed datagrams both ways; QUIC passes untouched.
     let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let listed = front.local_addr().unwrap();
-    let tampering = Arc::new(Tampering::default());
+    let tampering = Arc::new(Tampering::keeping(HEADER));
     forward_udp(front, server.local_addr().unwrap(), Some(tampering.clone()));
     let target = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let mut mesh = outbound_only_pair(tmp.path(), 7104, target.local_addr().unwrap()).await;
@@ -375,19 +303,7 @@ async fn a_network_that_tampers_with_sealed_datagrams_cannot_alter_what_a_link_c
         .unwrap();
     let addr = mesh.peer_addr(&a(), &b(), 7104, 10 * SECOND).await.unwrap();
     carry_both_ways(addr, target, 1024 * 1024).await;
-    for (what, count) in [
-        ("dropped", &tampering.dropped),
-        ("duplicated", &tampering.duplicated),
-        ("corrupted", &tampering.corrupted),
-        ("replayed", &tampering.replayed),
-        ("reordered", &tampering.reordered),
-        ("injected", &tampering.injected),
-    ] {
-        assert!(
-            count.load(Ordering::Relaxed) > 0,
-            "nothing {what}: {tampering:?}"
-        );
-    }
+    tampering.assert_each_done();
     let text = metrics.render();
     let of = |key: &str| counter(&text, key);
     let (sealed, all) = (
