@@ -140,6 +140,18 @@ pub(super) async fn carry_both_ways(addr: SocketAddr, target: Arc<TcpListener>, 
     assert_eq!(client_received, (total, server_sent), "org-b → org-a");
 }
 
+/// Asserts that `metrics` counted `family{collab="c",reason=...}` at least once for each of
+/// `reasons`.
+pub(super) fn assert_counted(metrics: &str, family: &str, reasons: &[&str]) {
+    for reason in reasons {
+        let key = format!("{family}{{collab=\"c\",reason=\"{reason}\"}} ");
+        assert!(
+            counter(metrics, &key) >= 1,
+            "no {family} {reason} counted: {metrics}"
+        );
+    }
+}
+
 pub(super) fn counter(metrics: &str, prefix: &str) -> u64 {
     metrics
         .lines()
@@ -437,13 +449,11 @@ async fn bad_inputs_to_the_rendezvous_are_refused_without_disturbing_others() {
     flood.await.unwrap();
 
     let text = http_get(http_addr, "/metrics").await;
-    for reason in ["oversized", "unknown_peer", "bad_node", "to_self", "rate"] {
-        let key = format!("fedmesh_rendezvous_dropped_total{{collab=\"c\",reason=\"{reason}\"}} ");
-        assert!(
-            counter(&text, &key) >= 1,
-            "no {reason} drop counted: {text}"
-        );
-    }
+    assert_counted(
+        &text,
+        "fedmesh_rendezvous_dropped_total",
+        &["oversized", "unknown_peer", "bad_node", "to_self", "rate"],
+    );
     assert!(
         counter(
             &text,
