@@ -551,10 +551,12 @@ async fn links_carry_again_soon_after_the_rendezvous_restarts() {
 /// and its schedule: of the datagrams in order, every 17th dropped, every 11th corrupted (after
 /// the first `keep` bytes, which it leaves intact), every 23rd held back behind the next, every
 /// 13th duplicated, every 7th followed by a replay of an earlier one, every 19th by 1,200 bytes
-/// of noise.
+/// of noise. With `every` above 1 only one datagram in `every` is subject to it (the rest pass).
 #[derive(Default, Debug)]
 pub(super) struct Tampering {
     keep: usize,
+    every: u64,
+    passed: AtomicU64,
     seen: AtomicU64,
     dropped: AtomicU64,
     duplicated: AtomicU64,
@@ -569,17 +571,21 @@ pub(super) struct Tampering {
 }
 
 impl Tampering {
-    /// A schedule that leaves each datagram's first `keep` bytes (a header) intact; noise starts
-    /// with the first byte of the datagram it follows.
-    pub(super) fn keeping(keep: usize) -> Self {
+    /// A schedule that leaves each datagram's first `keep` bytes (a header) intact, for one
+    /// datagram in `every`; noise starts with the first byte of the datagram it follows.
+    pub(super) fn keeping(keep: usize, every: u64) -> Self {
         Self {
             keep,
+            every,
             ..Self::default()
         }
     }
 
     /// What to send for one datagram on its way (none, it, or more).
     pub(super) fn apply(&self, packet: Vec<u8>) -> Vec<Vec<u8>> {
+        if !(self.passed.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(self.every.max(1)) {
+            return vec![packet];
+        }
         let i = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
@@ -745,17 +751,22 @@ pub(super) fn load_revoking(server: &Rendezvous, fx: &Fixture, number: u64, node
 
 /// Starts `fedmesh rendezvous` on free loopback ports with `--dir dir` and `args`; returns the
 /// child and its start-up banner ("rendezvous running: udp/<addr> tcp/<addr> (certificate pin
-/// <pin>), http://<addr>[, mesh/<addr>]").
+/// <pin>), http://<addr>[, mesh/<addr>]"). Its TCP carrier gets a port of its own (the default,
+/// the UDP port's number, may be taken by another test's TCP socket); a process that prints no
+/// banner fails the test with what it said on stderr.
 pub(super) async fn rendezvous_process(
     dir: &std::path::Path,
     args: &[String],
 ) -> (KillOnDrop, String) {
     use std::io::BufRead;
+    let stderr = tempfile::NamedTempFile::new().unwrap();
     let mut child = KillOnDrop(
         std::process::Command::new(fedmesh_tests::fedmesh_bin())
             .args([
                 "rendezvous",
                 "--listen",
+                "127.0.0.1:0",
+                "--tcp-listen",
                 "127.0.0.1:0",
                 "--http",
                 "127.0.0.1:0",
@@ -764,7 +775,7 @@ pub(super) async fn rendezvous_process(
             .arg(dir)
             .args(args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr.reopen().unwrap())
             .spawn()
             .unwrap(),
     );
@@ -778,6 +789,11 @@ pub(super) async fn rendezvous_process(
     })
     .await
     .unwrap();
+    if line.is_empty() {
+        let _ = child.0.wait();
+        let said = std::fs::read_to_string(stderr.path()).unwrap_or_default();
+        panic!("the rendezvous printed no banner; stderr: {said}");
+    }
     (child, line)
 }
 
