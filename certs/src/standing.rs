@@ -93,18 +93,10 @@ impl Standing {
                 why,
             })
         };
-        let node = (id.org().to_owned(), id.node().to_owned());
         if self.revoked_serials.contains(&normalize_serial(serial)) {
             return refuse(Refused::SerialRevoked);
         }
-        if self.revoked_nodes.contains(&node) {
-            return refuse(Refused::NodeRevoked);
-        }
-        match &self.members {
-            None => refuse(Refused::MembersUnknown),
-            Some(members) if !members.contains(&node) => refuse(Refused::NotMember),
-            Some(_) => Ok(()),
-        }
+        self.check_node(id.org(), id.node()).or_else(refuse)
     }
 }
 
