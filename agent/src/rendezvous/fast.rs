@@ -94,19 +94,20 @@ impl State {
     }
 }
 
-/// Counters of one collaboration, resolved once.
-struct Counters {
+/// Forwarding counters of one collaboration, resolved once (for sealed datagrams and for each
+/// carrier connection's forwarder).
+pub(super) struct Counters {
     collab: String,
-    in_datagrams: Counter,
-    in_bytes: Counter,
-    out_datagrams: Counter,
-    out_bytes: Counter,
+    pub(super) in_datagrams: Counter,
+    pub(super) in_bytes: Counter,
+    pub(super) out_datagrams: Counter,
+    pub(super) out_bytes: Counter,
     sealed_in: Counter,
     sealed_out: Counter,
 }
 
 impl Counters {
-    fn new(metrics: &RendezvousMetrics, collab: &str) -> Self {
+    pub(super) fn new(metrics: &RendezvousMetrics, collab: &str) -> Self {
         let flow = |direction| FlowLabels {
             collab: collab.to_owned(),
             direction,

@@ -791,10 +791,7 @@ struct Forwarder<'a> {
     sender: &'a NodeRef,
     collab: &'a str,
     bucket: Arc<Mutex<Bucket>>,
-    in_datagrams: Counter,
-    in_bytes: Counter,
-    out_datagrams: Counter,
-    out_bytes: Counter,
+    counters: fast::Counters,
 }
 
 impl<'a> Forwarder<'a> {
@@ -804,25 +801,12 @@ impl<'a> Forwarder<'a> {
         collab: &'a str,
         bucket: Arc<Mutex<Bucket>>,
     ) -> Self {
-        let flow = |direction| FlowLabels {
-            collab: collab.to_owned(),
-            direction,
-        };
-        // One statement each: a family's guard lives to the end of its statement, and the
-        // next `get_or_create` of the same family may need its write lock.
-        let in_datagrams = shared.metrics.datagrams.get_or_create(&flow("in")).clone();
-        let in_bytes = shared.metrics.bytes.get_or_create(&flow("in")).clone();
-        let out_datagrams = shared.metrics.datagrams.get_or_create(&flow("out")).clone();
-        let out_bytes = shared.metrics.bytes.get_or_create(&flow("out")).clone();
         Self {
             shared,
             sender,
             collab,
             bucket,
-            in_datagrams,
-            in_bytes,
-            out_datagrams,
-            out_bytes,
+            counters: fast::Counters::new(&shared.metrics, collab),
         }
     }
 
@@ -846,8 +830,8 @@ impl<'a> Forwarder<'a> {
 
     /// Checks the sender's rate and the frame, then passes the payload on, named by the sender.
     fn forward(&mut self, datagram: Bytes) {
-        self.in_datagrams.inc();
-        self.in_bytes.inc_by(datagram.len() as u64);
+        self.counters.in_datagrams.inc();
+        self.counters.in_bytes.inc_by(datagram.len() as u64);
         if !lock(&self.bucket).take(datagram.len(), Instant::now()) {
             return self.dropped("rate");
         }
@@ -885,8 +869,8 @@ impl<'a> Forwarder<'a> {
         let len = out.len();
         match to.send(out) {
             Ok(()) => {
-                self.out_datagrams.inc();
-                self.out_bytes.inc_by(len as u64);
+                self.counters.out_datagrams.inc();
+                self.counters.out_bytes.inc_by(len as u64);
             }
             Err(reason) => self.dropped(reason),
         }
