@@ -26,9 +26,9 @@ use fedmesh_agent::{
     mesh::{LocalMesh, MeshOptions, NodeSpec},
     node::{self, Expose, NodeHandle, NodeOptions},
     relay::RelayOptions,
-    rendezvous::{Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, config_of},
+    rendezvous::{Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert},
 };
-use fedmesh_documents::{NodeRef, RendezvousServer};
+use fedmesh_documents::NodeRef;
 use serde_json::{Value, json};
 use tokio::{
     io::AsyncWriteExt,
@@ -36,7 +36,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::relay::{SECOND, a, b, n, read_hash, send_pattern};
+use super::{
+    relay::{SECOND, a, b, n, read_hash, send_pattern},
+    rendezvous::list_rendezvous,
+};
 
 type Store = Arc<Mutex<BTreeMap<String, Value>>>;
 
@@ -316,18 +319,10 @@ async fn istio_node_and_outbound_only_peer(gateway: Option<&str>) {
         &stop,
     )
     .await;
-    mesh.owner
-        .set_rendezvous(vec![RendezvousServer {
-            address: server.local_addr().unwrap().to_string(),
-            pin_sha256: pin,
-        }])
-        .await
-        .unwrap();
-    let ledger = mesh.owner.ledger().await.unwrap();
+    let ledger = list_rendezvous(&mut mesh, &[&server], server.local_addr().unwrap(), &pin).await;
     let ad = ledger.advertisement(&a()).unwrap();
     assert!(ad.via_rendezvous() && ad.quic().is_none(), "{ad:?}");
     assert_eq!(ad.istio_gateway(), gateway, "{ad:?}");
-    server.update(config_of(&ledger).unwrap()).unwrap();
     mesh.link(
         &a(),
         &b(),
@@ -422,16 +417,7 @@ async fn istio_mode_with_only_gateway_peers_starts_no_relay_and_no_carrier() {
     let (agent_c, _, _) =
         istio_agent(&mut mesh, &c, Some("gw.org-c.example:443"), expose, &stop).await;
     // The collaboration lists a rendezvous: nothing but need keeps the agents away from it.
-    mesh.owner
-        .set_rendezvous(vec![RendezvousServer {
-            address: server.local_addr().unwrap().to_string(),
-            pin_sha256: pin,
-        }])
-        .await
-        .unwrap();
-    server
-        .update(config_of(&mesh.owner.ledger().await.unwrap()).unwrap())
-        .unwrap();
+    list_rendezvous(&mut mesh, &[&server], server.local_addr().unwrap(), &pin).await;
     mesh.link(&a(), &c, &["7312".parse().unwrap()], 3600 * SECOND, None)
         .await
         .unwrap();

@@ -70,6 +70,29 @@ pub(super) fn start_rendezvous(
     (server, metrics, pin, stop)
 }
 
+/// Lists the rendezvous at `address` (pinned `pin`) in the collaboration and hands the owner's
+/// documents to `servers`; returns the owner's ledger.
+pub(super) async fn list_rendezvous(
+    mesh: &mut LocalMesh,
+    servers: &[&Rendezvous],
+    address: SocketAddr,
+    pin: &str,
+) -> fedmesh_documents::Ledger {
+    mesh.owner
+        .set_rendezvous(vec![RendezvousServer {
+            address: address.to_string(),
+            pin_sha256: pin.to_owned(),
+        }])
+        .await
+        .unwrap();
+    let ledger = mesh.owner.ledger().await.unwrap();
+    let config = config_of(&ledger).unwrap();
+    for server in servers {
+        server.update(config.clone()).unwrap();
+    }
+    ledger
+}
+
 /// org-a and org-b, both outbound only, org-b exposing `port` → `target`.
 pub(super) async fn outbound_only_pair(
     dir: &std::path::Path,
@@ -167,19 +190,11 @@ async fn outbound_only_nodes_link_through_the_rendezvous_and_revocation_ends_it(
         start_rendezvous(&tmp.path().join("rv"), RendezvousOptions::default());
     let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
     let mut mesh = outbound_only_pair(tmp.path(), 7101, target.local_addr().unwrap()).await;
-    mesh.owner
-        .set_rendezvous(vec![RendezvousServer {
-            address: server.local_addr().unwrap().to_string(),
-            pin_sha256: pin,
-        }])
-        .await
-        .unwrap();
-    let ledger = mesh.owner.ledger().await.unwrap();
+    let ledger = list_rendezvous(&mut mesh, &[&server], server.local_addr().unwrap(), &pin).await;
     for node in [a(), b()] {
         let ad = ledger.advertisement(&node).unwrap();
         assert!(ad.quic().is_none() && ad.via_rendezvous(), "{ad:?}");
     }
-    server.update(config_of(&ledger).unwrap()).unwrap();
 
     let id = mesh
         .link(&a(), &b(), &["7101".parse().unwrap()], 3600 * SECOND, None)

@@ -14,7 +14,7 @@ use std::{
 };
 
 use fedmesh_agent::rendezvous::{
-    Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, config_of, frame,
+    Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, frame,
     mesh::{self, MESH_ALPN, MeshOptions},
 };
 use fedmesh_documents::{RendezvousServer, fixtures::Fixture};
@@ -28,7 +28,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, banner_address, carrier_client, carry_both_ways, connect_soon, counter, exchange,
-        http_get, identity, load_revoking_c, outbound_only_pair,
+        http_get, identity, list_rendezvous, load_revoking_c, outbound_only_pair,
     },
 };
 
@@ -207,16 +207,7 @@ async fn nodes_on_different_replicas_meet_through_the_mesh_and_fail_over() {
 
     let target = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
     let mut mesh = outbound_only_pair(tmp.path(), 7111, target.local_addr().unwrap()).await;
-    mesh.owner
-        .set_rendezvous(vec![RendezvousServer {
-            address: lb.addr.to_string(),
-            pin_sha256: pin,
-        }])
-        .await
-        .unwrap();
-    let config = config_of(&mesh.owner.ledger().await.unwrap()).unwrap();
-    r1.server.update(config.clone()).unwrap();
-    r2.server.update(config).unwrap();
+    list_rendezvous(&mut mesh, &[&r1.server, &r2.server], lb.addr, &pin).await;
     mesh.link(&a(), &b(), &["7111".parse().unwrap()], 3600 * SECOND, None)
         .await
         .unwrap();

@@ -16,7 +16,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Tampering, assert_counted, carrier_client, carry_both_ways, counter, http_get, identity,
-        load_revoking, load_revoking_c, outbound_only_pair, start_rendezvous,
+        list_rendezvous, load_revoking, load_revoking_c, outbound_only_pair, start_rendezvous,
     },
 };
 
@@ -286,17 +286,7 @@ async fn a_network_that_tampers_with_sealed_datagrams_cannot_alter_what_a_link_c
     forward_udp(front, server.local_addr().unwrap(), Some(tampering.clone()));
     let target = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let mut mesh = outbound_only_pair(tmp.path(), 7104, target.local_addr().unwrap()).await;
-    mesh.owner
-        .set_rendezvous(vec![fedmesh_documents::RendezvousServer {
-            address: listed.to_string(),
-            pin_sha256: pin,
-        }])
-        .await
-        .unwrap();
-    let ledger = mesh.owner.ledger().await.unwrap();
-    server
-        .update(fedmesh_agent::rendezvous::config_of(&ledger).unwrap())
-        .unwrap();
+    list_rendezvous(&mut mesh, &[&server], listed, &pin).await;
     mesh.link(&a(), &b(), &["7104".parse().unwrap()], 3600 * SECOND, None)
         .await
         .unwrap();

@@ -23,7 +23,7 @@ use fedmesh_agent::{
         tcp::{CarrierMode, CarrierOptions, TcpCarrier, open},
     },
     rendezvous::{
-        Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, config_of, frame,
+        Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert, frame,
         tcp::{StreamLink, TCP_ALPN},
         upgrade,
     },
@@ -40,7 +40,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, assert_counted, carrier_client, carry_both_ways, connect_soon, counter, exchange,
-        identity, load_revoking, load_revoking_c,
+        identity, list_rendezvous, load_revoking, load_revoking_c,
     },
     rendezvous_sealed::forward_udp,
 };
@@ -165,16 +165,7 @@ async fn list_and_link(
     links: &[(NodeRef, NodeRef)],
     port: u16,
 ) -> Vec<String> {
-    mesh.owner
-        .set_rendezvous(vec![RendezvousServer {
-            address: address.to_string(),
-            pin_sha256: pin.to_owned(),
-        }])
-        .await
-        .unwrap();
-    server
-        .update(config_of(&mesh.owner.ledger().await.unwrap()).unwrap())
-        .unwrap();
+    list_rendezvous(mesh, &[server], address, pin).await;
     let mut ids = Vec::new();
     for (from, to) in links {
         ids.push(
