@@ -44,7 +44,10 @@ mod sites;
 use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh, rss_mib,
 };
-use sites::{QUEUE_BYTES, Shaper, iperf_received, relay_addresses, serve_echo, stunnel};
+use sites::{
+    LinkCounters, QUEUE_BYTES, Shaper, iperf_received, print_drop_timeline, relay_addresses,
+    serve_echo, stunnel,
+};
 use std::{
     io::{BufRead, BufReader, Read},
     net::SocketAddr,
@@ -417,11 +420,12 @@ async fn agents(
 }
 
 /// One throughput run's figures.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Run {
     gbits: f64,
     cpu_per_gb: Option<f64>,
-    drops: Option<u64>,
+    /// What the link emulator counted during the run (shaped profile).
+    link: Option<LinkCounters>,
     /// The rendezvous: (CPU-seconds, bytes it forwarded) during the run.
     rendezvous: Option<(f64, f64)>,
 }
@@ -466,12 +470,12 @@ async fn iperf(
         )),
         _ => None,
     };
-    let drops = shaper.as_mut().map(|s| s.counters().0);
+    let link = shaper.as_mut().map(Shaper::counters);
     let (bytes, gbits) = iperf_received(to, &out.stdout);
     Run {
         gbits,
         cpu_per_gb: (!pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9)),
-        drops,
+        link,
         rendezvous,
     }
 }
@@ -683,9 +687,16 @@ async fn profile(p: &Profile) {
             ratio(r.run.gbits, st),
             ratio(r.run.gbits, direct),
             r.run.cpu_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
-            r.run.drops.map_or("-".into(), |d| d.to_string()),
+            r.run
+                .link
+                .as_ref()
+                .map_or("-".into(), |l| l.drops.to_string()),
         );
     }
+    print_drop_timeline(
+        rows.iter()
+            .filter_map(|r| Some((r.name, r.run.link.as_ref()?))),
+    );
     let base = &rows[0];
     println!(
         "\n### 1 KiB ping-pong ({} rounds, µs) and first byte of a new connection ({} connections, ms)\n\

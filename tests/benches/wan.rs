@@ -26,7 +26,10 @@ mod sites;
 use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
 };
-use sites::{QUEUE_BYTES, Shaper, iperf_received, relay_addresses, serve_echo, stunnel};
+use sites::{
+    LinkCounters, QUEUE_BYTES, Shaper, iperf_received, print_drop_timeline, relay_addresses,
+    serve_echo, stunnel,
+};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -190,11 +193,12 @@ async fn agents(
 }
 
 /// One throughput run's figures.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Run {
     gbits: f64,
     cpu_per_gb: Option<f64>,
-    drops: Option<u64>,
+    /// What the link emulator counted during the run (shaped profiles).
+    link: Option<LinkCounters>,
 }
 
 /// iperf3 (one stream, 10 s, `cc` on the sending socket) from site A to `to`; CPU of `pids`.
@@ -216,12 +220,12 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
         .output()
         .expect("iperf3");
     let cpu = cpu_seconds(pids) - cpu;
-    let drops = shaper.as_mut().map(|s| s.counters().0);
+    let link = shaper.as_mut().map(Shaper::counters);
     let (bytes, gbits) = iperf_received(to, &out.stdout);
     Run {
         gbits,
         cpu_per_gb: (!pids.is_empty() && bytes > 0.0).then(|| cpu / (bytes / 1e9)),
-        drops,
+        link,
     }
 }
 
@@ -348,9 +352,16 @@ async fn profile(p: &Profile) {
             ratio(r.run.gbits, bbr),
             ratio(r.run.gbits, st),
             r.run.cpu_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
-            r.run.drops.map_or("-".into(), |d| d.to_string()),
+            r.run
+                .link
+                .as_ref()
+                .map_or("-".into(), |l| l.drops.to_string()),
         );
     }
+    print_drop_timeline(
+        rows.iter()
+            .filter_map(|r| Some((r.name.as_str(), r.run.link.as_ref()?))),
+    );
     let direct = rows.iter().find(|r| !r.pings.is_empty()).expect("direct");
     let (dp, df) = (direct.pings.clone(), direct.first.clone());
     println!(

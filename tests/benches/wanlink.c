@@ -8,9 +8,13 @@
  * Each direction: a reader thread takes IP packets off one TUN device, drops one at random with
  * probability loss-ppm/1e6, serialises it at the bottleneck rate (a packet that would wait more
  * than queue-bytes of backlog is a bottleneck drop), and a writer thread delivers it rtt/2 after
- * it left the bottleneck (to within 50 us: packets due together are delivered in one wake-up). A line on stdin prints the counters since the last line
- * ("<queue drops> <random losses> <packets delivered>") and resets them. Loss of the emulator's
- * own ring (more than RING packets in flight) is counted as a queue drop.
+ * it left the bottleneck (to within 50 us: packets due together are delivered in one wake-up).
+ * A line on stdin prints the counters since the last line and resets them:
+ *
+ *   <queue drops> <random losses> <packets delivered> | <queue drops in each 500 ms since then>
+ *
+ * (the timeline's bins end at the last one with a drop; at most BINS of them). Loss of the
+ * emulator's own ring (more than RING packets in flight) is counted as a queue drop.
  *
  * Build: cc -O2 -pthread -o wanlink wanlink.c
  */
@@ -32,6 +36,8 @@
 #define RING 16384
 #define SLOT 2048
 #define SLACK_NS 50000u
+#define BINS 120
+#define BIN_NS 500000000u
 
 struct dir {
     int in, out;
@@ -48,10 +54,20 @@ struct dir {
     atomic_uint_fast64_t queue_drops, losses, delivered;
 };
 
+/* Queue drops of both directions over time, since the last counters line. */
+static atomic_uint_fast64_t since_ns, timeline[BINS];
+
 static uint64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void queue_drop(struct dir *d, uint64_t now) {
+    atomic_fetch_add(&d->queue_drops, 1);
+    uint64_t since = atomic_load(&since_ns);
+    uint64_t bin = now > since ? (now - since) / BIN_NS : 0;
+    atomic_fetch_add(&timeline[bin < BINS ? bin : BINS - 1], 1);
 }
 
 static uint64_t xorshift(uint64_t *s) {
@@ -98,7 +114,7 @@ static void *reader(void *arg) {
             uint64_t start = d->next_free > now ? d->next_free : now;
             uint64_t backlog_bytes = (start - now) * d->rate / 8 / 1000000000u;
             if (backlog_bytes + (uint64_t)n > d->queue_bytes) {
-                atomic_fetch_add(&d->queue_drops, 1);
+                queue_drop(d, now);
                 continue;
             }
             leave = start + (uint64_t)n * 8 * 1000000000u / d->rate;
@@ -107,7 +123,7 @@ static void *reader(void *arg) {
         pthread_mutex_lock(&d->mu);
         if (d->tail - d->head >= RING) {
             pthread_mutex_unlock(&d->mu);
-            atomic_fetch_add(&d->queue_drops, 1);
+            queue_drop(d, now);
             continue;
         }
         uint64_t i = d->tail % RING;
@@ -174,14 +190,22 @@ int main(int argc, char **argv) {
     pthread_create(&t[1], NULL, writer, &ab);
     pthread_create(&t[2], NULL, reader, &ba);
     pthread_create(&t[3], NULL, writer, &ba);
+    atomic_store(&since_ns, now_ns());
     printf("ready\n");
     fflush(stdout);
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
-        printf("%lu %lu %lu\n",
+        printf("%lu %lu %lu |",
                (unsigned long)(atomic_exchange(&ab.queue_drops, 0) + atomic_exchange(&ba.queue_drops, 0)),
                (unsigned long)(atomic_exchange(&ab.losses, 0) + atomic_exchange(&ba.losses, 0)),
                (unsigned long)(atomic_exchange(&ab.delivered, 0) + atomic_exchange(&ba.delivered, 0)));
+        uint64_t bins[BINS];
+        int last = -1;
+        for (int i = 0; i < BINS; i++)
+            if ((bins[i] = atomic_exchange(&timeline[i], 0))) last = i;
+        atomic_store(&since_ns, now_ns());
+        for (int i = 0; i <= last; i++) printf(" %lu", (unsigned long)bins[i]);
+        printf("\n");
         fflush(stdout);
     }
     return 0;

@@ -54,16 +54,50 @@ impl Shaper {
         }
     }
 
-    /// (bottleneck drops, random losses) since the last call.
-    pub(crate) fn counters(&mut self) -> (u64, u64) {
+    /// The emulator's counters since the last call.
+    pub(crate) fn counters(&mut self) -> LinkCounters {
         writeln!(self.stdin).expect("emulator stdin");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("emulator counters");
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        (v[0], v[1])
+        let (totals, timeline) = line.split_once('|').unwrap_or((&line, ""));
+        let numbers = |s: &str| -> Vec<u64> {
+            s.split_whitespace()
+                .map(|x| x.parse().expect("emulator counter"))
+                .collect()
+        };
+        let v = numbers(totals);
+        LinkCounters {
+            drops: v[0],
+            losses: v[1],
+            timeline: numbers(timeline),
+        }
+    }
+}
+
+/// What the link emulator counted over one interval.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LinkCounters {
+    /// Packets dropped at a full bottleneck queue.
+    pub(crate) drops: u64,
+    /// Packets lost at random (the profile's loss rate).
+    pub(crate) losses: u64,
+    /// Bottleneck drops in each 500 ms of the interval, up to the last with a drop.
+    pub(crate) timeline: Vec<u64>,
+}
+
+/// Prints when each named run's bottleneck drops happened (nothing when no run was shaped).
+pub(crate) fn print_drop_timeline<'a>(runs: impl IntoIterator<Item = (&'a str, &'a LinkCounters)>) {
+    let mut runs = runs.into_iter().peekable();
+    if runs.peek().is_none() {
+        return;
+    }
+    println!(
+        "\n### Bottleneck drops over time (per 500 ms from iperf3's start) and random losses\n\
+         | path | drops per 500 ms | random losses |\n|---|---|---:|"
+    );
+    for (name, l) in runs {
+        let bins: Vec<String> = l.timeline.iter().map(u64::to_string).collect();
+        println!("| {name} | {} | {} |", bins.join(" "), l.losses);
     }
 }
 
