@@ -214,7 +214,8 @@ async fn loopback_sized_datagrams_keep_their_path_mtu_under_load() {
 }
 
 /// Every congestion controller a node may pick carries bytes exactly, with flow-control windows
-/// sized from a small path (the windows' floor) and from the default one.
+/// sized from a small path (the windows' floor) and from the default one (the default
+/// controller, `cubic-tolerant`, carries every other test's bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_congestion_controller_and_sized_windows_carry_bytes_exactly() {
     for (congestion, path) in [
@@ -226,6 +227,8 @@ async fn every_congestion_controller_and_sized_windows_carry_bytes_exactly() {
             },
         ),
         (Congestion::NewReno, PathEstimate::default()),
+        (Congestion::Cubic, PathEstimate::default()),
+        (Congestion::CubicHystart, PathEstimate::default()),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let relay = RelayOptions {
