@@ -22,17 +22,22 @@
 //! With random loss told from congestion ([`HyStartCubicConfig::tolerating_random_loss`]), a
 //! loss keeps the window when the last 8 RTT samples all sit below the path's smallest plus the
 //! HyStart threshold (no queue anywhere, so no congestion) and the round's losses stay under 2%
-//! of the window (BBRv2's bound on loss it accepts). Loss-based Cubic collapses at 0.5% random
-//! loss over 40 ms (Mathis: about 5 Mbit/s); with the rule it keeps the path full and cuts only
-//! when a queue shows. The cost: behind a buffer shallower than the threshold, it accepts up to
-//! 2% loss before it yields, as BBRv2 does. A path whose base RTT grows (a new route) only looks
+//! of the window, or 2 packets where that is more (BBRv2's bound on loss it accepts; 2% of a
+//! slow-start window is less than a packet). A loss behind a queue cuts the window to the
+//! path's share of the recent round trip (smallest / recent: what drains the queue), keeping
+//! between Cubic's 70% and 90%; a loss over the bound with no queue to show for it (a buffer
+//! shallower than the threshold, a policer) cuts to Cubic's 70%. Loss-based Cubic collapses at
+//! 0.5% random loss over 40 ms (Mathis: about 5 Mbit/s); with the rule it keeps the path nearly
+//! full. The cost: behind a buffer shallower than the threshold, it accepts up to 2% loss
+//! before it yields, as BBRv2 does. A path whose base RTT grows (a new route) only looks
 //! queued, which makes the rule plain Cubic, the safe side.
 //!
 //! ```text
 //!  slow start ── +0.5 ms ──▶ conservative slow start ── +threshold, or 5 rounds ──▶ congestion avoidance
 //!      ▲                          │                                               (W_max = window)
 //!      └── the round trip falls ──┘
-//!  any phase ── loss (and a queue, or ≥ 2% a round, when tolerating) ──▶ window × 0.7, avoidance
+//!  any phase ── loss ──▶ window × 0.7 (tolerating: × smallest/recent RTT within [0.7, 0.9]
+//!                         behind a queue, nothing up to 2% a round without one), avoidance
 //! ```
 
 use std::{
@@ -57,10 +62,14 @@ const CSS_GROWTH_DIVISOR: u64 = 4;
 const CSS_ROUNDS: u32 = 5;
 
 /// The share of a round's window that may be lost at random, with no queue on the path,
-/// before a loss counts as congestion anyway (BBRv2's loss threshold).
+/// before a loss counts as congestion anyway (BBRv2's loss threshold)...
 const LOSS_TOLERANCE: f64 = 0.02;
+/// ...but at least this many packets: 2% of a slow-start window is less than one.
+const LOSS_TOLERANCE_PACKETS: u64 = 2;
 /// Recent RTT samples whose smallest says whether the path holds a queue.
 const RECENT: usize = 8;
+/// The least a cut takes when tolerating random loss (Cubic's `β` is the most).
+const MAX_BETA: f64 = 0.9;
 
 /// Builds [`HyStartCubic`] controllers.
 #[derive(Clone, Debug)]
@@ -122,6 +131,17 @@ impl Tolerance {
             return true;
         };
         *recent >= min + threshold(min)
+    }
+
+    /// What a cut keeps of the window: the path's share of the recent round trip (what drains
+    /// the queue and no more), within [`BETA`, [`MAX_BETA`]].
+    fn beta(&self) -> f64 {
+        match (self.min_rtt, self.recent.iter().min()) {
+            (Some(min), Some(recent)) if !recent.is_zero() => {
+                (min.as_secs_f64() / recent.as_secs_f64()).clamp(BETA, MAX_BETA)
+            }
+            _ => BETA,
+        }
     }
 }
 
@@ -319,11 +339,12 @@ impl HyStartCubic {
         if self.epoch.is_some_and(|epoch| sent <= epoch) {
             return;
         }
-        let window = self.window;
+        let allowance =
+            (self.window as f64 * LOSS_TOLERANCE).max((LOSS_TOLERANCE_PACKETS * self.mtu) as f64);
         if let Some(t) = &mut self.tolerance
             && !persistent
             && !t.queue()
-            && (t.lost + lost) as f64 <= window as f64 * LOSS_TOLERANCE
+            && (t.lost + lost) as f64 <= allowance
         {
             // No queue behind the loss and little of it: the path drops at random, and a
             // loss-based cut would only shrink the window below what the path carries.
@@ -332,16 +353,24 @@ impl HyStartCubic {
         }
         self.epoch = Some(now);
         self.rounds.css = None;
+        // Behind a queue, tolerating random loss drains the queue; otherwise (not tolerating,
+        // or over 2% lost with no queue to show for it: a shallow buffer or a policer) Cubic's.
+        let beta = match &self.tolerance {
+            Some(t) if t.queue() => t.beta(),
+            _ => BETA,
+        };
         let window = self.window as f64;
         // Fast convergence: a flow that lost before reaching its last W_max yields some.
         self.w_max = match window < self.w_max {
-            true => window * (1.0 + BETA) / 2.0,
+            true => window * (1.0 + beta) / 2.0,
             false => window,
         };
-        self.ssthresh = ((window * BETA) as u64).max(self.minimum_window());
+        self.ssthresh = ((window * beta) as u64).max(self.minimum_window());
         self.window = self.ssthresh;
-        self.k = (self.w_max / self.mtu as f64 * (1.0 - BETA) / C).cbrt();
-        self.owed = (self.owed as f64 * BETA) as u64;
+        // The time Cubic takes back to W_max from the reduced window.
+        let short = (self.w_max - self.window as f64).max(0.0) / self.mtu as f64;
+        self.k = (short / C).cbrt();
+        self.owed = (self.owed as f64 * beta) as u64;
         if persistent {
             self.epoch = None;
             self.w_max = self.window as f64;
@@ -591,6 +620,11 @@ mod tests {
         );
     }
 
+    /// `base` ms of `recent` ms, as the controller computes it.
+    fn share(base: u64, recent: u64) -> f64 {
+        Duration::from_millis(base).as_secs_f64() / Duration::from_millis(recent).as_secs_f64()
+    }
+
     fn tolerant(packets: u64) -> HyStartCubic {
         let mut cc = HyStartCubic::new(packets * u64::from(MTU), MTU);
         cc.tolerance = Some(Tolerance::default());
@@ -612,6 +646,22 @@ mod tests {
         }
         cc.congestion(at + ms(7), at, false, u64::from(MTU));
         assert_eq!(cc.window, (window as f64 * BETA) as u64, "the 7th is not");
+    }
+
+    #[test]
+    fn a_small_window_may_lose_two_packets_a_round() {
+        let mut cc = tolerant(10);
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        rounds(&mut cc, start, &[ms(20); 2]);
+        // 40 packets: 2% is under one packet, the floor is two.
+        let window = cc.window;
+        let at = start + ms(50);
+        cc.congestion(at + ms(1), at, false, u64::from(MTU));
+        cc.congestion(at + ms(2), at, false, u64::from(MTU));
+        assert_eq!(cc.window, window);
+        cc.congestion(at + ms(3), at, false, u64::from(MTU));
+        assert_eq!(cc.window, (window as f64 * BETA) as u64);
     }
 
     #[test]
@@ -645,12 +695,39 @@ mod tests {
             cc.ack(sent + ms(25) + ms(k), sent + ms(k), 0, true, ms(20));
         }
         cc.congestion(sent + ms(40), sent, false, u64::from(MTU));
-        assert_eq!(cc.window, (window as f64 * BETA) as u64);
+        // The cut drains the queue: 20 of 25 ms.
+        assert_eq!(cc.window, (window as f64 * share(20, 25)) as u64);
         // One sample back at the minimum (the queue drained) makes the next loss random again.
         cc.ack(sent + ms(60), sent + ms(40), 0, true, ms(20));
         let cut = cc.window;
         cc.congestion(sent + ms(70), sent + ms(45), false, u64::from(MTU));
         assert_eq!(cc.window, cut);
+    }
+
+    #[test]
+    fn a_cut_drains_the_queue_within_cubics_bounds() {
+        let ms = Duration::from_millis;
+        // (smallest RTT, recent RTT, what the cut keeps)
+        for (base, recent, kept) in [
+            (40, 45, share(40, 45)),
+            (20, 40, BETA),
+            (200, 217, MAX_BETA),
+        ] {
+            let mut cc = tolerant(10);
+            let start = Instant::now();
+            rounds(&mut cc, start, &[ms(base); 4]);
+            let window = cc.window;
+            let sent = start + ms(10 * base);
+            for k in 0..RECENT as u64 {
+                cc.ack(sent + ms(recent) + ms(k), sent + ms(k), 0, true, ms(base));
+            }
+            cc.congestion(sent + ms(2 * recent), sent, false, 20 * u64::from(MTU));
+            assert_eq!(
+                cc.window,
+                (window as f64 * kept) as u64,
+                "{base}/{recent} ms"
+            );
+        }
     }
 
     #[test]
