@@ -108,13 +108,25 @@ impl ControllerFactory for HyStartCubicConfig {
 
 /// What telling random loss from congestion needs: the path's smallest round trip, the latest
 /// samples, and what this round lost.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Tolerance {
     min_rtt: Option<Duration>,
     recent: [Duration; RECENT],
     next: usize,
     /// Bytes lost in this round without a window cut.
     lost: u64,
+}
+
+impl Default for Tolerance {
+    /// No samples yet: every loss is congestion until 8 have come.
+    fn default() -> Self {
+        Self {
+            min_rtt: None,
+            recent: [Duration::MAX; RECENT],
+            next: 0,
+            lost: 0,
+        }
+    }
 }
 
 impl Tolerance {
@@ -137,7 +149,7 @@ impl Tolerance {
     /// the queue and no more), within [`BETA`, [`MAX_BETA`]].
     fn beta(&self) -> f64 {
         match (self.min_rtt, self.recent.iter().min()) {
-            (Some(min), Some(recent)) if !recent.is_zero() => {
+            (Some(min), Some(recent)) if *recent != Duration::MAX && !recent.is_zero() => {
                 (min.as_secs_f64() / recent.as_secs_f64()).clamp(BETA, MAX_BETA)
             }
             _ => BETA,
@@ -196,7 +208,8 @@ impl Streak {
     }
 }
 
-/// Cubic with HyStart's delay-increase exit from slow start.
+/// Cubic with HyStart++'s two-phase exit from slow start, optionally telling random loss from
+/// congestion (module docs).
 #[derive(Clone, Debug)]
 pub struct HyStartCubic {
     initial_window: u64,
