@@ -27,8 +27,8 @@ use fedmesh_tests::{
     KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
 };
 use sites::{
-    LinkCounters, QUEUE_BYTES, Shaper, iperf_received, print_drop_timeline, relay_addresses,
-    serve_echo, stunnel,
+    LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline,
+    relay_addresses, serve_echo, stunnel,
 };
 use std::{
     io::{BufRead, BufReader},
@@ -352,10 +352,7 @@ async fn profile(p: &Profile) {
             ratio(r.run.gbits, bbr),
             ratio(r.run.gbits, st),
             r.run.cpu_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
-            r.run
-                .link
-                .as_ref()
-                .map_or("-".into(), |l| l.drops.to_string()),
+            drops_cell(r.run.link.as_ref()),
         );
     }
     print_drop_timeline(

@@ -85,6 +85,11 @@ pub(crate) struct LinkCounters {
     pub(crate) timeline: Vec<u64>,
 }
 
+/// A table cell with a run's bottleneck drops ("-" on an unshaped link).
+pub(crate) fn drops_cell(link: Option<&LinkCounters>) -> String {
+    link.map_or("-".into(), |l| l.drops.to_string())
+}
+
 /// Prints when each named run's bottleneck drops happened (nothing when no run was shaped).
 pub(crate) fn print_drop_timeline<'a>(runs: impl IntoIterator<Item = (&'a str, &'a LinkCounters)>) {
     let mut runs = runs.into_iter().peekable();
