@@ -139,17 +139,25 @@ impl Tolerance {
     /// Whether the latest samples all sit a HyStart threshold above the path's minimum: a
     /// queue is building somewhere, so a loss now is congestion.
     fn queue(&self) -> bool {
-        let (Some(min), Some(recent)) = (self.min_rtt, self.recent.iter().min()) else {
-            return true;
-        };
-        *recent >= min + threshold(min)
+        match (self.min_rtt, self.recent()) {
+            (Some(min), Some(recent)) => recent >= min + threshold(min),
+            _ => true,
+        }
+    }
+
+    /// The smallest of the last [`RECENT`] samples, once there are that many.
+    fn recent(&self) -> Option<Duration> {
+        match self.recent.contains(&Duration::MAX) {
+            true => None,
+            false => self.recent.iter().min().copied(),
+        }
     }
 
     /// What a cut keeps of the window: the path's share of the recent round trip (what drains
     /// the queue and no more), within [`BETA`, [`MAX_BETA`]].
     fn beta(&self) -> f64 {
-        match (self.min_rtt, self.recent.iter().min()) {
-            (Some(min), Some(recent)) if *recent != Duration::MAX && !recent.is_zero() => {
+        match (self.min_rtt, self.recent()) {
+            (Some(min), Some(recent)) if !recent.is_zero() => {
                 (min.as_secs_f64() / recent.as_secs_f64()).clamp(BETA, MAX_BETA)
             }
             _ => BETA,
@@ -741,6 +749,25 @@ mod tests {
                 "{base}/{recent} ms"
             );
         }
+    }
+
+    #[test]
+    fn losses_before_eight_samples_are_congestion() {
+        let mut cc = tolerant(10);
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        for k in 0..7 {
+            cc.ack(
+                start + ms(20 + k),
+                start + ms(k),
+                u64::from(MTU),
+                false,
+                ms(20),
+            );
+        }
+        let window = cc.window;
+        cc.congestion(start + ms(30), start + ms(8), false, u64::from(MTU));
+        assert_eq!(cc.window, (window as f64 * BETA) as u64);
     }
 
     #[test]
