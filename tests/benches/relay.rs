@@ -10,7 +10,7 @@
 //! Run with `scripts/bench` (builds the release binary first). iperf3 and stunnel4 come from
 //! apt; without them their rows are skipped.
 
-use fedmesh_tests::{KillOnDrop, echo_server, enrolled_collab, release_fedmesh};
+use fedmesh_tests::{KillOnDrop, echo_server, enrolled_collab, link_a_to_b, release_fedmesh};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -23,18 +23,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedmesh_agent::owner::{self, HubAddress};
-use fedmesh_documents::NodeRef;
+use fedmesh_agent::owner::HubAddress;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
-
-fn n(s: &str) -> NodeRef {
-    s.parse().expect("node name")
-}
 
 /// What the relay's UDP payload may grow to: what fits a 1500-byte Ethernet MTU (the agent's
 /// default, as between real sites), and what loopback carries (its MTU is 64 KiB, like the
@@ -162,18 +157,7 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
             format!("7100={echo}"),
         ],
     );
-    let ports = ["5201".parse().expect("port"), "7100".parse().expect("port")];
-    let terms = owner::terms(
-        "bench",
-        &n("org-a/n1"),
-        &n("org-b/n1"),
-        &ports,
-        3600 * SECOND,
-        None,
-    )
-    .expect("terms");
-    let terms = owner.request(terms).await.expect("request");
-    owner.approve(&terms.id).await.expect("approve");
+    link_a_to_b(&owner, "bench", &[5201, 7100]).await;
 
     // Wait until org-a's relay listens for org-b.
     let peers = dir.join("org-a-n1/peers.json");

@@ -42,7 +42,8 @@
 mod sites;
 
 use fedmesh_tests::{
-    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh, rss_mib,
+    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, link_a_to_b, pct, ping_pong,
+    release_fedmesh, rss_mib,
 };
 use sites::{
     LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline,
@@ -60,10 +61,10 @@ use std::{
 use fedmesh_agent::{
     enroll::NodeState,
     hub::tls::pinned_client_config,
-    owner::{self, HubAddress, Owner},
+    owner::{HubAddress, Owner},
     rendezvous::{ALPN, carrier_transport},
 };
-use fedmesh_documents::{NodeRef, RendezvousServer};
+use fedmesh_documents::RendezvousServer;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -78,10 +79,6 @@ const RV_PORT: u16 = 443;
 const RV_HTTP_PORT: u16 = 9443;
 /// Carrier connections held at once for the memory figure.
 const LOAD_NODES: usize = 100;
-
-fn n(s: &str) -> NodeRef {
-    s.parse().expect("node name")
-}
 
 fn env(name: &str) -> String {
     std::env::var(name)
@@ -307,18 +304,7 @@ async fn site(p: &Profile, dir: &Path) -> Site {
             enrolled.elapsed().as_secs_f64()
         );
     }
-    let ports = [IPERF_PORT, ECHO_PORT].map(|p| p.to_string().parse().expect("port"));
-    let terms = owner::terms(
-        COLLAB,
-        &n("org-a/n1"),
-        &n("org-b/n1"),
-        &ports,
-        3600 * SECOND,
-        None,
-    )
-    .expect("terms");
-    let terms = owner.request(terms).await.expect("request");
-    owner.approve(&terms.id).await.expect("approve");
+    link_a_to_b(&owner, COLLAB, &[IPERF_PORT, ECHO_PORT]).await;
 
     let rv_dir = dir.join("rv");
     let out = in_ns("R", release_fedmesh())

@@ -24,7 +24,8 @@
 mod sites;
 
 use fedmesh_tests::{
-    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, pct, ping_pong, release_fedmesh,
+    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, link_a_to_b, pct, ping_pong,
+    release_fedmesh,
 };
 use sites::{
     LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline,
@@ -38,17 +39,12 @@ use std::{
     time::Duration,
 };
 
-use fedmesh_agent::owner::{self, HubAddress};
-use fedmesh_documents::NodeRef;
+use fedmesh_agent::owner::HubAddress;
 
 const SECOND: Duration = Duration::from_secs(1);
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7100;
 const RELAY_PORT: u16 = 4433;
-
-fn n(s: &str) -> NodeRef {
-    s.parse().expect("node name")
-}
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run with `scripts/bench wan`"))
@@ -134,21 +130,7 @@ async fn site(p: &Profile, dir: &Path) -> Site {
         ["org-a/n1", "org-b/n1"].map(|node| (node.to_owned(), dir.join(node.replace('/', "-")))),
     )
     .await;
-    let ports = [
-        IPERF_PORT.to_string().parse().expect("port"),
-        ECHO_PORT.to_string().parse().expect("port"),
-    ];
-    let terms = owner::terms(
-        "wan",
-        &n("org-a/n1"),
-        &n("org-b/n1"),
-        &ports,
-        3600 * SECOND,
-        None,
-    )
-    .expect("terms");
-    let terms = owner.request(terms).await.expect("request");
-    owner.approve(&terms.id).await.expect("approve");
+    link_a_to_b(&owner, "wan", &[IPERF_PORT, ECHO_PORT]).await;
     Site {
         _hub: hub,
         dir: dir.to_owned(),

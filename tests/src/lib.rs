@@ -182,6 +182,27 @@ pub async fn enrolled_collab(
     owner
 }
 
+/// Has `owner` request and approve a link of collaboration `collab` from org-a/n1 to
+/// org-b/n1 on `ports`, for an hour (the benchmarks' link).
+pub async fn link_a_to_b(owner: &fedmesh_agent::owner::Owner, collab: &str, ports: &[u16]) {
+    let node = |name: &str| name.parse().expect("node name");
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| p.to_string().parse().expect("port"))
+        .collect();
+    let terms = fedmesh_agent::owner::terms(
+        collab,
+        &node("org-a/n1"),
+        &node("org-b/n1"),
+        &ports,
+        Duration::from_secs(3600),
+        None,
+    )
+    .expect("terms");
+    let terms = owner.request(terms).await.expect("request");
+    owner.approve(&terms.id).await.expect("approve");
+}
+
 /// The release `fedmesh` binary the benchmarks run (`scripts/bench` builds it).
 pub fn release_fedmesh() -> PathBuf {
     let bin = repo_root().join("target/release/fedmesh");
