@@ -646,6 +646,15 @@ mod tests {
         Duration::from_millis(base).as_secs_f64() / Duration::from_millis(recent).as_secs_f64()
     }
 
+    /// [`RECENT`] RTT samples of `rtt` (acknowledgements carrying no window growth), from
+    /// packets sent 1 ms apart from `sent` on.
+    fn samples(cc: &mut HyStartCubic, sent: Instant, rtt: Duration) {
+        for k in 0..RECENT as u64 {
+            let at = sent + Duration::from_millis(k);
+            cc.ack(at + rtt, at, 0, true, rtt);
+        }
+    }
+
     fn tolerant(packets: u64) -> HyStartCubic {
         let mut cc = HyStartCubic::new(packets * u64::from(MTU), MTU);
         cc.tolerance = Some(Tolerance::default());
@@ -712,9 +721,7 @@ mod tests {
         let window = cc.window;
         // The latest acknowledgements came 5 ms late (above the 4 ms threshold over 20 ms).
         let sent = start + ms(100);
-        for k in 0..RECENT as u64 {
-            cc.ack(sent + ms(25) + ms(k), sent + ms(k), 0, true, ms(20));
-        }
+        samples(&mut cc, sent, ms(25));
         cc.congestion(sent + ms(40), sent, false, u64::from(MTU));
         // The cut drains the queue: 20 of 25 ms.
         assert_eq!(cc.window, (window as f64 * share(20, 25)) as u64);
@@ -739,9 +746,7 @@ mod tests {
             rounds(&mut cc, start, &[ms(base); 4]);
             let window = cc.window;
             let sent = start + ms(10 * base);
-            for k in 0..RECENT as u64 {
-                cc.ack(sent + ms(recent) + ms(k), sent + ms(k), 0, true, ms(base));
-            }
+            samples(&mut cc, sent, ms(recent));
             cc.congestion(sent + ms(2 * recent), sent, false, 20 * u64::from(MTU));
             assert_eq!(
                 cc.window,
