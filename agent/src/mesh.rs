@@ -56,8 +56,10 @@ pub struct MeshOptions {
     pub collab: String,
     /// Collaboration policy.
     pub policy: CollabPolicy,
-    /// Relay tuning for every agent.
+    /// Relay tuning for every agent but those in `relay_of`.
     pub relay: RelayOptions,
+    /// Relay tuning of particular agents.
+    pub relay_of: BTreeMap<NodeRef, RelayOptions>,
     /// Serve DNS on loopback for every agent.
     pub dns: bool,
     /// Lifetime of the node certificates the embedded hub issues.
@@ -83,6 +85,7 @@ impl Default for MeshOptions {
                 max_udp_payload: 65_000,
                 ..RelayOptions::default()
             },
+            relay_of: BTreeMap::new(),
             dns: true,
             cert_ttl: hub::DEFAULT_CERT_TTL,
             loopback_octet: 77,
@@ -166,7 +169,7 @@ impl LocalMesh {
                     announce_listen: Some("127.0.0.1:0".parse()?),
                     task_namespace: None,
                 }),
-                relay: opts.relay,
+                relay: opts.relay_of.get(&spec.node).copied().unwrap_or(opts.relay),
                 kubernetes: None,
                 outbound_only: opts.outbound_only.contains(&spec.node),
                 carrier: opts.carrier.get(&spec.node).cloned().unwrap_or_default(),

@@ -40,9 +40,12 @@ pub struct PeerLabels {
 
 /// Labels of stream counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub struct StreamLabels {
     /// `outbound` (this node dialled) or `inbound`.
     pub direction: &'static str,
+    /// What carried it: `quic` (a stream of the peer's QUIC connection) or `tls` (a TLS
+    /// connection of its own).
+    pub over: &'static str,
 }
 
 /// Every metric the agent exports.
@@ -52,8 +55,8 @@ pub struct Metrics {
     pub links_active: Gauge,
     /// Streams currently open.
     pub streams_active: Gauge,
-    /// Streams opened, by direction.
-    pub streams_total: Family<DirectionLabels, Counter>,
+    /// Streams opened, by direction and what carried them.
+    pub streams_total: Family<StreamLabels, Counter>,
     /// Bytes carried, by link and direction.
     pub bytes: Family<LinkLabels, Counter>,
     /// Streams refused, by reason.
@@ -95,7 +98,7 @@ impl Default for Metrics {
             Gauge::default(),
             Gauge::default(),
         );
-        let streams_total = Family::<DirectionLabels, Counter>::default();
+        let streams_total = Family::<StreamLabels, Counter>::default();
         let bytes = Family::<LinkLabels, Counter>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let peers_refused = Family::<ReasonLabels, Counter>::default();

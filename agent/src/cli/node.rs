@@ -31,7 +31,7 @@ use crate::{
     node::{self, Expose, NodeOptions},
     output::{Format, table},
     relay::{
-        Caps, DEFAULT_LOOPBACK_POOL, RelayOptions,
+        Caps, DEFAULT_LOOPBACK_POOL, RelayOptions, StreamsOver,
         relayed::{
             proxy::ProxySettings,
             tcp::{CarrierMode, CarrierOptions},
@@ -300,6 +300,12 @@ pub struct RunArgs {
     /// Round-trip time expected to peers (with --link-bandwidth).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "32ms")]
     link_rtt: Duration,
+    /// What carries each relayed connection to its peer: a stream of the peer's QUIC
+    /// connection; an mTLS TCP connection of its own (the node then also takes TCP on its QUIC
+    /// port; peers that take none get QUIC); or `auto`: TLS where the peer's round trip is under
+    /// 2 ms (a LAN, where TLS over kernel TCP costs half the CPU per byte), QUIC elsewhere.
+    #[arg(long, value_enum, default_value_t = StreamsOver::default())]
+    streams_over: StreamsOver,
     #[command(flatten)]
     caps: RelayCaps,
 }
@@ -420,6 +426,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         congestion,
         link_bandwidth,
         link_rtt,
+        streams_over,
         caps,
     } = args;
     if let Some(u) = &v6_upstream
@@ -468,6 +475,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
                 bits_per_second: link_bandwidth * 1_000_000,
                 rtt: link_rtt,
             },
+            streams_over,
             ..caps.options(max_udp_payload)
         },
         outbound_only,

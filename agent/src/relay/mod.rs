@@ -44,6 +44,7 @@ pub mod policy;
 pub mod proto;
 pub mod pump;
 pub mod relayed;
+pub mod tls_streams;
 pub mod transport;
 pub mod tuning;
 
@@ -60,6 +61,7 @@ use fedmesh_certs::{CertInfo, NodeIdentity, PeerGate, SpiffeId, Standing, TrustB
 use fedmesh_documents::{Endpoint as Advertised, Ledger, NodeRef};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt, crypto::rustls as qrustls};
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::{JoinHandle, JoinSet},
@@ -71,6 +73,7 @@ pub use self::{
     budget::Budgets,
     limits::Caps,
     policy::Policy,
+    tls_streams::StreamsOver,
     transport::{DirectUdp, Transport},
     tuning::{Congestion, PathEstimate},
 };
@@ -78,11 +81,11 @@ use self::{
     budget::Ticket,
     limits::Limits,
     proto::{Refusal, Request, Response},
-    pump::{Counters, Ended},
+    pump::{Counters, Ended, FromPeer, ToPeer},
     tuning::Windows,
 };
 use crate::{
-    metrics::{DirectionLabels, Metrics},
+    metrics::{Metrics, StreamLabels},
     throttle::Throttle,
 };
 
@@ -252,6 +255,9 @@ pub struct RelayOptions {
     pub congestion: Congestion,
     /// The path expected to peers: flow-control windows follow its bandwidth-delay product.
     pub path: PathEstimate,
+    /// What carries streams to peers: QUIC, or TLS connections of their own where a peer takes
+    /// them ([`tls_streams`]).
+    pub streams_over: StreamsOver,
 }
 
 impl Default for RelayOptions {
@@ -263,6 +269,7 @@ impl Default for RelayOptions {
             unlinked_idle: Duration::from_secs(15),
             congestion: Congestion::default(),
             path: PathEstimate::default(),
+            streams_over: StreamsOver::default(),
         }
     }
 }
@@ -327,6 +334,11 @@ struct Shared {
     options: RelayOptions,
     /// Every connection and stream task, so shutdown can wait for them and end them.
     tasks: std::sync::Mutex<JoinSet<()>>,
+    /// TLS streams: its TLS for them (replaced on renewal), its listener until `run` takes it,
+    /// and what it knows of peers'.
+    tls: std::sync::Mutex<tls_streams::Configs>,
+    tls_listener: std::sync::Mutex<Option<TcpListener>>,
+    tls_book: std::sync::Mutex<tls_streams::Book>,
 }
 
 /// The certificate this relay presents: which one (counted from 0, one more per renewal) and
@@ -478,6 +490,10 @@ impl PeerId {
                     .ok()
             })
             .ok_or("no peer certificate")?;
+        Self::from_certs(&certs)
+    }
+
+    fn from_certs(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Result<Self, String> {
         let leaf = certs.first().ok_or("no peer certificate")?;
         let info = CertInfo::parse(leaf).map_err(|e| e.to_string())?;
         Ok(Self {
@@ -527,9 +543,19 @@ impl Relay {
             Arc::new(quinn::TokioRuntime),
         )?;
         transport.attach(&endpoint);
+        // TLS streams take TCP on the QUIC socket's address.
+        let tls_listener = if options.streams_over != StreamsOver::Quic {
+            let addr = endpoint.local_addr()?;
+            let listener = tls_streams::bind(addr)
+                .with_context(|| format!("binding TCP {addr} for TLS streams (--streams-over)"))?;
+            Some(listener)
+        } else {
+            None
+        };
         let (config, rx) = watch::channel(Arc::new(RelayConfig::default()));
         let (listening_tx, listening) = watch::channel(Arc::new(BTreeSet::new()));
         let client_config = client_config(tls_material, options, &gate)?;
+        let tls = tls_streams::Configs::new(tls_material, &gate)?;
         Ok(Self {
             listening,
             shared: Arc::new(Shared {
@@ -553,6 +579,9 @@ impl Relay {
                 metrics,
                 options,
                 tasks: std::sync::Mutex::new(JoinSet::new()),
+                tls: std::sync::Mutex::new(tls),
+                tls_listener: std::sync::Mutex::new(tls_listener),
+                tls_book: std::sync::Mutex::default(),
             }),
             config,
             options,
@@ -595,10 +624,12 @@ impl Relay {
         let gate = &self.shared.gate;
         let server = server_config(tls_material, self.options, gate)?;
         let client = client_config(tls_material, self.options, gate)?;
+        let tls = tls_streams::Configs::new(tls_material, gate)?;
         // Both configs first, then the generation: a connection is never credited with a newer
         // certificate than the one it was made with.
         self.shared.endpoint.set_server_config(Some(server));
         *lock(&self.shared.client_config) = client;
+        *lock(&self.shared.tls) = tls;
         let mut ours = lock(&self.shared.ours);
         ours.generation += 1;
         ours.not_after = tls_material.identity.info().not_after;
@@ -608,6 +639,9 @@ impl Relay {
     /// Runs the relay until `shutdown` completes.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let accept = tokio::spawn(accept_loop(self.shared.clone()));
+        let accept_tls = lock(&self.shared.tls_listener)
+            .take()
+            .map(|listener| tokio::spawn(tls_streams::accept_loop(self.shared.clone(), listener)));
         let stop = CancellationToken::new();
         let listeners = tokio::spawn(listen_loop(self.shared.clone(), stop.clone()));
         let sweeper = tokio::spawn(sweep_loop(self.shared.clone(), stop.clone()));
@@ -617,6 +651,9 @@ impl Relay {
         };
         shutdown.await;
         accept.abort();
+        if let Some(accept_tls) = accept_tls {
+            accept_tls.abort();
+        }
         // Wait for the listeners to close, so the addresses are free when this returns, and
         // for the last write of spent budgets.
         stop.cancel();
@@ -1104,24 +1141,45 @@ impl Drop for SourceSlot {
     }
 }
 
+impl Shared {
+    /// A slot in the source caps for a new connection from `remote`, or none (counted and
+    /// logged) when a cap refuses it.
+    fn admit_source(self: &Arc<Self>, remote: SocketAddr) -> Option<SourceSlot> {
+        if let Err(over) = lock(&self.limits).begin(remote.ip()) {
+            self.metrics.refuse_connection(over.as_str());
+            let who = remote.ip().to_string();
+            if let Some(held_back) = self.throttle.admit(over.as_str(), &who, Instant::now()) {
+                warn!(source = %remote, peer = "(before the handshake)", serial = "(before the handshake)", reason = over.as_str(), held_back, "connection refused: over the relay's cap");
+            }
+            return None;
+        }
+        Some(SourceSlot {
+            shared: self.clone(),
+            ip: remote.ip(),
+            established: false,
+        })
+    }
+
+    /// Reports a failed handshake from `remote`. Certificates the verifiers refuse
+    /// (`by_verifier`) are reported, with the identity they name, by the handshake observer;
+    /// other failures are reported here.
+    fn handshake_failed(&self, remote: SocketAddr, error: &str, by_verifier: bool) {
+        let who = remote.ip().to_string();
+        if by_verifier {
+            debug!(%remote, %error, "peer handshake refused");
+        } else if let Some(held_back) = self.throttle.admit("handshake", &who, Instant::now()) {
+            warn!(source = %remote, peer = "(no certificate)", serial = "(no certificate)", %error, held_back, "peer handshake failed");
+        }
+    }
+}
+
 /// Accepts incoming QUIC connections within the caps and serves their streams.
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let remote = incoming.remote_address();
-        let admitted = lock(&shared.limits).begin(remote.ip());
-        if let Err(over) = admitted {
+        let Some(slot) = shared.admit_source(remote) else {
             incoming.refuse();
-            shared.metrics.refuse_connection(over.as_str());
-            let who = remote.ip().to_string();
-            if let Some(held_back) = shared.throttle.admit(over.as_str(), &who, Instant::now()) {
-                warn!(source = %remote, peer = "(before the handshake)", serial = "(before the handshake)", reason = over.as_str(), held_back, "connection refused: over the relay's cap");
-            }
             continue;
-        }
-        let slot = SourceSlot {
-            shared: shared.clone(),
-            ip: remote.ip(),
-            established: false,
         };
         // Past half the handshake cap, sources must first prove they own their address.
         let busy = lock(&shared.limits).handshakes() > shared.options.caps.handshakes / 2;
@@ -1148,18 +1206,9 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, mut slot: So
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             shared.metrics.refuse("handshake");
-            // Certificates the verifiers refuse are reported, with the identity they name, by
-            // the handshake observer; other failures are reported here.
             let by_verifier = matches!(&e, quinn::ConnectionError::TransportError(t)
                 if t.code == quinn::TransportErrorCode::crypto(46));
-            let error = describe_connection_error(&e);
-            let who = remote.ip().to_string();
-            if by_verifier {
-                debug!(%remote, %error, "peer handshake refused");
-            } else if let Some(held_back) = shared.throttle.admit("handshake", &who, Instant::now())
-            {
-                warn!(source = %remote, peer = "(no certificate)", serial = "(no certificate)", %error, held_back, "peer handshake failed");
-            }
+            shared.handshake_failed(remote, &describe_connection_error(&e), by_verifier);
             return;
         }
         Err(_) => {
@@ -1223,7 +1272,7 @@ async fn serve_connection(
                     });
                     continue;
                 };
-                let task = inbound_stream(shared.clone(), peer.clone(), send, recv);
+                let task = inbound_stream(shared.clone(), peer.clone(), send, recv, None);
                 shared.spawn(async move {
                     task.await;
                     drop(guard);
@@ -1266,7 +1315,7 @@ async fn report_path(shared: Arc<Shared>, conn: Connection, peer: NodeRef) {
 // ---------------------------------------------------------------------------------------------
 // Inbound
 
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Refusal> {
+async fn read_request(recv: &mut (impl AsyncRead + Unpin)) -> Result<Request, Refusal> {
     let mut prefix = [0u8; 3];
     recv.read_exact(&mut prefix)
         .await
@@ -1281,7 +1330,7 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Refusal> 
 
 async fn refuse(
     shared: &Shared,
-    send: &mut quinn::SendStream,
+    send: &mut (impl ToPeer + AsyncWrite + Unpin),
     peer: &PeerId,
     refusal: Refusal,
     detail: String,
@@ -1291,15 +1340,21 @@ async fn refuse(
     let _ = send
         .write_all(&Response::Refused(refusal, detail).encode())
         .await;
-    let _ = send.finish();
+    send.finish().await;
 }
 
+/// Serves one stream `peer` opened (on QUIC or TLS): reads its header, admits it or refuses it
+/// with the reason, and pumps it. `over` refuses it first: the peer holds too many streams.
 async fn inbound_stream(
     shared: Arc<Shared>,
     peer: PeerId,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: impl ToPeer + AsyncWrite + Unpin + 'static,
+    mut recv: impl FromPeer + AsyncRead + Unpin + 'static,
+    over: Option<String>,
 ) {
+    if let Some(detail) = over {
+        return refuse(&shared, &mut send, &peer, Refusal::StreamLimit, detail).await;
+    }
     let request = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv)).await {
         Ok(Ok(r)) => r,
         Ok(Err(refusal)) => {
@@ -1338,13 +1393,14 @@ async fn inbound_stream(
             return refuse(&shared, &mut send, &peer, refusal, detail).await;
         }
     };
-    if send.write_all(&Response::Connected.encode()).await.is_err() {
+    let answered = send.write_all(&Response::Connected.encode()).await;
+    if answered.is_err() || send.flush().await.is_err() {
         return;
     }
     debug!(peer = %peer.id, serial = %peer.serial, port, link = %grant.link_id, "inbound stream connected");
     let cancel = until_cut(
         shared.config.clone(),
-        peer.node.clone(),
+        &peer,
         port,
         Direction::Inbound,
         ticket.as_ref(),
@@ -1382,20 +1438,23 @@ fn counters(shared: &Shared, grant: &policy::Grant, ticket: Option<&Ticket>) -> 
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run_stream(
+async fn run_stream<S: ToPeer>(
     shared: &Shared,
     direction: &'static str,
     peer: &PeerId,
     tcp: TcpStream,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: S,
+    recv: impl FromPeer,
     counters: Counters,
     cancel: impl Future<Output = VarInt>,
 ) {
     shared
         .metrics
         .streams_total
-        .get_or_create(&DirectionLabels { direction })
+        .get_or_create(&StreamLabels {
+            direction,
+            over: S::OVER,
+        })
         .inc();
     shared.metrics.streams_active.inc();
     let ended = pump::pump(tcp, send, recv, counters, cancel).await;
@@ -1417,15 +1476,16 @@ enum Direction {
 }
 
 /// Completes, with the stream error code to reset with, once (peer, port) is no longer admitted
-/// in `direction` or the link's byte budget is spent.
+/// in `direction`, the peer's standing no longer admits it, or the link's byte budget is spent.
 fn until_cut(
     config: watch::Receiver<Arc<RelayConfig>>,
-    peer: NodeRef,
+    peer: &PeerId,
     port: u16,
     direction: Direction,
     ticket: Option<&Ticket>,
 ) -> impl Future<Output = VarInt> + use<> {
     let budget = ticket.map(Ticket::budget);
+    let peer = peer.clone();
     async move {
         let spent = async {
             match &budget {
@@ -1440,10 +1500,11 @@ fn until_cut(
     }
 }
 
-/// Completes once (peer, port) is no longer admitted in `direction`.
+/// Completes once (peer, port) is no longer admitted in `direction`, or the peer's certificate
+/// no longer stands (a QUIC stream's connection is closed then too; a TLS stream has only this).
 async fn until_not_admitted(
     mut config: watch::Receiver<Arc<RelayConfig>>,
-    peer: NodeRef,
+    peer: PeerId,
     port: u16,
     direction: Direction,
 ) {
@@ -1451,9 +1512,9 @@ async fn until_not_admitted(
         {
             let c = config.borrow_and_update();
             let admitted = match direction {
-                Direction::Inbound => c.policy.admits_inbound(&peer, port).is_some(),
-                Direction::Outbound => c.policy.admits_outbound(&peer, port).is_some(),
-            };
+                Direction::Inbound => c.policy.admits_inbound(&peer.node, port).is_some(),
+                Direction::Outbound => c.policy.admits_outbound(&peer.node, port).is_some(),
+            } && c.standing.check(&peer.id, &peer.serial).is_ok();
             if !admitted {
                 return;
             }
@@ -1572,43 +1633,60 @@ async fn outbound_stream(shared: Arc<Shared>, tcp: TcpStream, peer: NodeRef, por
         Err((refusal, detail)) => return refused(refusal.as_str(), "(not dialled)", &detail),
     };
     let result = tokio::time::timeout(DIAL_DEADLINE, open_patiently(&shared, &peer, port, &grant));
-    let result = result.await;
     // Dropping `tcp` on a refusal closes the client connection.
-    let (send, recv, serial, guard) = match result {
-        Ok(Ok(streams)) => streams,
+    let opened = match result.await {
+        Ok(Ok(opened)) => opened,
         Ok(Err((reason, serial, detail))) => return refused(reason, &serial, &detail),
         Err(_) => {
             let detail = "peer unreachable before the deadline";
             return refused("peer_unreachable", "(no handshake)", detail);
         }
     };
-    debug!(peer = %who, %serial, port, link = %grant.link_id, "outbound stream connected");
-    // The connection's record of the peer (this stream's logs name the same certificate).
-    let peer = shared.peer_of(guard.id).unwrap_or(PeerId {
-        node: peer,
-        id,
-        serial,
-        renew_at: SystemTime::UNIX_EPOCH,
-        not_after: SystemTime::UNIX_EPOCH,
-    });
     let counters = counters(&shared, &grant, ticket.as_ref());
-    let cancel = until_cut(
-        shared.config.clone(),
-        peer.node.clone(),
-        port,
-        Direction::Outbound,
-        ticket.as_ref(),
-    );
-    run_stream(
-        &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
-    )
-    .await;
-    drop(guard);
+    let carry = |peer: &PeerId| {
+        debug!(peer = %peer.id, serial = %peer.serial, port, link = %grant.link_id, "outbound stream connected");
+        until_cut(
+            shared.config.clone(),
+            peer,
+            port,
+            Direction::Outbound,
+            ticket.as_ref(),
+        )
+    };
+    match opened {
+        Opened::Quic(send, recv, serial, guard) => {
+            // The connection's record of the peer (this stream's logs name the same
+            // certificate).
+            let peer = shared.peer_of(guard.id).unwrap_or(PeerId {
+                node: peer,
+                id,
+                serial,
+                renew_at: SystemTime::UNIX_EPOCH,
+                not_after: SystemTime::UNIX_EPOCH,
+            });
+            let cancel = carry(&peer);
+            run_stream(
+                &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
+            )
+            .await;
+            drop(guard);
+        }
+        Opened::Tls(send, recv, peer) => {
+            let cancel = carry(&peer);
+            run_stream(
+                &shared, "outbound", &peer, tcp, send, recv, counters, cancel,
+            )
+            .await;
+        }
+    }
 }
 
-/// An open stream to a peer: its two halves, the serial of the peer's certificate, and its
-/// count on the connection.
-type Opened = (quinn::SendStream, quinn::RecvStream, String, StreamGuard);
+/// An open stream to a peer, answered: on QUIC, its two halves, the serial of the peer's
+/// certificate and its count on the connection; on TLS, its two halves and the peer.
+enum Opened {
+    Quic(quinn::SendStream, quinn::RecvStream, String, StreamGuard),
+    Tls(tls_streams::TlsSend, tls_streams::TlsRecv, PeerId),
+}
 /// Why a stream could not be opened: the reason, the peer's serial, and the detail.
 type NotOpened = (&'static str, String, String);
 /// The reason of a stream opened on a connection the peer closed as rotated meanwhile.
@@ -1652,13 +1730,79 @@ async fn open_patiently(
     }
 }
 
-/// Opens a stream to `peer` for `port` and waits for the peer's answer; returns the streams and
-/// the serial of the peer's certificate, or the refusal's reason, that serial and the detail.
+/// Opens a stream to `peer` for `port` (over TLS where [`tls_streams::chosen`], else QUIC) and
+/// waits for the peer's answer; returns the stream, or the refusal's reason, the serial of the
+/// peer's certificate and the detail.
 async fn open(
     shared: &Arc<Shared>,
     peer: &NodeRef,
     port: u16,
     grant: &policy::Grant,
+) -> Result<Opened, NotOpened> {
+    let request = Request {
+        port,
+        label: grant.label.clone(),
+    };
+    // The round trip of the peer's QUIC connection, when one is up (and its slot not busy).
+    let rtt = shared.slot(peer).try_lock().ok().and_then(|s| {
+        s.conn
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(Connection::rtt)
+    });
+    if tls_streams::chosen(shared, peer, rtt)
+        && let Ok((mut send, mut recv, who)) = tls_streams::dial(shared, peer).await
+    {
+        let fail = |reason: &'static str, detail: String| (reason, who.serial.clone(), detail);
+        return match ask(&mut send, &mut recv, &request).await {
+            Ok(()) => Ok(Opened::Tls(send, recv, who)),
+            Err(Asked::Lost(detail)) => Err(fail("peer_unreachable", detail)),
+            Err(Asked::Bad(detail)) => Err(fail("bad_response", detail)),
+            Err(Asked::Refused(refusal, detail)) => Err(fail(refusal.as_str(), detail)),
+        };
+    }
+    open_quic(shared, peer, &request).await
+}
+
+/// What a peer answered a stream's header with, when not `Connected`.
+enum Asked {
+    /// The stream broke before an answer came.
+    Lost(String),
+    /// The answer could not be read.
+    Bad(String),
+    /// The peer refused the stream.
+    Refused(Refusal, String),
+}
+
+/// Sends a stream's header and reads the peer's answer.
+async fn ask(
+    send: &mut (impl AsyncWrite + Unpin),
+    recv: &mut (impl AsyncRead + Unpin),
+    request: &Request,
+) -> Result<(), Asked> {
+    let lost = |e: std::io::Error| Asked::Lost(e.to_string());
+    send.write_all(&request.encode()).await.map_err(lost)?;
+    send.flush().await.map_err(lost)?;
+    let mut prefix = [0u8; 2];
+    recv.read_exact(&mut prefix).await.map_err(lost)?;
+    match Response::decode_prefix(prefix).map_err(Asked::Bad)? {
+        None => Ok(()),
+        Some((refusal, len)) => {
+            let mut reason = vec![0u8; len];
+            let _ = recv.read_exact(&mut reason).await;
+            Err(Asked::Refused(
+                refusal,
+                String::from_utf8_lossy(&reason).into_owned(),
+            ))
+        }
+    }
+}
+
+/// Opens a stream to `peer` on its QUIC connection (dialled when there is none fresh).
+async fn open_quic(
+    shared: &Arc<Shared>,
+    peer: &NodeRef,
+    request: &Request,
 ) -> Result<Opened, NotOpened> {
     // Retry the dial (with backoff) until the deadline around this call cuts it short, unless
     // the peer is known to be down: then the client fails now, with the reason.
@@ -1689,27 +1833,15 @@ async fn open(
         .open_bi()
         .await
         .map_err(|e| lost(describe_connection_error(&e)))?;
-    let request = Request {
-        port,
-        label: grant.label.clone(),
-    };
-    send.write_all(&request.encode())
-        .await
-        .map_err(|e| lost(e.to_string()))?;
-    let mut prefix = [0u8; 2];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| lost(e.to_string()))?;
-    match Response::decode_prefix(prefix).map_err(|e| fail("bad_response", e))? {
-        None => Ok((send, recv, serial, guard)),
-        Some((refusal, len)) => {
-            let mut reason = vec![0u8; len];
-            let _ = recv.read_exact(&mut reason).await;
-            let reason = String::from_utf8_lossy(&reason).into_owned();
+    match ask(&mut send, &mut recv, request).await {
+        Ok(()) => Ok(Opened::Quic(send, recv, serial, guard)),
+        Err(Asked::Lost(detail)) => Err(lost(detail)),
+        Err(Asked::Bad(detail)) => Err(fail("bad_response", detail)),
+        Err(Asked::Refused(refusal, detail)) => {
             if refusal == Refusal::Expired {
                 shared.expired_by_peer(&conn);
             }
-            Err(fail(refusal.as_str(), reason))
+            Err(fail(refusal.as_str(), detail))
         }
     }
 }

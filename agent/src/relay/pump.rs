@@ -1,5 +1,7 @@
-//! Moving bytes between a TCP connection and a QUIC stream, both ways, with TCP's half-close and
-//! reset mapped onto the stream's finish and reset:
+//! Moving bytes between a TCP connection and a stream to the peer, both ways, with TCP's
+//! half-close and reset mapped onto the stream's finish and reset. The stream is a QUIC stream or
+//! a TLS connection of its own ([`super::tls_streams`]); [`ToPeer`] and [`FromPeer`] are what the
+//! pump needs of either half:
 //!
 //! | event | mapped to |
 //! |---|---|
@@ -10,10 +12,13 @@
 //! | `cancel` completes with a code (link revoked, budget spent) | both: QUIC reset + TCP reset |
 //! | the link's byte budget runs out mid-chunk | what fits passes, then both are reset |
 //!
-//! TCP → QUIC holds at most one buffer of [`CHUNK`] bytes; QUIC → TCP holds at most 32
+//! Over TLS, finish is TLS's `close_notify` and a TCP FIN; a reset is a TCP reset (it carries no
+//! code: the peer sees a reset, whatever its cause).
+//!
+//! TCP → peer holds at most one buffer of [`CHUNK`] bytes; peer → TCP holds at most 32
 //! received chunks (already inside the stream's flow-control window) until one `writev` takes
-//! them. Everything else is QUIC flow control and TCP windows, so a slow reader slows the
-//! writer instead of growing a queue.
+//! them. Everything else is flow control and TCP windows, so a slow reader slows the writer
+//! instead of growing a queue.
 
 use std::{future::Future, io::IoSlice, sync::Arc};
 
@@ -31,7 +36,7 @@ use super::budget::LinkBudget;
 /// from the heap instead of fresh pages).
 pub const CHUNK: usize = 64 * 1024;
 /// Received chunks written to TCP in one `writev`.
-const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 /// Spare room below which a new buffer is taken (the previous chunks are still in flight).
 const MIN_SPARE: usize = 8 * 1024;
 
@@ -49,6 +54,56 @@ pub fn reset_reason(code: VarInt) -> &'static str {
         2 => "revoked",
         3 => "budget_spent",
         _ => "unknown",
+    }
+}
+
+/// The half of a stream that carries bytes to the peer.
+pub trait ToPeer: Send {
+    /// What carries the stream, for metrics: `quic` or `tls`.
+    const OVER: &'static str;
+    /// Sends `chunk`; false once the peer stopped or reset the stream.
+    fn send(&mut self, chunk: Bytes) -> impl Future<Output = bool> + Send;
+    /// Ends this direction cleanly: the peer reads its end.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+    /// Cuts the stream with `code`.
+    fn reset(&mut self, code: VarInt);
+}
+
+/// The half of a stream that carries the peer's bytes here.
+pub trait FromPeer: Send {
+    /// Fills the front of `chunks` with what has arrived: how many, `None` at the peer's clean
+    /// end, an error when the stream was reset.
+    fn recv(
+        &mut self,
+        chunks: &mut [Bytes; BATCH],
+    ) -> impl Future<Output = Result<Option<usize>, ()>> + Send;
+    /// Tells the peer to stop sending, with `code`.
+    fn stop(&mut self, code: VarInt);
+}
+
+impl ToPeer for SendStream {
+    const OVER: &'static str = "quic";
+
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        self.write_chunk(chunk).await.is_ok()
+    }
+
+    async fn finish(&mut self) {
+        let _ = Self::finish(self);
+    }
+
+    fn reset(&mut self, code: VarInt) {
+        let _ = Self::reset(self, code);
+    }
+}
+
+impl FromPeer for RecvStream {
+    async fn recv(&mut self, chunks: &mut [Bytes; BATCH]) -> Result<Option<usize>, ()> {
+        self.read_chunks(chunks).await.map_err(|_| ())
+    }
+
+    fn stop(&mut self, code: VarInt) {
+        let _ = Self::stop(self, code);
     }
 }
 
@@ -90,9 +145,9 @@ fn allowance(budget: Option<&LinkBudget>, n: usize) -> usize {
     }
 }
 
-async fn tcp_to_quic(
+async fn tcp_to_peer(
     tcp: &mut tokio::net::tcp::ReadHalf<'_>,
-    send: &mut SendStream,
+    send: &mut impl ToPeer,
     counter: &Counter,
     budget: Option<&LinkBudget>,
 ) -> Dir {
@@ -103,7 +158,7 @@ async fn tcp_to_quic(
         }
         match tcp.read_buf(&mut buf).await {
             Ok(0) => {
-                let _ = send.finish();
+                send.finish().await;
                 return Dir::Done;
             }
             Ok(n) => {
@@ -111,7 +166,7 @@ async fn tcp_to_quic(
                 counter.inc_by(allowed as u64);
                 let mut chunk = buf.split().freeze();
                 chunk.truncate(allowed);
-                if !chunk.is_empty() && send.write_chunk(chunk).await.is_err() {
+                if !chunk.is_empty() && !send.send(chunk).await {
                     // The peer stopped or reset the stream.
                     return Dir::Reset;
                 }
@@ -120,24 +175,25 @@ async fn tcp_to_quic(
                 }
             }
             Err(_) => {
-                let _ = send.reset(RESET_TCP);
+                send.reset(RESET_TCP);
                 return Dir::Reset;
             }
         }
     }
 }
 
-async fn quic_to_tcp(
-    recv: &mut RecvStream,
+async fn peer_to_tcp(
+    recv: &mut impl FromPeer,
     tcp: &mut tokio::net::tcp::WriteHalf<'_>,
     counter: &Counter,
     budget: Option<&LinkBudget>,
 ) -> Dir {
-    // Every received packet's stream data is its own chunk (~1.4 KB at Internet MTU); taking
-    // all the ready ones at once and handing them to one `writev` saves a syscall per packet.
+    // Every received QUIC packet's stream data is its own chunk (~1.4 KB at Internet MTU);
+    // taking all the ready ones at once and handing them to one `writev` saves a syscall per
+    // packet.
     let mut chunks: [Bytes; BATCH] = Default::default();
     loop {
-        match recv.read_chunks(&mut chunks).await {
+        match recv.recv(&mut chunks).await {
             Ok(Some(k)) => {
                 let n: usize = chunks[..k].iter().map(Bytes::len).sum();
                 let allowed = allowance(budget, n);
@@ -155,7 +211,7 @@ async fn quic_to_tcp(
                 let written = write_all_vectored(tcp, &mut chunks[..used]).await;
                 chunks[..k].fill(Bytes::new());
                 if written.is_err() {
-                    let _ = recv.stop(RESET_TCP);
+                    recv.stop(RESET_TCP);
                     return Dir::Reset;
                 }
                 if allowed < n {
@@ -206,8 +262,8 @@ async fn write_all_vectored(
 /// out, or `cancel` completes with the stream error code to reset both sides with.
 pub async fn pump(
     mut tcp: TcpStream,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut send: impl ToPeer,
+    mut recv: impl FromPeer,
     counters: Counters,
     cancel: impl Future<Output = VarInt>,
 ) -> Ended {
@@ -215,8 +271,8 @@ pub async fn pump(
     let budget = counters.budget.as_deref();
     let ended = {
         let (mut tr, mut tw) = tcp.split();
-        let up = tcp_to_quic(&mut tr, &mut send, &counters.sent, budget);
-        let down = quic_to_tcp(&mut recv, &mut tw, &counters.received, budget);
+        let up = tcp_to_peer(&mut tr, &mut send, &counters.sent, budget);
+        let down = peer_to_tcp(&mut recv, &mut tw, &counters.received, budget);
         tokio::pin!(up, down, cancel);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -243,8 +299,8 @@ pub async fn pump(
             Ended::Cancelled(code) => code,
             _ => RESET_TCP,
         };
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
+        send.reset(code);
+        recv.stop(code);
         // Dropping the socket with zero linger sends a TCP reset.
         let _ = tcp.set_zero_linger();
     }

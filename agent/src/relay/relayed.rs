@@ -745,6 +745,10 @@ impl Transport for Paths {
         let _ = self.carrier.relay_endpoint.set(endpoint.clone());
     }
 
+    fn reaches_directly(&self, addr: SocketAddr) -> bool {
+        synthetic(addr).is_none()
+    }
+
     /// Direct when the peer advertises a QUIC endpoint, else through the rendezvous when it
     /// asks for that (the node plan passes only the endpoint it chose).
     fn locate<'a>(

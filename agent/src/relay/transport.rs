@@ -29,6 +29,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// connections of its own from that socket keeps it.
     fn attach(&self, _endpoint: &quinn::Endpoint) {}
 
+    /// Whether `addr`, from [`Transport::locate`], is the peer's own address, where it may also
+    /// take TCP (TLS streams, [`super::tls_streams`]), rather than one of this transport's making.
+    fn reaches_directly(&self, _addr: SocketAddr) -> bool {
+        false
+    }
+
     /// The address to dial `peer` at on [`Transport::socket`], from the endpoints it advertised;
     /// an error in words when this transport cannot reach it.
     fn locate<'a>(
@@ -65,6 +71,10 @@ impl DirectUdp {
 impl Transport for DirectUdp {
     fn socket(&self) -> Arc<dyn AsyncUdpSocket> {
         self.socket.clone()
+    }
+
+    fn reaches_directly(&self, _addr: SocketAddr) -> bool {
+        true
     }
 
     fn locate<'a>(

@@ -25,4 +25,5 @@ mod shutdown;
 mod tampering;
 mod task_links;
 mod tls;
+mod tls_streams;
 mod vantage6;

@@ -128,7 +128,11 @@ pub(super) async fn read_hash(r: &mut (impl AsyncReadExt + Unpin)) -> (usize, Ve
 
 /// Carries `total` pattern bytes each way through org-a's relay to a target at org-b and checks
 /// both directions byte for byte (count and SHA-256); returns the mesh, still running.
-async fn carry_both_ways(dir: &std::path::Path, relay: RelayOptions, total: usize) -> LocalMesh {
+pub(super) async fn carry_both_ways(
+    dir: &std::path::Path,
+    relay: RelayOptions,
+    total: usize,
+) -> LocalMesh {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
     let mesh = two_nodes(dir, 7001, target_addr, relay).await;
@@ -175,7 +179,7 @@ async fn bytes_flow_both_ways_byte_exact() {
     let mesh = carry_both_ways(tmp.path(), RelayOptions::default(), 100 * 1024 * 1024).await;
     let metrics = mesh.node(&a()).metrics.render();
     assert!(
-        metrics.contains("fedmesh_streams_total{direction=\"outbound\"} 1"),
+        metrics.contains("fedmesh_streams_total{direction=\"outbound\",over=\"quic\"} 1"),
         "{metrics}"
     );
     mesh.shutdown().await.unwrap();

@@ -1,0 +1,344 @@
+//! Streams over TLS (`--streams-over tls|auto`), end to end on loopback: the bytes, the header,
+//! admission and revocation of QUIC streams, on mTLS TCP connections of their own; QUIC where a
+//! peer takes none.
+
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+
+use fedmesh_agent::{
+    mesh::{LocalMesh, MeshOptions, NodeSpec},
+    metrics::Metrics,
+    node::Expose,
+    relay::{
+        RelayOptions, StreamsOver,
+        proto::{Refusal, Request, Response},
+        tls_streams::ALPN,
+    },
+};
+use fedmesh_certs::{CollabCa, IssuancePolicy, NodeIdentity, NodeKey, SpiffeId, TrustBundle, tls};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::relay::{SECOND, a, b, carry_both_ways, two_nodes};
+
+fn over(streams_over: StreamsOver) -> RelayOptions {
+    RelayOptions {
+        streams_over,
+        ..fedmesh_tests::mesh_options().relay
+    }
+}
+
+/// Streams opened in `direction` over `carrier`, from the agent's metrics.
+fn opened(metrics: &Metrics, direction: &str, carrier: &str) -> u64 {
+    let line = format!("fedmesh_streams_total{{direction=\"{direction}\",over=\"{carrier}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// An echo server on `listener`, every connection its own task.
+fn echo(listener: TcpListener) {
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// Connects `addr` and checks one echo round trip.
+async fn echoed(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(5 * SECOND, tcp.read_exact(&mut buf))
+        .await
+        .expect("no echo within 5 s")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    tcp
+}
+
+/// Waits until `tcp` ends (EOF or reset); panics after 5 s.
+async fn ended_within_five_seconds(tcp: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(5 * SECOND, tcp.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        other => panic!("stream still open 5 s after {what}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_streams_carry_bytes_exactly_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Each side shuts down writing after its bytes: a half-close each way, then the other
+    // direction's bytes still flow.
+    let mesh = carry_both_ways(tmp.path(), over(StreamsOver::Tls), 32 * 1024 * 1024).await;
+    assert_eq!(opened(&mesh.node(&a()).metrics, "outbound", "tls"), 1);
+    assert_eq!(opened(&mesh.node(&a()).metrics, "outbound", "quic"), 0);
+    assert_eq!(opened(&mesh.node(&b()).metrics, "inbound", "tls"), 1);
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_moves_streams_to_tls_once_the_peer_measures_close() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    echo(target);
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7301, target_addr, over(StreamsOver::Auto)).await;
+    mesh.link(&a(), &b(), &["7301".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7301, 5 * SECOND).await.unwrap();
+    // No round trip is known before the first stream: it goes over QUIC, whose connection then
+    // measures loopback's. (On a busy machine a round trip may read over 2 ms for a while.)
+    drop(echoed(addr).await);
+    let metrics = &mesh.node(&a()).metrics;
+    assert_eq!(opened(metrics, "outbound", "quic"), 1);
+    for _ in 0..20 {
+        if opened(metrics, "outbound", "tls") > 0 {
+            break;
+        }
+        drop(echoed(addr).await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        opened(metrics, "outbound", "tls") > 0,
+        "{}",
+        metrics.render()
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_takes_no_tls_streams_gets_quic() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    echo(target);
+    fedmesh_tests::subscribe();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = MeshOptions {
+        relay: over(StreamsOver::Tls),
+        relay_of: [(b(), over(StreamsOver::Quic))].into(),
+        ..fedmesh_tests::mesh_options()
+    };
+    let specs = [
+        NodeSpec {
+            node: a(),
+            organization_id: Some(1),
+            exposes: vec![],
+        },
+        NodeSpec {
+            node: b(),
+            organization_id: Some(2),
+            exposes: vec![Expose {
+                port: 7302,
+                label: None,
+                target: target_addr.to_string(),
+            }],
+        },
+    ];
+    let mesh = LocalMesh::start(tmp.path(), &opts, &specs).await.unwrap();
+    mesh.link(&a(), &b(), &["7302".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7302, 5 * SECOND).await.unwrap();
+    // org-b takes no TCP on its QUIC port: the stream goes over QUIC, and so does the next
+    // one (without another try, for a while).
+    drop(echoed(addr).await);
+    drop(echoed(addr).await);
+    let metrics = &mesh.node(&a()).metrics;
+    assert_eq!(opened(metrics, "outbound", "quic"), 2);
+    assert_eq!(opened(metrics, "outbound", "tls"), 0);
+    mesh.shutdown().await.unwrap();
+}
+
+/// Opens a TLS stream through a new link, revokes the link (`serial` false) or the dialling
+/// node's certificate serial (a standing the link itself outlives), and checks the stream ends.
+async fn revocation_resets_tls_streams(serial: bool) {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    echo(target);
+    let tmp = tempfile::tempdir().unwrap();
+    let mesh = two_nodes(tmp.path(), 7303, target_addr, over(StreamsOver::Tls)).await;
+    let link = mesh
+        .link(&a(), &b(), &["7303".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    let addr = mesh.peer_addr(&a(), &b(), 7303, 5 * SECOND).await.unwrap();
+    let mut tcp = echoed(addr).await;
+    assert_eq!(opened(&mesh.node(&b()).metrics, "inbound", "tls"), 1);
+    if serial {
+        let serial = mesh
+            .state(&a())
+            .unwrap()
+            .identity()
+            .unwrap()
+            .info()
+            .serial
+            .clone();
+        mesh.owner.revoke(&[], &[], &[serial]).await.unwrap();
+        ended_within_five_seconds(&mut tcp, "the revocation of org-a's certificate").await;
+    } else {
+        mesh.owner.revoke(&[link], &[], &[]).await.unwrap();
+        ended_within_five_seconds(&mut tcp, "the link's revocation").await;
+    }
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_link_resets_tls_streams() {
+    revocation_resets_tls_streams(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_dialling_certificate_resets_tls_streams() {
+    revocation_resets_tls_streams(true).await;
+}
+
+/// A bare TLS stream client with `identity`, to `to` (a relay's QUIC address: TLS streams take
+/// TCP on the same port).
+async fn raw_tls(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    to: SocketAddr,
+    server: &SpiffeId,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let config = tls::client_config(identity, bundle, &[ALPN]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(to).await?;
+    let mut stream = connector
+        .connect(ServerName::try_from(server.dns_name()).unwrap(), tcp)
+        .await?;
+    // In TLS 1.3 the client finishes first: a refused client certificate arrives as an alert
+    // on the first read.
+    stream.flush().await?;
+    Ok(stream)
+}
+
+/// Sends `header` on a new TLS stream and reads the answer.
+async fn ask(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    to: SocketAddr,
+    server: &SpiffeId,
+    header: &[u8],
+) -> Response {
+    let mut stream = raw_tls(identity, bundle, to, server).await.unwrap();
+    stream.write_all(header).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut prefix = [0u8; 2];
+    stream.read_exact(&mut prefix).await.unwrap();
+    match Response::decode_prefix(prefix).unwrap() {
+        None => Response::Connected,
+        Some((refusal, len)) => {
+            let mut reason = vec![0u8; len];
+            stream.read_exact(&mut reason).await.unwrap();
+            Response::Refused(refusal, String::from_utf8(reason).unwrap())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_streams_refuse_strangers_unlinked_ports_and_bad_headers() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let mesh = two_nodes(tmp.path(), 7304, target_addr, over(StreamsOver::Tls)).await;
+    mesh.link(&a(), &b(), &["7304".parse().unwrap()], 3600 * SECOND, None)
+        .await
+        .unwrap();
+    mesh.peer_addr(&a(), &b(), 7304, 5 * SECOND).await.unwrap();
+    let a_state = mesh.state(&a()).unwrap();
+    let (identity, bundle) = (a_state.identity().unwrap(), a_state.trust_bundle().unwrap());
+    let to = mesh.node(&b()).relay_addr.unwrap();
+    let server = SpiffeId::new("collab-x", "org-b", "n1").unwrap();
+
+    let no_link = Request {
+        port: 22,
+        label: None,
+    }
+    .encode();
+    match ask(&identity, &bundle, to, &server, &no_link).await {
+        Response::Refused(Refusal::NoLink, reason) => assert_eq!(
+            reason,
+            "no link allows org-a/n1 to reach org-b/n1 on port 22"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let garbage = b"GET / HTTP/1.1\r\n\r\n";
+    assert!(matches!(
+        ask(&identity, &bundle, to, &server, garbage).await,
+        Response::Refused(Refusal::BadVersion, _)
+    ));
+    let oversized = [1u8, 0xff, 0xff];
+    assert!(matches!(
+        ask(&identity, &bundle, to, &server, &oversized).await,
+        Response::Refused(Refusal::HeaderTooLarge, _)
+    ));
+    tokio::spawn(async move { target.accept().await });
+    let link_port = Request {
+        port: 7304,
+        label: None,
+    }
+    .encode();
+    assert_eq!(
+        ask(&identity, &bundle, to, &server, &link_port).await,
+        Response::Connected
+    );
+
+    // An identity from collab-y, whose CA org-b does not trust: the handshake fails.
+    let other =
+        CollabCa::generate("collab-y", SystemTime::now() - 60 * SECOND, 3600 * SECOND).unwrap();
+    let key = NodeKey::generate().unwrap();
+    let csr = key
+        .csr(&SpiffeId::new("collab-y", "org-a", "n1").unwrap())
+        .unwrap();
+    let cert = other
+        .sign_csr_pem(
+            &csr.pem,
+            &IssuancePolicy::default(),
+            3600 * SECOND,
+            SystemTime::now(),
+        )
+        .unwrap();
+    let stranger = NodeIdentity::new(vec![cert.der], &key).unwrap();
+    let refused = match raw_tls(&stranger, &bundle, to, &server).await {
+        Err(e) => e.to_string(),
+        Ok(mut stream) => {
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(5 * SECOND, stream.read(&mut buf))
+                .await
+                .unwrap()
+            {
+                Err(e) => e.to_string(),
+                Ok(n) => panic!("a stranger's TLS stream was served ({n} bytes read)"),
+            }
+        }
+    };
+    assert!(
+        refused.to_lowercase().contains("certificate") || refused.contains("alert"),
+        "{refused}"
+    );
+    let metrics = fedmesh_tests::metrics_until(&mesh.node(&b()).metrics, 5 * SECOND, |m| {
+        m.contains("fedmesh_streams_refused_total{reason=\"handshake\"} 1")
+    })
+    .await;
+    for reason in ["no_link", "bad_version", "header_too_large"] {
+        assert!(
+            metrics.contains(&format!(
+                "fedmesh_streams_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    mesh.shutdown().await.unwrap();
+}
