@@ -1,5 +1,5 @@
-//! The `fedmesh` binary: installs the *ring* crypto provider, parses the command line, runs it,
-//! and turns the outcome into an exit status (0 success, 1 a difference found, 2 an error; see
+//! The `fedmesh` binary: installs the *ring* crypto provider, parses the command line, runs it
+//! on a runtime of `--threads` workers, and turns the outcome into an exit status (0 success, 1 a difference found, 2 an error; see
 //! `fedmesh --help`), an error into one line on stderr.
 
 use std::process::ExitCode;
@@ -10,13 +10,23 @@ use fedmesh_agent::{
     telemetry,
 };
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // One crypto provider for the whole process: ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     telemetry::init(&cli.log_filter(), cli.log_format);
-    match cli.run().await {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads() {
+        runtime.worker_threads(threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(cli::ERROR);
+        }
+    };
+    match runtime.block_on(cli.run()) {
         Ok(status) => {
             if let Status::Differs(what) = &status {
                 eprintln!("{what}");
