@@ -2,9 +2,12 @@
 //! loopback, measured against baselines in the same run.
 //!
 //! - single-stream throughput (iperf3, 5 s): direct TCP, an stunnel TLS tunnel, the relay with
-//!   Internet-sized datagrams (the default) and with loopback-sized ones;
-//! - 1 KiB ping-pong latency p50/p90/p99: direct, stunnel, relay (and what each adds);
-//! - new connections per second (connect, 1-byte echo, close; 32 in flight): direct, relay;
+//!   Internet-sized datagrams (the default), with loopback-sized ones, and with streams over
+//!   TLS (`--streams-over tls`);
+//! - 1 KiB ping-pong latency p50/p90/p99: direct, stunnel, relay over QUIC and over TLS (and
+//!   what each adds);
+//! - new connections per second (connect, 1-byte echo, close; 32 in flight): direct, relay
+//!   over QUIC and over TLS;
 //! - agent RSS idle and with 1,000 concurrent streams open.
 //!
 //! Run with `scripts/bench` (builds the release binary first). iperf3 and stunnel4 come from
@@ -80,7 +83,8 @@ struct Setup {
 
 /// A hub and two agents whose UDP payload may grow to `udp_payload`; org-a's peer addresses
 /// come from `127.99.<pool>.0/24`.
-async fn setup(udp_payload: u16, pool: u8) -> Setup {
+/// A hub and two agents (`flags` added to both), org-a linked to org-b's iperf and echo.
+async fn setup(udp_payload: u16, pool: u8, flags: &[&str]) -> Setup {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut hub = Command::new(release_fedmesh())
@@ -131,6 +135,7 @@ async fn setup(udp_payload: u16, pool: u8) -> Setup {
                 "--loopback-pool",
                 &format!("127.99.{pool}.0/24"),
             ])
+            .args(flags)
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()
@@ -402,7 +407,9 @@ async fn main() {
         "fedmesh relay benchmark (release agents, loopback, {} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let s = setup(INTERNET_PAYLOAD, 1).await;
+    let s = setup(INTERNET_PAYLOAD, 1, &[]).await;
+    // Agents whose streams go over TLS connections of their own.
+    let t = setup(INTERNET_PAYLOAD, 3, &["--streams-over", "tls"]).await;
     tokio::time::sleep(2 * SECOND).await;
     let (rss_a_idle, rss_b_idle) = (rss_kib(s.a.0.id()), rss_kib(s.b.0.id()));
 
@@ -422,11 +429,13 @@ async fn main() {
         let relay = relay_iperf(&s).await;
         // A second pair of agents whose path MTU discovery may climb to loopback's.
         let loopback = {
-            let l = setup(LOOPBACK_PAYLOAD, 2).await;
+            let l = setup(LOOPBACK_PAYLOAD, 2, &[]).await;
             tokio::time::sleep(SECOND).await;
             println!("relay, datagrams up to {LOOPBACK_PAYLOAD} bytes:");
             relay_iperf(&l).await
         };
+        println!("relay, streams over TLS:");
+        let over_tls = relay_iperf(&t).await;
         let show = |v: Option<f64>| v.map_or("skipped".into(), |g| format!("{g:.2}"));
         println!("| path | Gbit/s | vs direct | vs stunnel |\n|---|---:|---:|---:|");
         for (name, v) in [
@@ -440,6 +449,7 @@ async fn main() {
                 format!("fedmesh relay, datagrams ≤ {LOOPBACK_PAYLOAD} B (loopback MTU)"),
                 loopback,
             ),
+            ("fedmesh relay, streams over TLS".to_owned(), over_tls),
         ] {
             let ratio = |base: Option<f64>| match (v, base) {
                 (Some(v), Some(b)) => format!("{:.2}x", v / b),
@@ -463,6 +473,7 @@ async fn main() {
         _ => None,
     };
     let relay = ping_pong(s.relay_echo, 20_000).await;
+    let relay_tls = ping_pong(t.relay_echo, 20_000).await;
     println!("| path | p50 | p90 | p99 |\n|---|---:|---:|---:|");
     let row = |name: &str, v: &[f64]| {
         println!(
@@ -485,17 +496,25 @@ async fn main() {
         row("stunnel TLS tunnel", tunnel);
     }
     row("fedmesh relay", &relay);
+    row("fedmesh relay, streams over TLS", &relay_tls);
     if let Some(tunnel) = &tunnel {
         added("stunnel", tunnel);
     }
     added("the relay", &relay);
+    added("the relay over TLS", &relay_tls);
 
     println!("\n## New connections per second (connect, 1-byte echo, close; 32 in flight; 5 s)");
     let direct = conn_rate(s.echo, 32, 5 * SECOND).await;
     let relay = conn_rate(s.relay_echo, 32, 5 * SECOND).await;
+    let relay_tls = conn_rate(t.relay_echo, 32, 5 * SECOND).await;
     println!("| path | conn/s | vs direct |\n|---|---:|---:|");
     println!("| direct TCP | {direct:.0} | 1.00x |");
     println!("| fedmesh relay | {relay:.0} | {:.2}x |", relay / direct);
+    println!(
+        "| fedmesh relay, streams over TLS | {relay_tls:.0} | {:.2}x |",
+        relay_tls / direct
+    );
+    drop(t);
 
     println!("\n## Agent memory (RSS, MiB)");
     let mut held = Vec::with_capacity(1000);

@@ -211,25 +211,27 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
     }
 }
 
-/// Relay variants: one per congestion controller when the agent has the flag.
+/// Relay variants from `FEDMESH_WAN_RELAY`: each word a congestion controller (`bbr`,
+/// `cubic-tolerant`, ...) or `streams-over=<quic|tls|auto>`, each with the agent's defaults
+/// for the rest.
 fn relay_variants() -> Vec<(String, Vec<String>)> {
     let help = Command::new(release_fedmesh())
         .args(["node", "--help"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let wanted =
-        std::env::var("FEDMESH_WAN_RELAY").unwrap_or_else(|_| "bbr cubic cubic-hystart".into());
-    if !help.contains("--congestion") {
-        return vec![("fedmesh relay".into(), vec![])];
-    }
+    let wanted = std::env::var("FEDMESH_WAN_RELAY")
+        .unwrap_or_else(|_| "cubic-tolerant streams-over=auto".into());
     wanted
         .split_whitespace()
-        .map(|cc| {
-            (
-                format!("fedmesh relay, {cc}"),
-                vec!["--congestion".into(), cc.into()],
-            )
+        .filter_map(|word| {
+            let (flag, value) = word.split_once('=').unwrap_or(("congestion", word));
+            help.contains(&format!("--{flag}")).then(|| {
+                (
+                    format!("fedmesh relay, {word}"),
+                    vec![format!("--{flag}"), value.to_owned()],
+                )
+            })
         })
         .collect()
 }
