@@ -128,7 +128,12 @@ fn validate_istio(docs: &[Value]) -> Vec<String> {
 fn agent_value_sets() -> Vec<Vec<&'static str>> {
     vec![
         vec![ADVERTISE],
-        vec![ADVERTISE, "mode=relay", "state.persistence=false"],
+        vec![
+            ADVERTISE,
+            "mode=relay",
+            "state.persistence=false",
+            "relay.streamsOver=auto",
+        ],
         vec![
             ADVERTISE,
             "mode=istio",
@@ -733,6 +738,27 @@ fn the_agent_is_configured_with_flags_it_has() {
                     .to_owned()
             )
         );
+    }
+}
+
+#[test]
+fn streams_over_tls_opens_the_relay_port_for_tcp_too() {
+    for (mode, tcp) in [("quic", false), ("tls", true), ("auto", true)] {
+        let set = format!("relay.streamsOver={mode}");
+        let docs = documents(&template("charts/fedmesh-agent", &[ADVERTISE, &set]));
+        let service = find(&docs, "Service", "r-fedmesh-agent-relay");
+        let protocols: Vec<&str> = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["protocol"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = if tcp { &["UDP", "TCP"] } else { &["UDP"] };
+        assert_eq!(protocols, expected, "{mode}");
+        let agent = &find(&docs, "Deployment", "r-fedmesh-agent")["spec"]["template"]["spec"]["containers"]
+            [0];
+        let flag = format!("--streams-over={mode}");
+        assert_eq!(argv(agent).contains(&flag), tcp, "{mode}");
     }
 }
 
