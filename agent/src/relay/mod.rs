@@ -546,7 +546,7 @@ impl Relay {
         // TLS streams take TCP on the QUIC socket's address.
         let tls_listener = if options.streams_over != StreamsOver::Quic {
             let addr = endpoint.local_addr()?;
-            let listener = tls_streams::bind(addr)
+            let listener = bind_listener(addr)
                 .with_context(|| format!("binding TCP {addr} for TLS streams (--streams-over)"))?;
             Some(listener)
         } else {

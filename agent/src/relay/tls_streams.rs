@@ -262,17 +262,6 @@ impl AsyncRead for TlsRecv {
 // ---------------------------------------------------------------------------------------------
 // Inbound
 
-/// Binds the TCP listener for TLS streams on the QUIC socket's address (the same port number).
-pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 /// Accepts TLS streams within the source caps.
 pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {

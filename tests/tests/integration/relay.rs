@@ -45,11 +45,21 @@ pub(super) async fn two_nodes(
     target: SocketAddr,
     relay: RelayOptions,
 ) -> LocalMesh {
-    fedmesh_tests::subscribe();
     let opts = MeshOptions {
         relay,
         ..fedmesh_tests::mesh_options()
     };
+    pair(dir, port, target, &opts).await
+}
+
+/// org-a and org-b under `opts`, org-b exposing `port` → `target`.
+pub(super) async fn pair(
+    dir: &std::path::Path,
+    port: u16,
+    target: SocketAddr,
+    opts: &MeshOptions,
+) -> LocalMesh {
+    fedmesh_tests::subscribe();
     let specs = [
         NodeSpec {
             node: a(),
@@ -66,7 +76,7 @@ pub(super) async fn two_nodes(
             }],
         },
     ];
-    LocalMesh::start(dir, &opts, &specs).await.unwrap()
+    LocalMesh::start(dir, opts, &specs).await.unwrap()
 }
 
 fn fast_refusals() -> RelayOptions {
@@ -337,6 +347,11 @@ pub(super) async fn raw_client(
 pub(super) async fn ask(conn: &quinn::Connection, header: &[u8]) -> Response {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(header).await.unwrap();
+    read_answer(&mut recv).await
+}
+
+/// Reads a relay's answer to a stream header.
+pub(super) async fn read_answer(recv: &mut (impl AsyncReadExt + Unpin)) -> Response {
     let mut prefix = [0u8; 2];
     recv.read_exact(&mut prefix).await.unwrap();
     match Response::decode_prefix(prefix).unwrap() {

@@ -16,8 +16,7 @@ use std::{
 
 use fedmesh_agent::{
     hub::tls::pinned_client_config,
-    mesh::{LocalMesh, NodeSpec},
-    node::Expose,
+    mesh::LocalMesh,
     rendezvous::{
         self, ALPN, Rendezvous, RendezvousMetrics, RendezvousOptions, ServerCert,
         carrier_transport, config_of, frame, ledger_from_lines,
@@ -31,7 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::relay::{SECOND, a, b, n, read_hash, send_pattern};
+use super::relay::{SECOND, a, b, n, pair, read_hash, send_pattern};
 
 /// Ends what it was handed to when cancelled (or dropped).
 #[derive(Clone)]
@@ -99,28 +98,11 @@ pub(super) async fn outbound_only_pair(
     port: u16,
     target: SocketAddr,
 ) -> LocalMesh {
-    fedmesh_tests::subscribe();
     let opts = fedmesh_agent::mesh::MeshOptions {
         outbound_only: BTreeSet::from([a(), b()]),
         ..fedmesh_tests::mesh_options()
     };
-    let specs = [
-        NodeSpec {
-            node: a(),
-            organization_id: Some(1),
-            exposes: vec![],
-        },
-        NodeSpec {
-            node: b(),
-            organization_id: Some(2),
-            exposes: vec![Expose {
-                port,
-                label: None,
-                target: target.to_string(),
-            }],
-        },
-    ];
-    LocalMesh::start(dir, &opts, &specs).await.unwrap()
+    pair(dir, port, target, &opts).await
 }
 
 /// Connects to `addr` until it answers (the link is being set up), within 10 s.

@@ -5,9 +5,8 @@
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use fedmesh_agent::{
-    mesh::{LocalMesh, MeshOptions, NodeSpec},
+    mesh::MeshOptions,
     metrics::Metrics,
-    node::Expose,
     relay::{
         RelayOptions, StreamsOver,
         proto::{Refusal, Request, Response},
@@ -21,7 +20,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::relay::{SECOND, a, b, carry_both_ways, two_nodes};
+use super::relay::{SECOND, a, b, carry_both_ways, pair, read_answer, two_nodes};
 
 fn over(streams_over: StreamsOver) -> RelayOptions {
     RelayOptions {
@@ -123,30 +122,13 @@ async fn a_peer_that_takes_no_tls_streams_gets_quic() {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
     echo(target);
-    fedmesh_tests::subscribe();
     let tmp = tempfile::tempdir().unwrap();
     let opts = MeshOptions {
         relay: over(StreamsOver::Tls),
         relay_of: [(b(), over(StreamsOver::Quic))].into(),
         ..fedmesh_tests::mesh_options()
     };
-    let specs = [
-        NodeSpec {
-            node: a(),
-            organization_id: Some(1),
-            exposes: vec![],
-        },
-        NodeSpec {
-            node: b(),
-            organization_id: Some(2),
-            exposes: vec![Expose {
-                port: 7302,
-                label: None,
-                target: target_addr.to_string(),
-            }],
-        },
-    ];
-    let mesh = LocalMesh::start(tmp.path(), &opts, &specs).await.unwrap();
+    let mesh = pair(tmp.path(), 7302, target_addr, &opts).await;
     mesh.link(&a(), &b(), &["7302".parse().unwrap()], 3600 * SECOND, None)
         .await
         .unwrap();
@@ -235,16 +217,7 @@ async fn ask(
     let mut stream = raw_tls(identity, bundle, to, server).await.unwrap();
     stream.write_all(header).await.unwrap();
     stream.flush().await.unwrap();
-    let mut prefix = [0u8; 2];
-    stream.read_exact(&mut prefix).await.unwrap();
-    match Response::decode_prefix(prefix).unwrap() {
-        None => Response::Connected,
-        Some((refusal, len)) => {
-            let mut reason = vec![0u8; len];
-            stream.read_exact(&mut reason).await.unwrap();
-            Response::Refused(refusal, String::from_utf8(reason).unwrap())
-        }
-    }
+    read_answer(&mut stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
