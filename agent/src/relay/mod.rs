@@ -1754,12 +1754,16 @@ async fn open(
         && let Ok((mut send, mut recv, who)) = tls_streams::dial(shared, peer).await
     {
         let fail = |reason: &'static str, detail: String| (reason, who.serial.clone(), detail);
-        return match ask(&mut send, &mut recv, &request).await {
-            Ok(()) => Ok(Opened::Tls(send, recv, who)),
-            Err(Asked::Lost(detail)) => Err(fail("peer_unreachable", detail)),
-            Err(Asked::Bad(detail)) => Err(fail("bad_response", detail)),
-            Err(Asked::Refused(refusal, detail)) => Err(fail(refusal.as_str(), detail)),
-        };
+        match ask(&mut send, &mut recv, &request).await {
+            Ok(()) => return Ok(Opened::Tls(send, recv, who)),
+            // Nothing answered (in TLS 1.3 a peer that refuses our certificate says so only
+            // after our handshake ends): QUIC dials it as patiently as ever.
+            Err(Asked::Lost(detail)) => {
+                debug!(%peer, %detail, "TLS stream lost before an answer; opening it over QUIC");
+            }
+            Err(Asked::Bad(detail)) => return Err(fail("bad_response", detail)),
+            Err(Asked::Refused(refusal, detail)) => return Err(fail(refusal.as_str(), detail)),
+        }
     }
     open_quic(shared, peer, &request).await
 }

@@ -332,15 +332,16 @@ fn is_certificate_error(error: &io::Error) -> bool {
 
 impl Shared {
     /// Counts an inbound TLS stream of `peer`, or says why it is one too many: its links allow
-    /// as many streams at once as they do on QUIC (a few without a link, to be told why not),
-    /// and all peers together hold at most the relay's connection cap.
+    /// as many streams at once as they do on QUIC (never fewer than a few, so a peer without an
+    /// inbound link is told why not), and all peers together hold at most the relay's
+    /// connection cap.
     fn count_inbound(self: &Arc<Self>, peer: &PeerId) -> Result<Counted, String> {
         let allowed = self
             .config
             .borrow()
             .policy
             .inbound_streams(&peer.node, super::MAX_STREAMS)
-            .unwrap_or(UNLINKED_STREAMS);
+            .map_or(UNLINKED_STREAMS, |n| n.max(UNLINKED_STREAMS));
         let mut book = lock(&self.tls_book);
         let held = book.inbound.get(&peer.node).copied().unwrap_or(0);
         if held >= allowed {

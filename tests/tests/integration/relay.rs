@@ -347,21 +347,23 @@ pub(super) async fn raw_client(
 pub(super) async fn ask(conn: &quinn::Connection, header: &[u8]) -> Response {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(header).await.unwrap();
-    read_answer(&mut recv).await
+    read_answer(&mut recv).await.unwrap()
 }
 
 /// Reads a relay's answer to a stream header.
-pub(super) async fn read_answer(recv: &mut (impl AsyncReadExt + Unpin)) -> Response {
+pub(super) async fn read_answer(
+    recv: &mut (impl AsyncReadExt + Unpin),
+) -> std::io::Result<Response> {
     let mut prefix = [0u8; 2];
-    recv.read_exact(&mut prefix).await.unwrap();
-    match Response::decode_prefix(prefix).unwrap() {
+    recv.read_exact(&mut prefix).await?;
+    Ok(match Response::decode_prefix(prefix).unwrap() {
         None => Response::Connected,
         Some((refusal, len)) => {
             let mut reason = vec![0u8; len];
-            recv.read_exact(&mut reason).await.unwrap();
+            recv.read_exact(&mut reason).await?;
             Response::Refused(refusal, String::from_utf8(reason).unwrap())
         }
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

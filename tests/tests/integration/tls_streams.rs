@@ -8,7 +8,7 @@ use fedmesh_agent::{
     mesh::MeshOptions,
     metrics::Metrics,
     relay::{
-        RelayOptions, StreamsOver,
+        Caps, RelayOptions, StreamsOver,
         proto::{Refusal, Request, Response},
         tls_streams::ALPN,
     },
@@ -207,6 +207,19 @@ async fn raw_tls(
 }
 
 /// Sends `header` on a new TLS stream and reads the answer.
+async fn try_ask(
+    identity: &NodeIdentity,
+    bundle: &TrustBundle,
+    to: SocketAddr,
+    server: &SpiffeId,
+    header: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = raw_tls(identity, bundle, to, server).await?;
+    stream.write_all(header).await?;
+    stream.flush().await?;
+    read_answer(&mut stream).await
+}
+
 async fn ask(
     identity: &NodeIdentity,
     bundle: &TrustBundle,
@@ -214,10 +227,7 @@ async fn ask(
     server: &SpiffeId,
     header: &[u8],
 ) -> Response {
-    let mut stream = raw_tls(identity, bundle, to, server).await.unwrap();
-    stream.write_all(header).await.unwrap();
-    stream.flush().await.unwrap();
-    read_answer(&mut stream).await
+    try_ask(identity, bundle, to, server, header).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,5 +323,124 @@ async fn tls_streams_refuse_strangers_unlinked_ports_and_bad_headers() {
             "{reason}: {metrics}"
         );
     }
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tcp_connections_are_bounded_by_the_source_caps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayOptions {
+        caps: Caps {
+            handshakes_per_source: 2,
+            ..Caps::default()
+        },
+        ..over(StreamsOver::Tls)
+    };
+    let target = fedmesh_tests::echo_server().await;
+    let mesh = two_nodes(tmp.path(), 7305, target, relay).await;
+    let to = mesh.node(&b()).relay_addr.unwrap();
+    // Two connections that never start a handshake hold the source's two slots...
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(TcpStream::connect(to).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...so a third from the same source is closed before its handshake, and counted.
+    let mut third = TcpStream::connect(to).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(5 * SECOND, third.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a third stalled connection was held: {closed:?}"
+    );
+    let metrics = fedmesh_tests::metrics_until(&mesh.node(&b()).metrics, 5 * SECOND, |m| {
+        m.contains("fedmesh_relay_connections_refused_total{reason=\"handshakes_per_source\"} 1")
+    })
+    .await;
+    // The two stalled ones are still held (until the handshake timeout), not served.
+    for tcp in &mut stalled {
+        let held = tokio::time::timeout(std::time::Duration::from_millis(200), tcp.read(&mut buf));
+        assert!(held.await.is_err(), "{metrics}");
+    }
+    // Once they go, a peer's TLS stream gets through again.
+    drop(stalled);
+    let a_state = mesh.state(&a()).unwrap();
+    let (identity, bundle) = (a_state.identity().unwrap(), a_state.trust_bundle().unwrap());
+    let server = SpiffeId::new("collab-x", "org-b", "n1").unwrap();
+    let deadline = std::time::Instant::now() + 5 * SECOND;
+    loop {
+        let no_link = Request {
+            port: 22,
+            label: None,
+        }
+        .encode();
+        match raw_tls(&identity, &bundle, to, &server).await {
+            Ok(mut stream) => {
+                stream.write_all(&no_link).await.unwrap();
+                stream.flush().await.unwrap();
+                assert!(matches!(
+                    read_answer(&mut stream).await.unwrap(),
+                    Response::Refused(Refusal::NoLink, _)
+                ));
+                break;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no handshake once the stalled connections went: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    mesh.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_link_holds_only_a_few_tls_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = fedmesh_tests::echo_server().await;
+    let mesh = two_nodes(tmp.path(), 7306, target, over(StreamsOver::Tls)).await;
+    let to = mesh.node(&b()).relay_addr.unwrap();
+    let a_state = mesh.state(&a()).unwrap();
+    let (identity, bundle) = (a_state.identity().unwrap(), a_state.trust_bundle().unwrap());
+    let server = SpiffeId::new("collab-x", "org-b", "n1").unwrap();
+    let header = Request {
+        port: 7306,
+        label: None,
+    }
+    .encode();
+    // Until org-b has the collaboration's members, it refuses every certificate.
+    let deadline = std::time::Instant::now() + 10 * SECOND;
+    while try_ask(&identity, &bundle, to, &server, &header)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "org-b never took org-a's certificate"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // org-a has no link with org-b: it may hold 8 streams (to be told why not), as on QUIC.
+    // Eight authenticated streams that send no header hold them...
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(raw_tls(&identity, &bundle, to, &server).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...and a ninth is refused at once, whatever it asks.
+    match ask(&identity, &bundle, to, &server, &header).await {
+        Response::Refused(Refusal::StreamLimit, reason) => {
+            assert_eq!(reason, "org-a/n1 already holds 8 TLS streams (at most 8)");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The held ones are told why not once they ask.
+    let stream = &mut held[0];
+    stream.write_all(&header).await.unwrap();
+    stream.flush().await.unwrap();
+    assert!(matches!(
+        read_answer(stream).await.unwrap(),
+        Response::Refused(Refusal::NoLink, _)
+    ));
     mesh.shutdown().await.unwrap();
 }
