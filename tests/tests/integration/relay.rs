@@ -325,6 +325,25 @@ async fn unreachable_target_closes_the_client_cleanly_with_a_reason() {
     mesh.shutdown().await.unwrap();
 }
 
+/// org-a/n1's identity in collab-y, whose CA the test meshes (collab-x) do not trust.
+pub(super) fn stranger() -> NodeIdentity {
+    let other =
+        CollabCa::generate("collab-y", SystemTime::now() - 60 * SECOND, 3600 * SECOND).unwrap();
+    let key = NodeKey::generate().unwrap();
+    let csr = key
+        .csr(&SpiffeId::new("collab-y", "org-a", "n1").unwrap())
+        .unwrap();
+    let cert = other
+        .sign_csr_pem(
+            &csr.pem,
+            &IssuancePolicy::default(),
+            3600 * SECOND,
+            SystemTime::now(),
+        )
+        .unwrap();
+    NodeIdentity::new(vec![cert.der], &key).unwrap()
+}
+
 /// A bare QUIC client speaking the relay protocol with `identity`.
 pub(super) async fn raw_client(
     identity: &NodeIdentity,
@@ -460,22 +479,7 @@ async fn a_peer_of_another_collaboration_fails_the_handshake() {
     .await;
     let b_bundle = mesh.state(&b()).unwrap().trust_bundle().unwrap();
 
-    // An identity from collab-y, whose CA org-b does not trust.
-    let other =
-        CollabCa::generate("collab-y", SystemTime::now() - 60 * SECOND, 3600 * SECOND).unwrap();
-    let key = NodeKey::generate().unwrap();
-    let csr = key
-        .csr(&SpiffeId::new("collab-y", "org-a", "n1").unwrap())
-        .unwrap();
-    let cert = other
-        .sign_csr_pem(
-            &csr.pem,
-            &IssuancePolicy::default(),
-            3600 * SECOND,
-            SystemTime::now(),
-        )
-        .unwrap();
-    let stranger = NodeIdentity::new(vec![cert.der], &key).unwrap();
+    let stranger = stranger();
     // Trusting collab-x's CA for the server side, so only the server's check can fail.
     // In TLS 1.3 the client finishes first; the server's verdict arrives as the close.
     let err = match raw_client(

@@ -2,7 +2,7 @@
 //! admission and revocation of QUIC streams, on mTLS TCP connections of their own; QUIC where a
 //! peer takes none.
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc};
 
 use fedmesh_agent::{
     mesh::MeshOptions,
@@ -13,14 +13,14 @@ use fedmesh_agent::{
         tls_streams::ALPN,
     },
 };
-use fedmesh_certs::{CollabCa, IssuancePolicy, NodeIdentity, NodeKey, SpiffeId, TrustBundle, tls};
+use fedmesh_certs::{NodeIdentity, SpiffeId, TrustBundle, tls};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use super::relay::{SECOND, a, b, carry_both_ways, pair, read_answer, two_nodes};
+use super::relay::{SECOND, a, b, carry_both_ways, pair, read_answer, stranger, two_nodes};
 
 fn over(streams_over: StreamsOver) -> RelayOptions {
     RelayOptions {
@@ -279,21 +279,7 @@ async fn tls_streams_refuse_strangers_unlinked_ports_and_bad_headers() {
     );
 
     // An identity from collab-y, whose CA org-b does not trust: the handshake fails.
-    let other =
-        CollabCa::generate("collab-y", SystemTime::now() - 60 * SECOND, 3600 * SECOND).unwrap();
-    let key = NodeKey::generate().unwrap();
-    let csr = key
-        .csr(&SpiffeId::new("collab-y", "org-a", "n1").unwrap())
-        .unwrap();
-    let cert = other
-        .sign_csr_pem(
-            &csr.pem,
-            &IssuancePolicy::default(),
-            3600 * SECOND,
-            SystemTime::now(),
-        )
-        .unwrap();
-    let stranger = NodeIdentity::new(vec![cert.der], &key).unwrap();
+    let stranger = stranger();
     let refused = match raw_tls(&stranger, &bundle, to, &server).await {
         Err(e) => e.to_string(),
         Ok(mut stream) => {
