@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Why: on a fast LAN the relay is bound by CPU, not by the path, and kernel TCP with
-//! segmentation offload moves 16 KB TLS records for well under half the CPU per byte that QUIC
-//! spends on 1,452-byte packets (BENCHMARKS.md). Across a WAN a new connection costs handshake
+//! segmentation offload moves 16 KB TLS records for about half the CPU per byte that QUIC spends
+//! on 1,452-byte packets (BENCHMARKS.md). Across a WAN a new connection costs handshake
 //! round trips that QUIC's warm connection does not, and the kernel's loss-based congestion
 //! control collapses under random loss where the relay's holds: there streams stay on QUIC.
 //! `auto` chooses per stream from the round trip the peer's QUIC connection measures.
@@ -20,7 +20,8 @@
 //! bound handshakes per source address; once a peer is authenticated, its TLS streams are
 //! bounded as its QUIC streams are, by what its links allow. What differs: a reset carries no
 //! code (the peer sees a TCP reset), and a peer that takes no TLS stream (it runs QUIC only, or
-//! a firewall drops TCP) gets QUIC streams, tried over TLS again after [`RETRY_AFTER`].
+//! a firewall drops TCP) gets QUIC streams, and TLS again after [`RETRY_AFTER`], doubling with
+//! each failure in a row.
 
 use std::{
     collections::HashMap,
