@@ -1,6 +1,6 @@
 //! The `fedmesh` binary: installs the *ring* crypto provider, parses the command line, runs it
-//! on a runtime of `--threads` workers, and turns the outcome into an exit status (0 success, 1 a difference found, 2 an error; see
-//! `fedmesh --help`), an error into one line on stderr.
+//! on a runtime of `--threads` workers, and turns the outcome into an exit status (0 success, 1
+//! a difference found, 2 an error; see `fedmesh --help`), an error into one line on stderr.
 
 use std::process::ExitCode;
 

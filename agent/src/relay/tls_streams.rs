@@ -89,15 +89,6 @@ impl StreamsOver {
             Self::Auto => rtt.is_some_and(|rtt| rtt < AUTO_TLS_BELOW),
         }
     }
-
-    /// The flag value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Quic => "quic",
-            Self::Tls => "tls",
-            Self::Auto => "auto",
-        }
-    }
 }
 
 /// The TLS configurations of TLS streams, both ways (rebuilt on certificate renewal).
