@@ -212,8 +212,8 @@ fn iperf(to: SocketAddr, cc: &str, pids: &[u32], shaper: &mut Option<Shaper>) ->
 }
 
 /// Relay variants from `FEDMESH_WAN_RELAY`: each word a congestion controller (`bbr`,
-/// `cubic-tolerant`, ...) or `streams-over=<quic|tls|auto>`, each with the agent's defaults
-/// for the rest.
+/// `cubic-tolerant`, ...) or `flag=value` (`streams-over=auto`, `threads=2`), several joined by
+/// `+`, each with the agent's defaults for the rest.
 fn relay_variants() -> Vec<(String, Vec<String>)> {
     let help = Command::new(release_fedmesh())
         .args(["node", "--help"])
@@ -225,13 +225,15 @@ fn relay_variants() -> Vec<(String, Vec<String>)> {
     wanted
         .split_whitespace()
         .filter_map(|word| {
-            let (flag, value) = word.split_once('=').unwrap_or(("congestion", word));
-            help.contains(&format!("--{flag}")).then(|| {
-                (
-                    format!("fedmesh relay, {word}"),
-                    vec![format!("--{flag}"), value.to_owned()],
-                )
-            })
+            let mut flags = Vec::new();
+            for part in word.split('+') {
+                let (flag, value) = part.split_once('=').unwrap_or(("congestion", part));
+                if !help.contains(&format!("--{flag}")) {
+                    return None;
+                }
+                flags.extend([format!("--{flag}"), value.to_owned()]);
+            }
+            Some((format!("fedmesh relay, {word}"), flags))
         })
         .collect()
 }
