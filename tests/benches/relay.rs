@@ -164,30 +164,13 @@ async fn setup(udp_payload: u16, pool: u8, flags: &[&str]) -> Setup {
     );
     link_a_to_b(&owner, "bench", &[5201, 7100]).await;
 
-    // Wait until org-a's relay listens for org-b.
-    let peers = dir.join("org-a-n1/peers.json");
-    let deadline = Instant::now() + 20 * SECOND;
-    let addrs: Vec<SocketAddr> = loop {
-        if let Some(v) = std::fs::read_to_string(&peers)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            && let Some(list) = v["org-b.bench.fedmesh"].as_array()
-            && list.len() == 2
-        {
-            break list
-                .iter()
-                .filter_map(|a| a.as_str()?.parse().ok())
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "relay did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let relay_iperf = *addrs.iter().find(|a| a.port() == 5201).expect("5201");
-    let relay_echo = *addrs.iter().find(|a| a.port() == 7100).expect("7100");
-    while TcpStream::connect(relay_echo).await.is_err() {
-        assert!(Instant::now() < deadline, "listener did not open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (relay_iperf, relay_echo) = fedmesh_tests::relay_addresses(
+        &dir.join("org-a-n1/peers.json"),
+        "org-b.bench.fedmesh",
+        5201,
+        7100,
+    )
+    .await;
     Setup {
         _tmp: tmp,
         _hub: hub,

@@ -46,8 +46,8 @@ use fedmesh_tests::{
     release_fedmesh, rss_mib,
 };
 use sites::{
-    LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline,
-    relay_addresses, serve_echo, stunnel,
+    LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline, serve_echo,
+    stunnel,
 };
 use std::{
     io::{BufRead, BufReader, Read},
@@ -401,7 +401,7 @@ async fn agents(
     );
     let a = start(Command::new(bin), "org-a-n1", p.a, &[]);
     let peer = format!("org-b.{COLLAB}.fedmesh");
-    let (iperf, echo) = relay_addresses(&peers, &peer, IPERF_PORT, ECHO_PORT).await;
+    let (iperf, echo) = fedmesh_tests::relay_addresses(&peers, &peer, IPERF_PORT, ECHO_PORT).await;
     (a, b, iperf, echo)
 }
 

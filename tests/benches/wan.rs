@@ -28,8 +28,8 @@ use fedmesh_tests::{
     release_fedmesh,
 };
 use sites::{
-    LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline,
-    relay_addresses, serve_echo, stunnel,
+    LinkCounters, QUEUE_BYTES, Shaper, drops_cell, iperf_received, print_drop_timeline, serve_echo,
+    stunnel,
 };
 use std::{
     io::{BufRead, BufReader},
@@ -170,7 +170,8 @@ async fn agents(
         ],
     );
     let a = start(Command::new(release_fedmesh()), "org-a-n1", p.a, &[]);
-    let (iperf, echo) = relay_addresses(&peers, "org-b.wan.fedmesh", IPERF_PORT, ECHO_PORT).await;
+    let (iperf, echo) =
+        fedmesh_tests::relay_addresses(&peers, "org-b.wan.fedmesh", IPERF_PORT, ECHO_PORT).await;
     (a, b, iperf, echo)
 }
 

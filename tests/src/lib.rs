@@ -231,6 +231,56 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Waits until the agent's peers file lists `peer`'s two addresses, then brings the QUIC
+/// connection up with a first echo: (the address on `iperf_port`, the one on `echo_port`).
+pub async fn relay_addresses(
+    peers: &Path,
+    peer: &str,
+    iperf_port: u16,
+    echo_port: u16,
+) -> (SocketAddr, SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addrs: Vec<SocketAddr> = loop {
+        if let Some(v) = std::fs::read_to_string(peers)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            && let Some(list) = v[peer].as_array()
+            && list.len() == 2
+        {
+            break list
+                .iter()
+                .filter_map(|a| a.as_str()?.parse().ok())
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let iperf = *addrs
+        .iter()
+        .find(|a| a.port() == iperf_port)
+        .expect("iperf");
+    let echo = *addrs.iter().find(|a| a.port() == echo_port).expect("echo");
+    // The first stream also brings the QUIC connection up.
+    loop {
+        if let Ok(mut tcp) = tokio::net::TcpStream::connect(echo).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut b = [1u8];
+            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay listener did not open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (iperf, echo)
+}
+
 /// A TCP echo server on loopback (`TCP_NODELAY` on every connection); returns its address.
 pub async fn echo_server() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -1,19 +1,16 @@
 //! What the two between-namespace benchmarks (`wan`, `rendezvous`) share: the user-space link
-//! emulator, the echo server, the stunnel baseline and waiting for the relay's peer addresses.
+//! emulator, the echo server and the stunnel baseline.
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::Path,
     process::{ChildStdin, ChildStdout, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use fedmesh_tests::KillOnDrop;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 /// The emulator's bottleneck queue: 1,000 full-size packets (netem's default limit).
 pub(crate) const QUEUE_BYTES: u64 = 1000 * 1500;
@@ -119,49 +116,6 @@ pub(crate) async fn serve_echo(port: u16) {
             let _ = tokio::io::copy(&mut r, &mut w).await;
         });
     }
-}
-
-/// Waits until the agent's peers file lists `peer`'s two addresses, then brings the QUIC
-/// connection up with a first echo: (the address on `iperf_port`, the one on `echo_port`).
-pub(crate) async fn relay_addresses(
-    peers: &Path,
-    peer: &str,
-    iperf_port: u16,
-    echo_port: u16,
-) -> (SocketAddr, SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addrs: Vec<SocketAddr> = loop {
-        if let Some(v) = std::fs::read_to_string(peers)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            && let Some(list) = v[peer].as_array()
-            && list.len() == 2
-        {
-            break list
-                .iter()
-                .filter_map(|a| a.as_str()?.parse().ok())
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "relay did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let iperf = *addrs
-        .iter()
-        .find(|a| a.port() == iperf_port)
-        .expect("iperf");
-    let echo = *addrs.iter().find(|a| a.port() == echo_port).expect("echo");
-    // The first stream also brings the QUIC connection up.
-    loop {
-        if let Ok(mut tcp) = TcpStream::connect(echo).await {
-            let mut b = [1u8];
-            if tcp.write_all(&b).await.is_ok() && tcp.read_exact(&mut b).await.is_ok() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "relay listener did not open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (iperf, echo)
 }
 
 /// An stunnel pair across the sites, both TLS 1.3 with a verified self-signed certificate: the
