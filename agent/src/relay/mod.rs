@@ -846,6 +846,17 @@ impl Shared {
         }
     }
 
+    /// The round trip `peer`'s QUIC connection measures, when one is up (and its slot is not
+    /// busy dialling).
+    fn peer_rtt(&self, peer: &NodeRef) -> Option<Duration> {
+        let slot = self.slot(peer);
+        let s = slot.try_lock().ok()?;
+        s.conn
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(Connection::rtt)
+    }
+
     /// What `conn` may still carry of ours (untracked: nothing).
     fn usable(&self, conn: &Connection) -> Usable {
         let ours = *lock(&self.ours);
@@ -1743,14 +1754,7 @@ async fn open(
         port,
         label: grant.label.clone(),
     };
-    // The round trip of the peer's QUIC connection, when one is up (and its slot not busy).
-    let rtt = shared.slot(peer).try_lock().ok().and_then(|s| {
-        s.conn
-            .as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .map(Connection::rtt)
-    });
-    if tls_streams::chosen(shared, peer, rtt)
+    if tls_streams::chosen(shared, peer)
         && let Ok((mut send, mut recv, who)) = tls_streams::dial(shared, peer).await
     {
         let fail = |reason: &'static str, detail: String| (reason, who.serial.clone(), detail);

@@ -358,10 +358,16 @@ impl Shared {
 // ---------------------------------------------------------------------------------------------
 // Outbound
 
-/// Whether a stream to `peer` goes over TLS: the choice of `--streams-over`, for a peer not known
-/// to take none.
-pub(super) fn chosen(shared: &Shared, peer: &NodeRef, rtt: Option<Duration>) -> bool {
-    if !shared.options.streams_over.tls_for(rtt) {
+/// Whether a stream to `peer` goes over TLS: the choice of `--streams-over` (the peer's round
+/// trip is looked up only for `auto`), for a peer not known to take none.
+pub(super) fn chosen(shared: &Shared, peer: &NodeRef) -> bool {
+    let over = shared.options.streams_over;
+    let rtt = match over {
+        StreamsOver::Quic => return false,
+        StreamsOver::Tls => None,
+        StreamsOver::Auto => shared.peer_rtt(peer),
+    };
+    if !over.tls_for(rtt) {
         return false;
     }
     let book = lock(&shared.tls_book);
