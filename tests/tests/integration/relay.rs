@@ -455,7 +455,16 @@ async fn streams_without_a_link_and_bad_headers_are_refused() {
     );
 
     let metrics = mesh.node(&b()).metrics.render();
-    for reason in ["no_link", "bad_version", "header_too_large", "bad_header"] {
+    assert_refused_once(
+        &metrics,
+        &["no_link", "bad_version", "header_too_large", "bad_header"],
+    );
+    mesh.shutdown().await.unwrap();
+}
+
+/// Asserts that `metrics` count exactly one refused stream for each of `reasons`.
+pub(super) fn assert_refused_once(metrics: &str, reasons: &[&str]) {
+    for reason in reasons {
         assert!(
             metrics.contains(&format!(
                 "fedmesh_streams_refused_total{{reason=\"{reason}\"}} 1"
@@ -463,7 +472,6 @@ async fn streams_without_a_link_and_bad_headers_are_refused() {
             "{reason}: {metrics}"
         );
     }
-    mesh.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
