@@ -5,7 +5,7 @@
 //!   Internet-sized datagrams (the default), with loopback-sized ones, and with streams over
 //!   TLS (`--streams-over tls`);
 //! - 1 KiB ping-pong latency p50/p90/p99: direct, stunnel, relay over QUIC and over TLS (and
-//!   what each adds);
+//!   what each adds), taken in turns of 1,000 rounds so that a noisy moment falls on all alike;
 //! - new connections per second (connect, 1-byte echo, close; 32 in flight): direct, relay
 //!   over QUIC and over TLS;
 //! - agent RSS idle and with 1,000 concurrent streams open.
@@ -13,7 +13,9 @@
 //! Run with `scripts/bench` (builds the release binary first). iperf3 and stunnel4 come from
 //! apt; without them their rows are skipped.
 
-use fedmesh_tests::{KillOnDrop, echo_server, enrolled_collab, link_a_to_b, release_fedmesh};
+use fedmesh_tests::{
+    KillOnDrop, echo_server, enrolled_collab, link_a_to_b, pct, ping_pong_in_turns, release_fedmesh,
+};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -268,29 +270,6 @@ fn stunnel(dir: &Path, target_port: u16) -> Option<(KillOnDrop, KillOnDrop, Sock
     ))
 }
 
-/// 1 KiB ping-pong RTTs in microseconds, sorted.
-async fn ping_pong(to: SocketAddr, rounds: usize) -> Vec<f64> {
-    let mut tcp = TcpStream::connect(to).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let msg = [0x5au8; 1024];
-    let mut back = [0u8; 1024];
-    let mut rtts = Vec::with_capacity(rounds);
-    for i in 0..rounds + 1000 {
-        let t = Instant::now();
-        tcp.write_all(&msg).await.expect("write");
-        tcp.read_exact(&mut back).await.expect("read");
-        if i >= 1000 {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    rtts.sort_by(f64::total_cmp);
-    rtts
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// Completed connect / 1-byte echo / close cycles per second, `parallel` at a time.
 async fn conn_rate(to: SocketAddr, parallel: usize, for_: Duration) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
@@ -449,14 +428,16 @@ async fn main() {
         println!("skipped: iperf3 is not installed (apt-get install iperf3 stunnel4)");
     }
 
-    println!("\n## Latency, 1 KiB ping-pong, 20,000 rounds (µs)");
-    let direct = ping_pong(s.echo, 20_000).await;
-    let tunnel = match have("stunnel4").then(|| stunnel(s._tmp.path(), s.echo.port())) {
-        Some(Some((_srv, _cli, addr))) => Some(ping_pong(addr, 20_000).await),
-        _ => None,
-    };
-    let relay = ping_pong(s.relay_echo, 20_000).await;
-    let relay_tls = ping_pong(t.relay_echo, 20_000).await;
+    println!("\n## Latency, 1 KiB ping-pong, 20,000 rounds per path in turns of 1,000 (µs)");
+    let stunnel_echo = have("stunnel4")
+        .then(|| stunnel(s._tmp.path(), s.echo.port()))
+        .flatten();
+    let mut paths = vec![s.echo, s.relay_echo, t.relay_echo];
+    paths.extend(stunnel_echo.as_ref().map(|(_srv, _cli, addr)| *addr));
+    let mut rtts = ping_pong_in_turns(&paths, 20_000, 1_000).await.into_iter();
+    let mut next = || rtts.next().expect("one per path");
+    let (direct, relay, relay_tls) = (next(), next(), next());
+    let tunnel = stunnel_echo.map(|_| next());
     println!("| path | p50 | p90 | p99 |\n|---|---:|---:|---:|");
     let row = |name: &str, v: &[f64]| {
         println!(

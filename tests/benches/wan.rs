@@ -16,6 +16,10 @@
 //! Printed per profile: throughput (iperf3, one stream, 10 s), CPU-seconds per GB of each
 //! tunnel's two processes, bottleneck drops, 1 KiB ping-pong p50/p90/p99, and the first-byte
 //! time of new connections (connect, 1-byte echo), with ratios against direct TCP and stunnel.
+//! The ping-pong of each relay variant is taken in turns with direct TCP's and stunnel's (a
+//! connection each, a thousand rounds at a time on the LAN), so that a noisy moment of the
+//! machine falls on all three alike; direct TCP's and stunnel's rows pool their turns with
+//! every variant.
 //!
 //! Run with `scripts/bench wan`: it builds the agent and the emulator, makes the namespaces and
 //! links, runs this inside the first site's namespace, and removes them afterwards. Root only.
@@ -24,7 +28,7 @@
 mod sites;
 
 use fedmesh_tests::{
-    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, link_a_to_b, pct, ping_pong,
+    KillOnDrop, cpu_seconds, enrolled_collab, first_bytes, link_a_to_b, pct, ping_pong_in_turns,
     release_fedmesh,
 };
 use sites::{
@@ -65,7 +69,9 @@ struct Profile {
     shaped: Option<(u64, u64, u64)>,
     a: &'static str,
     b: &'static str,
+    /// Ping-pong rounds per path, taken in turns of `turn` rounds with the other paths.
     pings: usize,
+    turn: usize,
     first_bytes: usize,
 }
 
@@ -75,7 +81,8 @@ const PROFILES: [Profile; 3] = [
         shaped: None,
         a: "10.77.1.1",
         b: "10.77.1.2",
-        pings: 5000,
+        pings: 20_000,
+        turn: 1000,
         first_bytes: 200,
     },
     Profile {
@@ -84,6 +91,7 @@ const PROFILES: [Profile; 3] = [
         a: "10.77.2.1",
         b: "10.77.2.2",
         pings: 200,
+        turn: 50,
         first_bytes: 30,
     },
     Profile {
@@ -92,6 +100,7 @@ const PROFILES: [Profile; 3] = [
         a: "10.77.2.1",
         b: "10.77.2.2",
         pings: 100,
+        turn: 25,
         first_bytes: 30,
     },
 ];
@@ -270,21 +279,21 @@ async fn profile(p: &Profile) {
 
     for cc in ["cubic", "bbr"] {
         let run = iperf(direct_iperf, cc, &[], &mut shaper);
-        let (pings, first) = if cc == "cubic" {
-            (
-                ping_pong(direct_echo, p.pings).await,
-                first_bytes(direct_echo, p.first_bytes).await,
-            )
+        let first = if cc == "cubic" {
+            first_bytes(direct_echo, p.first_bytes).await
         } else {
-            (vec![], vec![])
+            vec![]
         };
         rows.push(Row {
             name: format!("direct TCP, {cc}"),
             run,
-            pings,
+            pings: vec![],
             first,
         });
     }
+    // The echo tunnel stays up: its ping-pong is taken in turns with each relay variant's.
+    let (_esrv, _ecli) = stunnel(tmp.path(), in_b("stunnel4"), p.b, ECHO_PORT, 6100);
+    let stunnel_echo: SocketAddr = "127.0.0.1:6100".parse().expect("addr");
     {
         let (srv, cli) = stunnel(tmp.path(), in_b("stunnel4"), p.b, IPERF_PORT, 6000);
         let pids = [srv.0.id(), cli.0.id()];
@@ -294,25 +303,42 @@ async fn profile(p: &Profile) {
             &pids,
             &mut shaper,
         );
-        let (_esrv, _ecli) = stunnel(tmp.path(), in_b("stunnel4"), p.b, ECHO_PORT, 6100);
-        let to = "127.0.0.1:6100".parse().expect("addr");
         rows.push(Row {
             name: "stunnel (TLS 1.3; the system default congestion control between sites)".into(),
             run,
-            pings: ping_pong(to, p.pings).await,
-            first: first_bytes(to, p.first_bytes).await,
+            pings: vec![],
+            first: first_bytes(stunnel_echo, p.first_bytes).await,
         });
     }
+    let (direct_row, stunnel_row) = (0, rows.len() - 1);
+    let in_turns = |rows: &mut Vec<Row>, mut rtts: Vec<Vec<f64>>| {
+        for row in [stunnel_row, direct_row] {
+            rows[row].pings.extend(rtts.remove(0));
+        }
+        rtts.pop()
+    };
     let s = site(p, tmp.path()).await;
-    for (name, flags) in relay_variants() {
-        let (a, b, iperf_at, echo_at) = agents(p, &s, &flags).await;
+    let variants = relay_variants();
+    for (name, flags) in &variants {
+        let (a, b, iperf_at, echo_at) = agents(p, &s, flags).await;
         let run = iperf(iperf_at, "cubic", &[a.0.id(), b.0.id()], &mut shaper);
+        let first = first_bytes(echo_at, p.first_bytes).await;
+        let paths = [stunnel_echo, direct_echo, echo_at];
+        let rtts = ping_pong_in_turns(&paths, p.pings, p.turn).await;
+        let pings = in_turns(&mut rows, rtts).expect("relay");
         rows.push(Row {
-            name,
+            name: name.clone(),
             run,
-            pings: ping_pong(echo_at, p.pings).await,
-            first: first_bytes(echo_at, p.first_bytes).await,
+            pings,
+            first,
         });
+    }
+    if variants.is_empty() {
+        let rtts = ping_pong_in_turns(&[stunnel_echo, direct_echo], p.pings, p.turn).await;
+        in_turns(&mut rows, rtts);
+    }
+    for row in &mut rows {
+        row.pings.sort_by(f64::total_cmp);
     }
     drop(echo);
 
@@ -349,8 +375,8 @@ async fn profile(p: &Profile) {
     let direct = rows.iter().find(|r| !r.pings.is_empty()).expect("direct");
     let (dp, df) = (direct.pings.clone(), direct.first.clone());
     println!(
-        "\n### 1 KiB ping-pong ({} rounds, µs) and first byte of a new connection ({} connections, ms)\n| path | p50 | p90 | p99 | p90 added | first byte p50 | p90 | p50 added |\n|---|---:|---:|---:|---:|---:|---:|---:|",
-        p.pings, p.first_bytes
+        "\n### 1 KiB ping-pong ({} rounds per path, µs; direct, stunnel and each relay variant in turns of {}) and first byte of a new connection ({} connections, ms)\n| path | p50 | p90 | p99 | p90 added | first byte p50 | p90 | p50 added |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+        p.pings, p.turn, p.first_bytes
     );
     for r in rows.iter().filter(|r| !r.pings.is_empty()) {
         println!(

@@ -433,23 +433,49 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
 /// 1 KiB ping-pong round trips over one connection to the echo server at `to` (`TCP_NODELAY`,
 /// a tenth more rounds first as warm-up), in microseconds, sorted.
 pub async fn ping_pong(to: SocketAddr, rounds: usize) -> Vec<f64> {
+    ping_pong_in_turns(&[to], rounds, rounds)
+        .await
+        .pop()
+        .expect("one path")
+}
+
+/// 1 KiB ping-pong round trips to each echo server of `to` (one connection each, as
+/// [`ping_pong`]), taken in turns of `turn` rounds per path, so that every path sees the same
+/// moments of a noisy machine; per path, in microseconds, sorted.
+pub async fn ping_pong_in_turns(to: &[SocketAddr], rounds: usize, turn: usize) -> Vec<Vec<f64>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
+    let mut paths = Vec::with_capacity(to.len());
+    for &addr in to {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        paths.push((tcp, Vec::with_capacity(rounds)));
+    }
     let msg = [0x5au8; 1024];
     let mut back = [0u8; 1024];
-    let mut rtts = Vec::with_capacity(rounds);
     let warm = rounds / 10;
-    for i in 0..rounds + warm {
-        let t = std::time::Instant::now();
-        tcp.write_all(&msg).await.expect("write");
-        tcp.read_exact(&mut back).await.expect("read");
-        if i >= warm {
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    let turn = turn.max(1);
+    let mut done = 0;
+    while done < warm + rounds {
+        let n = turn.min(warm + rounds - done);
+        for (tcp, rtts) in &mut paths {
+            for i in done..done + n {
+                let t = std::time::Instant::now();
+                tcp.write_all(&msg).await.expect("write");
+                tcp.read_exact(&mut back).await.expect("read");
+                if i >= warm {
+                    rtts.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
         }
+        done += n;
     }
-    rtts.sort_by(f64::total_cmp);
-    rtts
+    paths
+        .into_iter()
+        .map(|(_, mut rtts)| {
+            rtts.sort_by(f64::total_cmp);
+            rtts
+        })
+        .collect()
 }
 
 /// Times from connect to the first echoed byte of `count` new connections to the echo server
