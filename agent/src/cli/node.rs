@@ -293,7 +293,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Congestion::default())]
     congestion: Congestion,
     /// Bottleneck bandwidth expected to peers, in Mbit/s: with --link-rtt, sizes the relay's
-    /// flow-control windows from the bandwidth-delay product (bounded per connection).
+    /// flow-control windows from the bandwidth-delay product (bounded per connection), and
+    /// the HyStart controllers' slow start doubles only up to half of it.
     #[arg(long, default_value_t = PathEstimate::default().bits_per_second / 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     link_bandwidth: u64,

@@ -16,6 +16,23 @@
 //! - The HyStart threshold (8 samples in a row over a quarter of a round trip, or a whole round's
 //!   minimum) starts congestion avoidance at once.
 //!
+//! Three more rules keep a queue that is shallower than the path (a 12 ms buffer on a 20 ms
+//! path) from overflowing, without leaving the path half used:
+//!
+//! - Past half the bandwidth-delay product the node expects (`--link-bandwidth` ×
+//!   `--link-rtt`), slow start grows by a quarter a round instead of doubling, and the 0.5 ms
+//!   rise ends it. A doubling round that crosses the path's product fills the queue a whole
+//!   round trip before its RTT samples come back (the queue is lost by then); a quarter fills
+//!   a quarter as fast. The relay's connection to a peer lives as long as its links, so it
+//!   slow-starts once.
+//! - Leaving slow start on a rising round trip drains the queue slow start built down to 2 ms:
+//!   the window keeps (smallest round trip + 2 ms) / recent of itself, at least Cubic's `β`.
+//!   Cubic's plateau then sits 2 ms above the path, not a whole queue above it: on the 20 ms,
+//!   1 Gbit/s path its growth takes about 13 s to fill the rest of a 12 ms buffer.
+//! - After such an exit, and before any loss, a whole round at the path's smallest round trip
+//!   (under 0.5 ms above it) says the window is under the path: the exit came from noise, or
+//!   the path got faster. Slow start resumes at a quarter a round, until the 0.5 ms rise.
+//!
 //! Congestion avoidance and the loss response are Cubic's: `W(t) = C·(t − K)³ + W_max` with
 //! `C = 0.4`, `β = 0.7`, fast convergence, and the Reno-friendly estimate as a floor.
 //!
@@ -33,9 +50,12 @@
 //! queued, which makes the rule plain Cubic, the safe side.
 //!
 //! ```text
-//!  slow start ── +0.5 ms ──▶ conservative slow start ── +threshold, or 5 rounds ──▶ congestion avoidance
-//!      ▲                          │                                               (W_max = window)
-//!      └── the round trip falls ──┘
+//!  slow start ──────── +0.5 ms ────────▶ conservative slow start (×1.25 a round)
+//!  ×2 a round; ×1.25 past half the         │   └── the round trip falls back ──▶ slow start
+//!  expected product, or once resumed       └── 5 rounds ─────────────┐
+//!      └──── +threshold (+0.5 ms when ×1.25) ──────────────────────┴─▶ congestion avoidance
+//!                                 (window × (smallest RTT + 2 ms)/recent = W_max)
+//!  slow start, resumed ◀── a whole round at the smallest RTT, no loss since ──┘
 //!  any phase ── loss ──▶ window × 0.7 (tolerating: × smallest/recent RTT within [0.7, 0.9]
 //!                         behind a queue, nothing up to 2% a round without one), avoidance
 //! ```
@@ -60,6 +80,9 @@ const CSS_THRESHOLD: Duration = Duration::from_micros(500);
 const CSS_GROWTH_DIVISOR: u64 = 4;
 /// ...for at most this many rounds, then congestion avoidance starts (RFC 9406's values).
 const CSS_ROUNDS: u32 = 5;
+/// The queue left standing when slow start ends on a rising round trip: well above the
+/// [`CSS_THRESHOLD`] under which a round counts as having none (which resumes slow start).
+const STANDING_QUEUE: Duration = Duration::from_millis(2);
 
 /// The share of a round's window that may be lost at random, with no queue on the path,
 /// before a loss counts as congestion anyway (BBRv2's loss threshold)...
@@ -76,6 +99,7 @@ const MAX_BETA: f64 = 0.9;
 pub struct HyStartCubicConfig {
     initial_window: u64,
     tolerate_random_loss: bool,
+    doubling_limit: u64,
 }
 
 impl HyStartCubicConfig {
@@ -86,6 +110,15 @@ impl HyStartCubicConfig {
             ..Self::default()
         }
     }
+
+    /// Slow start doubles only up to half of `bdp`, the bandwidth-delay product the node expects
+    /// of its paths; past it, it grows by a quarter a round (see [`HyStartCubic`]).
+    pub fn doubling_up_to_half_of(self, bdp: u64) -> Self {
+        Self {
+            doubling_limit: bdp / 2,
+            ..self
+        }
+    }
 }
 
 impl Default for HyStartCubicConfig {
@@ -94,6 +127,7 @@ impl Default for HyStartCubicConfig {
         Self {
             initial_window: 14_720u64.clamp(2 * 1200, 10 * 1200),
             tolerate_random_loss: false,
+            doubling_limit: u64::MAX,
         }
     }
 }
@@ -102,6 +136,7 @@ impl ControllerFactory for HyStartCubicConfig {
     fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let mut cc = HyStartCubic::new(self.initial_window, current_mtu);
         cc.tolerance = self.tolerate_random_loss.then(Tolerance::default);
+        cc.doubling_limit = self.doubling_limit;
         Box::new(cc)
     }
 }
@@ -179,6 +214,8 @@ struct Rounds {
     min: Option<Duration>,
     samples: u32,
     last_min: Option<Duration>,
+    /// The smallest sample since the controller started: the path without a queue.
+    base: Option<Duration>,
     /// Consecutive samples above the threshold that ends slow start.
     high: Streak,
     /// Consecutive samples above the one that starts conservative slow start.
@@ -233,6 +270,13 @@ pub struct HyStartCubic {
     rounds: Rounds,
     /// Present when random loss is told from congestion.
     tolerance: Option<Tolerance>,
+    /// The window past which slow start grows by a quarter a round instead of doubling.
+    doubling_limit: u64,
+    /// Congestion avoidance began on a rising round trip, not a loss, and no loss came since:
+    /// a round without a queue means the window is under the path, and slow start resumes.
+    left_on_delay: bool,
+    /// Slow start resumed from congestion avoidance: it grows by a quarter a round.
+    probing: bool,
 }
 
 impl HyStartCubic {
@@ -248,6 +292,9 @@ impl HyStartCubic {
             owed: 0,
             rounds: Rounds::default(),
             tolerance: None,
+            doubling_limit: u64::MAX,
+            left_on_delay: false,
+            probing: false,
         }
     }
 
@@ -265,33 +312,45 @@ impl HyStartCubic {
         if let Some(t) = &mut self.tolerance {
             t.sample(sample);
         }
+        let slow_start = self.in_slow_start();
+        let r = &mut self.rounds;
+        r.base = Some(r.base.map_or(sample, |m| m.min(sample)));
         if app_limited || self.epoch.is_some_and(|epoch| sent <= epoch) {
             return;
         }
-        if self.in_slow_start() {
-            let r = &mut self.rounds;
-            r.min = Some(r.min.map_or(sample, |m| m.min(sample)));
-            r.samples += 1;
+        r.min = Some(r.min.map_or(sample, |m| m.min(sample)));
+        r.samples += 1;
+        if slow_start {
+            // Growing by a quarter a round already: past the doubling limit, or resumed.
+            let past_limit = self.probing || self.window >= self.doubling_limit;
             if let (Some(min), Some(last)) = (r.min, r.last_min) {
                 let (high, low) = (last + threshold(last), last + CSS_THRESHOLD);
                 let whole_round = r.samples >= MIN_SAMPLES;
                 if r.high.push(now, sample >= high, last / 4) || (whole_round && min >= high) {
-                    // The queue is filling: congestion avoidance from here.
-                    self.ssthresh = self.window;
+                    // The queue is filling: congestion avoidance from here. The round's earlier
+                    // samples predate the queue: they no longer count.
+                    (r.min, r.samples) = (None, 0);
+                    self.leave_slow_start(sample);
                     return;
                 }
                 if r.css.is_none()
                     && (r.low.push(now, sample >= low, last / 16) || (whole_round && min >= low))
                 {
+                    if past_limit {
+                        // A queue while growing by a quarter: the path is full.
+                        (r.min, r.samples) = (None, 0);
+                        self.leave_slow_start(sample);
+                        return;
+                    }
                     r.css = Some(Css {
                         baseline: last,
                         rounds: 0,
                     });
                 }
             }
-            self.window += match r.css {
-                Some(_) => bytes / CSS_GROWTH_DIVISOR,
-                None => bytes,
+            self.window += match past_limit || r.css.is_some() {
+                true => bytes / CSS_GROWTH_DIVISOR,
+                false => bytes,
             };
             return;
         }
@@ -335,13 +394,27 @@ impl HyStartCubic {
         {
             if let Some(css) = &mut r.css {
                 css.rounds += 1;
-                if r.min.is_some_and(|m| m < css.baseline + CSS_THRESHOLD) {
+                let (rounds, baseline) = (css.rounds, css.baseline);
+                if r.min.is_some_and(|m| m < baseline + CSS_THRESHOLD) {
                     // The rise was noise: slow start again.
                     (r.css, r.low) = (None, Streak::default());
-                } else if css.rounds >= CSS_ROUNDS && self.window < self.ssthresh {
+                } else if rounds >= CSS_ROUNDS && self.window < self.ssthresh {
                     r.css = None;
-                    self.ssthresh = self.window;
+                    let recent = r.min.unwrap_or(baseline);
+                    self.leave_slow_start(recent);
                 }
+            }
+            let slow_start = self.in_slow_start();
+            let r = &mut self.rounds;
+            let no_queue = matches!((r.min, r.base),
+                (Some(min), Some(base)) if min < base + CSS_THRESHOLD);
+            if self.left_on_delay && !slow_start && r.samples >= MIN_SAMPLES && no_queue {
+                // A whole round at the path's round trip: the window is under the path (the
+                // exit was early, or the path got faster). Slow start again, gently.
+                (r.css, r.high, r.low) = (None, Streak::default(), Streak::default());
+                self.ssthresh = u64::MAX;
+                self.epoch = None;
+                self.probing = true;
             }
             if r.samples > 0 {
                 r.last_min = r.min;
@@ -374,6 +447,7 @@ impl HyStartCubic {
         }
         self.epoch = Some(now);
         self.rounds.css = None;
+        (self.left_on_delay, self.probing) = (false, false);
         // Behind a queue, tolerating random loss drains the queue; otherwise (not tolerating,
         // or over 2% lost with no queue to show for it: a shallow buffer or a policer) Cubic's.
         let beta = match &self.tolerance {
@@ -399,6 +473,22 @@ impl HyStartCubic {
             self.window = self.minimum_window();
             self.rounds = Rounds::default();
         }
+    }
+
+    /// Congestion avoidance from here, on a round trip risen to `recent`: the window keeps what
+    /// leaves [`STANDING_QUEUE`] of it queued (the rest of the queue slow start built drains),
+    /// at least Cubic's `β`.
+    fn leave_slow_start(&mut self, recent: Duration) {
+        let share = match self.rounds.base {
+            Some(base) if !recent.is_zero() => {
+                let kept = base + STANDING_QUEUE;
+                (kept.as_secs_f64() / recent.as_secs_f64()).clamp(BETA, 1.0)
+            }
+            _ => 1.0,
+        };
+        self.window = ((self.window as f64 * share) as u64).max(self.minimum_window());
+        self.ssthresh = self.window;
+        (self.left_on_delay, self.probing) = (true, false);
     }
 }
 
@@ -500,6 +590,83 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_grows_by_a_quarter_past_half_the_expected_path() {
+        let mtu = u64::from(MTU);
+        let mut cc = HyStartCubic::new(10 * mtu, MTU);
+        cc.doubling_limit = 100 * mtu;
+        let w = rounds(&mut cc, Instant::now(), &[Duration::from_millis(20); 8]);
+        assert_eq!(
+            &w[..3],
+            &[20 * mtu, 40 * mtu, 80 * mtu],
+            "doubling below the limit"
+        );
+        for pair in w.windows(2).filter(|p| p[0] >= cc.doubling_limit) {
+            assert_eq!(pair[1], pair[0] + pair[0] / mtu * (mtu / 4), "{w:?}");
+        }
+        assert!(cc.in_slow_start(), "no queue: still slow start");
+        // Past the limit, a rise of 1 ms (under HyStart's 4) ends slow start.
+        rounds(
+            &mut cc,
+            Instant::now() + Duration::from_secs(1),
+            &[Duration::from_millis(21)],
+        );
+        assert!(!cc.in_slow_start());
+    }
+
+    /// A controller that left slow start on a 5 ms rise after four rounds at 20 ms, and when
+    /// its next round starts.
+    fn left_on_a_rise() -> (HyStartCubic, Instant) {
+        let ms = Duration::from_millis;
+        let mut cc = HyStartCubic::new(10 * u64::from(MTU), MTU);
+        let start = Instant::now();
+        rounds(&mut cc, start, &[ms(20), ms(20), ms(20), ms(20), ms(25)]);
+        assert!(!cc.in_slow_start());
+        // The rounds helper sends each round at the last one's acknowledgements: the first
+        // round after the exit was sent before congestion avoidance began, and does not count.
+        (cc, start + ms(105))
+    }
+
+    #[test]
+    fn a_round_without_a_queue_after_an_early_exit_resumes_slow_start_gently() {
+        let (mtu, ms) = (u64::from(MTU), Duration::from_millis);
+        let (mut cc, next) = left_on_a_rise();
+        // The rise was not this flow's queue: the round trip is back at 20 ms.
+        let w = rounds(&mut cc, next, &[ms(20); 5]);
+        let packets = |w: u64| w / mtu;
+        assert!(
+            cc.in_slow_start(),
+            "a whole round at the path's round trip: {w:?}"
+        );
+        assert!(cc.probing);
+        for k in 2..4 {
+            assert_eq!(
+                w[k + 1],
+                w[k] + packets(w[k]) * (mtu / 4),
+                "a quarter a round: {w:?}"
+            );
+        }
+        // A queue ends it again.
+        rounds(&mut cc, next + ms(100), &[ms(26)]);
+        assert!(!cc.in_slow_start());
+        assert!(!cc.probing);
+    }
+
+    #[test]
+    fn after_a_loss_a_round_without_a_queue_keeps_congestion_avoidance() {
+        let (mtu, ms) = (u64::from(MTU), Duration::from_millis);
+        let (mut cc, next) = left_on_a_rise();
+        // A packet sent in congestion avoidance is lost.
+        cc.congestion(next + ms(21), next + ms(1), false, mtu);
+        let cut = cc.window;
+        let w = rounds(&mut cc, next + ms(22), &[ms(20); 5]);
+        assert!(!cc.in_slow_start(), "{w:?}");
+        assert!(
+            w[4] < cut + cut / 4,
+            "Cubic's growth, not slow start's: {w:?}"
+        );
+    }
+
+    #[test]
     fn a_growing_round_trip_ends_slow_start_without_a_loss() {
         let mut cc = HyStartCubic::new(10 * u64::from(MTU), MTU);
         let ms = Duration::from_millis;
@@ -518,9 +685,11 @@ mod tests {
             ],
         );
         assert!(!cc.in_slow_start(), "{w:?}");
-        // The round whose RTT grew by 5 ms (above 20/8 → the 4 ms floor) stopped doubling; the
+        // The round whose RTT grew by 5 ms (above 20/8 → the 4 ms floor) stopped doubling at
+        // its 8th acknowledgement, and kept 22/25 of the window (the queue drains to 2 ms); the
         // rounds after it grow by at most a packet per acknowledgement, far below doubling.
-        assert_eq!(cc.ssthresh, w[3] + 7 * u64::from(MTU), "{w:?}");
+        let exit = w[3] + 7 * u64::from(MTU);
+        assert_eq!(cc.ssthresh, (exit as f64 * share(22, 25)) as u64, "{w:?}");
         assert!(w[7] < 2 * w[4], "{w:?}");
     }
 

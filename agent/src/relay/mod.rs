@@ -208,7 +208,7 @@ fn transport(options: &RelayOptions) -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(windows.stream))
         .receive_window(VarInt::from_u32(UNLINKED_WINDOW))
         .send_window(u64::from(windows.send))
-        .congestion_controller_factory(options.congestion.factory())
+        .congestion_controller_factory(options.congestion.factory(options.path))
         .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(KEEPALIVE))
         .max_idle_timeout(Some(

@@ -26,7 +26,8 @@ pub enum Congestion {
     Cubic,
     /// Cubic that leaves slow start before the bottleneck's queue overflows: conservative slow
     /// start from a 0.5 ms rise of the round trip, congestion avoidance from HyStart's
-    /// threshold (RFC 9406).
+    /// threshold (RFC 9406), doubling only up to half the expected bandwidth-delay product
+    /// (`--link-bandwidth` × `--link-rtt`), a quarter a round past it.
     CubicHystart,
     /// `cubic-hystart` that tells random loss from congestion: a loss while the latest round
     /// trips show no queue (none `min / 8`, at least 4 ms, above the path's smallest), and
@@ -34,8 +35,8 @@ pub enum Congestion {
     /// queue cuts only what drains it (10-30%). Holds a path that drops at random, where
     /// loss-based controllers collapse; behind a buffer shallower than the threshold it accepts
     /// up to 2% loss, as BBRv2 does. The default: on a 20 ms, 1 Gbit/s link it carried 0.99x
-    /// direct TCP with fewer bottleneck drops than kernel Cubic, and 0.91x kernel BBR at 0.5%
-    /// random loss over 40 ms (BENCHMARKS.md).
+    /// direct TCP without a bottleneck drop (kernel Cubic dropped 102-382 packets), and
+    /// 0.98-1.01x kernel BBR at 0.5% random loss over 40 ms (BENCHMARKS.md).
     #[default]
     CubicTolerant,
     /// Loss-based, RFC 9002's reference controller.
@@ -43,15 +44,19 @@ pub enum Congestion {
 }
 
 impl Congestion {
-    /// quinn's factory for this controller.
-    pub fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
+    /// quinn's factory for this controller, on paths like `path` (the HyStart controllers
+    /// double their window in slow start only up to half its bandwidth-delay product).
+    pub fn factory(self, path: PathEstimate) -> Arc<dyn ControllerFactory + Send + Sync> {
+        use super::cubic::HyStartCubicConfig;
         match self {
             Self::Bbr => Arc::new(BbrConfig::default()),
             Self::Cubic => Arc::new(CubicConfig::default()),
-            Self::CubicHystart => Arc::new(super::cubic::HyStartCubicConfig::default()),
-            Self::CubicTolerant => {
-                Arc::new(super::cubic::HyStartCubicConfig::tolerating_random_loss())
+            Self::CubicHystart => {
+                Arc::new(HyStartCubicConfig::default().doubling_up_to_half_of(path.bdp()))
             }
+            Self::CubicTolerant => Arc::new(
+                HyStartCubicConfig::tolerating_random_loss().doubling_up_to_half_of(path.bdp()),
+            ),
             Self::NewReno => Arc::new(NewRenoConfig::default()),
         }
     }
@@ -186,7 +191,7 @@ mod tests {
             Congestion::CubicTolerant,
             Congestion::NewReno,
         ] {
-            let _ = c.factory();
+            let _ = c.factory(PathEstimate::default());
             assert!(!c.as_str().is_empty());
         }
     }
