@@ -295,6 +295,25 @@ pub(super) async fn exchange(
     assert_eq!((named, &body[..]), (n(sender), &payload[..]));
 }
 
+/// Polls the metrics at `http` until the gauge `prefix` reads `want`, for at most 5 s from
+/// `since` (what it waits for: `what`); returns how long that took from `since`.
+pub(super) async fn gauge_reaches(
+    http: SocketAddr,
+    prefix: &str,
+    want: u64,
+    since: Instant,
+    what: &str,
+) -> Duration {
+    loop {
+        let text = http_get(http, "/metrics").await;
+        if counter(&text, prefix) == want {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < 5 * SECOND, "{what}: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub(super) async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
@@ -851,17 +870,7 @@ async fn the_rendezvous_command_serves_the_owners_documents_and_follows_revocati
     mesh.owner.revoke(&[], &[b()], &[]).await.unwrap();
     let revoked = Instant::now();
     std::fs::write(&docs, mesh.owner.rendezvous_documents().await.unwrap()).unwrap();
-    loop {
-        let text = http_get(http, "/metrics").await;
-        if counter(&text, nodes) == 1 {
-            break;
-        }
-        assert!(
-            revoked.elapsed() < 5 * SECOND,
-            "org-b still connected: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gauge_reaches(http, nodes, 1, revoked, "org-b still connected").await;
     mesh.shutdown().await.unwrap();
 }
 

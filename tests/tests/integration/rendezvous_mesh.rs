@@ -28,7 +28,7 @@ use super::{
     relay::{SECOND, a, b, n},
     rendezvous::{
         Stop, banner_address, carrier_client, carry_both_ways, connect_soon, counter, exchange,
-        http_get, identity, list_rendezvous, load_revoking_c, outbound_only_pair,
+        gauge_reaches, http_get, identity, list_rendezvous, load_revoking_c, outbound_only_pair,
     },
 };
 
@@ -581,18 +581,7 @@ async fn replica_processes_follow_the_hub_fail_over_when_one_is_killed_and_apply
     tcp.write_all(b"ping").await.unwrap();
     let revoked = Instant::now();
     mesh.owner.revoke(&[], &[b()], &[]).await.unwrap();
-    loop {
-        let t2 = http_get(http2, "/metrics").await;
-        if counter(&t2, nodes) == 1 {
-            break;
-        }
-        assert!(
-            revoked.elapsed() < 5 * SECOND,
-            "org-b still connected: {t2}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let dropped = revoked.elapsed();
+    let dropped = gauge_reaches(http2, nodes, 1, revoked, "org-b still connected").await;
     let mut buf = [0u8; 4];
     match tokio::time::timeout(5 * SECOND, tcp.read(&mut buf)).await {
         Ok(Ok(0)) | Ok(Err(_)) => {}
