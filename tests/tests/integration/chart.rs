@@ -133,6 +133,8 @@ fn agent_value_sets() -> Vec<Vec<&'static str>> {
             "mode=relay",
             "state.persistence=false",
             "relay.streamsOver=auto",
+            "relay.linkBandwidthMbps=200",
+            "relay.linkRtt=40ms",
         ],
         vec![
             ADVERTISE,
@@ -760,6 +762,27 @@ fn streams_over_tls_opens_the_relay_port_for_tcp_too() {
         let flag = format!("--streams-over={mode}");
         assert_eq!(argv(agent).contains(&flag), tcp, "{mode}");
     }
+}
+
+#[test]
+fn the_expected_path_reaches_the_agent_only_when_set() {
+    let agent_args = |sets: &[&str]| {
+        let docs = documents(&template("charts/fedmesh-agent", sets));
+        let deployment = find(&docs, "Deployment", "r-fedmesh-agent");
+        argv(&deployment["spec"]["template"]["spec"]["containers"][0])
+    };
+    let set = agent_args(&[
+        ADVERTISE,
+        "relay.linkBandwidthMbps=200",
+        "relay.linkRtt=40ms",
+    ]);
+    assert!(set.contains(&"--link-bandwidth=200".to_owned()), "{set:?}");
+    assert!(set.contains(&"--link-rtt=40ms".to_owned()), "{set:?}");
+    let unset = agent_args(&[ADVERTISE]);
+    assert!(
+        !unset.iter().any(|a| a.starts_with("--link-")),
+        "the agent's defaults: {unset:?}"
+    );
 }
 
 #[test]
