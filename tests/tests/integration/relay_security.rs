@@ -83,20 +83,20 @@ fn metric(metrics: &str, line_prefix: &str) -> Option<u64> {
 }
 
 /// Opens a relayed echo stream as org-a through its agent and checks it works.
-async fn echo_stream(addr: SocketAddr) -> TcpStream {
+pub(super) async fn echo_stream(addr: SocketAddr) -> TcpStream {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     tokio::time::timeout(5 * SECOND, tcp.read_exact(&mut buf))
         .await
-        .unwrap()
+        .expect("no echo within 5 s")
         .unwrap();
     assert_eq!(&buf, b"ping");
     tcp
 }
 
 /// Waits for `tcp` to be closed or reset, for at most `within`; returns how long it took.
-async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Duration {
+pub(super) async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Duration {
     let start = Instant::now();
     let mut buf = [0u8; 16];
     match tokio::time::timeout(within, tcp.read(&mut buf)).await {

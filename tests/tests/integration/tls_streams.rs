@@ -20,8 +20,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::relay::{
-    SECOND, a, assert_refused_once, b, carry_both_ways, pair, read_answer, stranger, two_nodes,
+use super::{
+    relay::{
+        SECOND, a, assert_refused_once, b, carry_both_ways, pair, read_answer, stranger, two_nodes,
+    },
+    relay_security::{closed_within, echo_stream},
 };
 
 fn over(streams_over: StreamsOver) -> RelayOptions {
@@ -41,41 +44,6 @@ fn opened(metrics: &Metrics, direction: &str, carrier: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
-/// An echo server on `listener`, every connection its own task.
-fn echo(listener: TcpListener) {
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-}
-
-/// Connects `addr` and checks one echo round trip.
-async fn echoed(addr: SocketAddr) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(5 * SECOND, tcp.read_exact(&mut buf))
-        .await
-        .expect("no echo within 5 s")
-        .unwrap();
-    assert_eq!(&buf, b"ping");
-    tcp
-}
-
-/// Waits until `tcp` ends (EOF or reset); panics after 5 s.
-async fn ended_within_five_seconds(tcp: &mut TcpStream, what: &str) {
-    let mut buf = [0u8; 16];
-    match tokio::time::timeout(5 * SECOND, tcp.read(&mut buf)).await {
-        Ok(Ok(0) | Err(_)) => {}
-        other => panic!("stream still open 5 s after {what}: {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_streams_carry_bytes_exactly_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
@@ -90,9 +58,7 @@ async fn tls_streams_carry_bytes_exactly_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_moves_streams_to_tls_once_the_peer_measures_close() {
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    echo(target);
+    let target_addr = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let mesh = two_nodes(tmp.path(), 7301, target_addr, over(StreamsOver::Auto)).await;
     mesh.link(&a(), &b(), &["7301".parse().unwrap()], 3600 * SECOND, None)
@@ -101,14 +67,14 @@ async fn auto_moves_streams_to_tls_once_the_peer_measures_close() {
     let addr = mesh.peer_addr(&a(), &b(), 7301, 5 * SECOND).await.unwrap();
     // No round trip is known before the first stream: it goes over QUIC, whose connection then
     // measures loopback's. (On a busy machine a round trip may read over 2 ms for a while.)
-    drop(echoed(addr).await);
+    drop(echo_stream(addr).await);
     let metrics = &mesh.node(&a()).metrics;
     assert_eq!(opened(metrics, "outbound", "quic"), 1);
     for _ in 0..20 {
         if opened(metrics, "outbound", "tls") > 0 {
             break;
         }
-        drop(echoed(addr).await);
+        drop(echo_stream(addr).await);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(
@@ -121,9 +87,7 @@ async fn auto_moves_streams_to_tls_once_the_peer_measures_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_takes_no_tls_streams_gets_quic() {
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    echo(target);
+    let target_addr = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let opts = MeshOptions {
         relay: over(StreamsOver::Tls),
@@ -137,8 +101,8 @@ async fn a_peer_that_takes_no_tls_streams_gets_quic() {
     let addr = mesh.peer_addr(&a(), &b(), 7302, 5 * SECOND).await.unwrap();
     // org-b takes no TCP on its QUIC port: the stream goes over QUIC, and so does the next
     // one (without another try, for a while).
-    drop(echoed(addr).await);
-    drop(echoed(addr).await);
+    drop(echo_stream(addr).await);
+    drop(echo_stream(addr).await);
     let metrics = &mesh.node(&a()).metrics;
     assert_eq!(opened(metrics, "outbound", "quic"), 2);
     assert_eq!(opened(metrics, "outbound", "tls"), 0);
@@ -148,9 +112,7 @@ async fn a_peer_that_takes_no_tls_streams_gets_quic() {
 /// Opens a TLS stream through a new link, revokes the link (`serial` false) or the dialling
 /// node's certificate serial (a standing the link itself outlives), and checks the stream ends.
 async fn revocation_resets_tls_streams(serial: bool) {
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    echo(target);
+    let target_addr = fedmesh_tests::echo_server().await;
     let tmp = tempfile::tempdir().unwrap();
     let mesh = two_nodes(tmp.path(), 7303, target_addr, over(StreamsOver::Tls)).await;
     let link = mesh
@@ -158,7 +120,7 @@ async fn revocation_resets_tls_streams(serial: bool) {
         .await
         .unwrap();
     let addr = mesh.peer_addr(&a(), &b(), 7303, 5 * SECOND).await.unwrap();
-    let mut tcp = echoed(addr).await;
+    let mut tcp = echo_stream(addr).await;
     assert_eq!(opened(&mesh.node(&b()).metrics, "inbound", "tls"), 1);
     if serial {
         let serial = mesh
@@ -170,10 +132,10 @@ async fn revocation_resets_tls_streams(serial: bool) {
             .serial
             .clone();
         mesh.owner.revoke(&[], &[], &[serial]).await.unwrap();
-        ended_within_five_seconds(&mut tcp, "the revocation of org-a's certificate").await;
+        closed_within(&mut tcp, 5 * SECOND).await;
     } else {
         mesh.owner.revoke(&[link], &[], &[]).await.unwrap();
-        ended_within_five_seconds(&mut tcp, "the link's revocation").await;
+        closed_within(&mut tcp, 5 * SECOND).await;
     }
     mesh.shutdown().await.unwrap();
 }
